@@ -1,0 +1,41 @@
+//! `kiln export`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use kiln::ExportFormat;
+
+use super::{open_store, Cli};
+
+/// `kiln export NAME -o FILE --format oci-archive|docker-archive`
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Image name or digest.
+    pub image: String,
+    /// Output file; `-` for stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Archive format: oci-archive or docker-archive.
+    #[arg(long, default_value = "oci-archive", value_parser = parse_format)]
+    pub format: ExportFormat,
+}
+
+fn parse_format(s: &str) -> Result<ExportFormat, String> {
+    s.parse()
+}
+
+pub fn run(cli: &Cli, a: &ExportArgs) -> Result<i32> {
+    let store = open_store(&cli.store)?;
+    if a.output.as_os_str() == "-" {
+        let stdout = std::io::stdout();
+        let mut lock = stdout.lock();
+        store.export(&a.image, a.format, &mut lock)?;
+    } else {
+        store
+            .export_to_path(&a.image, a.format, &a.output)
+            .with_context(|| format!("export {} to {}", a.image, a.output.display()))?;
+    }
+    Ok(0)
+}

@@ -1,0 +1,163 @@
+//! `kiln import`.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use kiln::{Compression, Event, ExpansionLimits, ImportOptions, ImportSource};
+
+use super::output::{print_json, Format};
+use super::{open_store, Cli};
+
+/// `kiln import SOURCE --tag NAME[:TAG]`
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// A directory, a tarball (plain, gzip, zstd, xz, bzip2), a docker-save
+    /// or OCI archive, an OCI layout directory, or `-` for stdin.
+    pub source: PathBuf,
+    /// Name for the image, NAME[:TAG] (tag defaults to latest).
+    #[arg(short, long, value_name = "NAME[:TAG]")]
+    pub tag: String,
+    /// Layer compression: gzip (default), zstd or none.
+    #[arg(long, default_value = "gzip", value_parser = parse_compression)]
+    pub compression: Compression,
+    /// Compression level (gzip 0-9, zstd 1-19; default 1).
+    #[arg(long)]
+    pub level: Option<i32>,
+    /// Clamp mtimes to this and set the image's created time.
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
+    pub source_date_epoch: Option<i64>,
+    /// Image architecture (default: the host's).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Image OS (default: linux).
+    #[arg(long)]
+    pub os: Option<String>,
+    /// Environment variable KEY=VALUE for the image config (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory for the image config.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Default command: a JSON array, or words split on spaces.
+    #[arg(long)]
+    pub cmd: Option<String>,
+    /// Entrypoint: a JSON array, or words split on spaces.
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Label KEY=VALUE for the image config (repeatable).
+    #[arg(short, long = "label", value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+    /// Which image of a multi-image archive to import.
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
+    /// Refuse inputs that decompress to more than this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+    /// Refuse compressed inputs that expand more than N times (checked after 64 MiB).
+    #[arg(long, value_name = "N")]
+    pub max_ratio: Option<u64>,
+    /// Output format of the result.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    s.parse()
+}
+
+fn parse_words(s: &str) -> Result<Vec<String>> {
+    if s.trim_start().starts_with('[') {
+        return serde_json::from_str(s).with_context(|| format!("parse {s:?} as a JSON array of strings"));
+    }
+    Ok(s.split_whitespace().map(str::to_string).collect())
+}
+
+pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
+    let store = open_store(&cli.store)?;
+    let mut opts = ImportOptions::new(a.tag.clone());
+    opts.compression = a.compression;
+    opts.level = a.level;
+    opts.source_date_epoch = a.source_date_epoch;
+    opts.arch = a.arch.clone();
+    opts.os = a.os.clone();
+    opts.env = a.env.clone();
+    for kv in &opts.env {
+        if !kv.contains('=') {
+            bail!("--env {kv:?}: expected KEY=VALUE");
+        }
+    }
+    opts.workdir = a.workdir.clone();
+    opts.cmd = a.cmd.as_deref().map(parse_words).transpose()?;
+    opts.entrypoint = a.entrypoint.as_deref().map(parse_words).transpose()?;
+    let mut labels = BTreeMap::new();
+    for kv in &a.label {
+        let Some((k, v)) = kv.split_once('=') else { bail!("--label {kv:?}: expected KEY=VALUE") };
+        labels.insert(k.to_string(), v.to_string());
+    }
+    opts.labels = labels;
+    opts.image = a.image.clone();
+    let mut limits = ExpansionLimits::default();
+    if let Some(m) = a.max_size {
+        limits.max_bytes = m;
+    }
+    if let Some(r) = a.max_ratio {
+        limits.max_ratio = r;
+    }
+    opts.limits = limits;
+
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        b
+    });
+    if let Some(b) = &bar {
+        let b = b.clone();
+        opts.progress = Some(Arc::new(move |e: &Event| match e {
+            Event::Detected { kind, total } => {
+                b.set_message(format!("importing {kind}"));
+                if let Some(t) = total {
+                    b.set_length(*t);
+                    b.set_style(
+                        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar())
+                            .progress_chars("=> "),
+                    );
+                }
+            }
+            Event::Progress { done, .. } => b.set_position(*done),
+            Event::Warning(w) => b.println(format!("warning: {w}")),
+            _ => {}
+        }));
+    } else {
+        opts.progress = Some(Arc::new(|e: &Event| {
+            if let Event::Warning(w) = e {
+                eprintln!("kiln: warning: {w}");
+            }
+        }));
+    }
+    let source = if a.source.as_os_str() == "-" {
+        ImportSource::Reader(Box::new(std::io::stdin()))
+    } else {
+        ImportSource::Path(a.source.clone())
+    };
+    let result = store.import(source, &opts);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = result?;
+    if a.format == Format::Json {
+        print_json(&report)?;
+    } else {
+        println!("{} {}", report.name, report.manifest_digest);
+    }
+    Ok(0)
+}

@@ -1,0 +1,75 @@
+//! The `kiln` command line: clap definitions and the glue that calls the
+//! library. Nothing outside this module uses clap.
+
+mod export;
+mod images;
+mod import;
+mod output;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use kiln::Store;
+
+/// kiln: rootless image-build sandbox runtime.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Image store directory (an OCI image layout).
+    /// Default: $KILN_HOME, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Import a directory, tarball, docker-save or OCI archive as an image.
+    Import(import::ImportArgs),
+    /// List images.
+    Images(images::ImagesArgs),
+    /// Show an image's manifest and config as JSON.
+    Inspect(images::InspectArgs),
+    /// Give an image another name.
+    Tag(images::TagArgs),
+    /// Remove image names (blobs go at the next gc).
+    Rm(images::RmArgs),
+    /// Delete blobs no image uses, and stale temp files.
+    Gc(images::GcArgs),
+    /// Verify every blob's digest and every image's references.
+    Fsck(images::GcArgs),
+    /// Write an image as an oci-archive or docker-archive tarball.
+    Export(export::ExportArgs),
+}
+
+/// Opens the store named by `--store` or the default location.
+pub fn open_store(cli_store: &Option<PathBuf>) -> Result<Store> {
+    let path = match cli_store {
+        Some(p) => p.clone(),
+        None => Store::default_path()?,
+    };
+    Store::open(&path).with_context(|| format!("open store {}", path.display()))
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    match &cli.command {
+        Command::Import(a) => import::run(&cli, a),
+        Command::Images(a) => images::images(&cli, a),
+        Command::Inspect(a) => images::inspect(&cli, a),
+        Command::Tag(a) => images::tag(&cli, a),
+        Command::Rm(a) => images::rm(&cli, a),
+        Command::Gc(a) => images::gc(&cli, a),
+        Command::Fsck(a) => images::fsck(&cli, a),
+        Command::Export(a) => export::run(&cli, a),
+    }
+}

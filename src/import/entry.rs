@@ -1,0 +1,424 @@
+//! The normalized file-system entry every source produces, and the layer tar
+//! writer that checks and serializes it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+
+/// What kind of file an [`Entry`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link (target in [`Entry::link`]).
+    Symlink,
+    /// Hard link to an earlier entry (target path in [`Entry::link`]).
+    Hardlink,
+    /// Character device.
+    Char,
+    /// Block device.
+    Block,
+    /// Named pipe.
+    Fifo,
+}
+
+/// One file-system object, as sources produce it and layers store it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Path relative to the root, `/`-separated, without a leading `./` or
+    /// `/`; the root itself is the empty string.
+    pub path: String,
+    /// The kind of object.
+    pub kind: EntryKind,
+    /// Permission bits including setuid, setgid and sticky (`mode & 0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Content size for regular files, 0 otherwise.
+    pub size: u64,
+    /// Symlink target, or hardlink target path.
+    pub link: Option<Vec<u8>>,
+    /// Device major number.
+    pub dev_major: u32,
+    /// Device minor number.
+    pub dev_minor: u32,
+    /// Extended attributes, by name.
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+impl Entry {
+    /// A new entry with everything zero/empty but path and kind.
+    pub fn new(path: String, kind: EntryKind) -> Entry {
+        Entry {
+            path,
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 0,
+            link: None,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// A `..` component.
+    #[error("path {0:?} contains '..'")]
+    DotDot(String),
+    /// A NUL byte or an empty name.
+    #[error("path {0:?} is not a valid file name")]
+    Invalid(String),
+    /// An ancestor of the path is a symlink earlier in the layer.
+    #[error("path {path:?} goes through {parent:?}, which is a symlink earlier in the archive")]
+    ThroughSymlink {
+        /// The entry.
+        path: String,
+        /// Its symlinked ancestor.
+        parent: String,
+    },
+    /// A hardlink that does not point at an earlier non-directory entry.
+    #[error("hardlink {path:?} points at {target:?}, which is not an earlier file in the archive")]
+    HardlinkTarget {
+        /// The hardlink.
+        path: String,
+        /// Its target.
+        target: String,
+    },
+}
+
+/// Normalizes an archive path: strips leading `/` and `./`, folds `//` and
+/// `/./`, drops a trailing `/`. Returns the path and whether it was absolute.
+///
+/// ```
+/// use kiln::import::normalize_path;
+/// assert_eq!(normalize_path(b"./usr//bin/./sh").unwrap(), ("usr/bin/sh".to_string(), false));
+/// assert_eq!(normalize_path(b"/etc/").unwrap(), ("etc".to_string(), true));
+/// assert!(normalize_path(b"a/../../etc").is_err());
+/// ```
+pub fn normalize_path(raw: &[u8]) -> Result<(String, bool), PathError> {
+    let s = std::str::from_utf8(raw).map(str::to_string).unwrap_or_else(|_| String::from_utf8_lossy(raw).into_owned());
+    if raw.contains(&0) {
+        return Err(PathError::Invalid(s));
+    }
+    if std::str::from_utf8(raw).is_err() {
+        // Non-UTF-8 names are legal on Linux but cannot round-trip through the
+        // String paths kiln uses; refuse them clearly rather than mangle them.
+        return Err(PathError::Invalid(s));
+    }
+    let absolute = s.starts_with('/');
+    let mut parts = Vec::new();
+    for comp in s.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => return Err(PathError::DotDot(s.clone())),
+            c => parts.push(c),
+        }
+    }
+    Ok((parts.join("/"), absolute))
+}
+
+/// Tracks what a layer holds so far, to refuse entries that would write
+/// through a symlink or hardlink to something outside the layer.
+#[derive(Default)]
+pub struct PathGuard {
+    kinds: HashMap<String, EntryKind>,
+}
+
+impl PathGuard {
+    /// Checks `e` against the entries seen so far and records it.
+    pub fn check(&mut self, e: &Entry) -> Result<(), PathError> {
+        let mut end = 0;
+        while let Some(i) = e.path[end..].find('/') {
+            let parent = &e.path[..end + i];
+            if self.kinds.get(parent) == Some(&EntryKind::Symlink) {
+                return Err(PathError::ThroughSymlink { path: e.path.clone(), parent: parent.to_string() });
+            }
+            end += i + 1;
+        }
+        if e.kind == EntryKind::Hardlink {
+            let raw = e.link.as_deref().unwrap_or_default();
+            let target = normalize_path(raw).map(|(p, _)| p).unwrap_or_default();
+            match self.kinds.get(&target) {
+                Some(k) if *k != EntryKind::Dir => {}
+                _ => {
+                    return Err(PathError::HardlinkTarget {
+                        path: e.path.clone(),
+                        target: String::from_utf8_lossy(raw).into_owned(),
+                    })
+                }
+            }
+            // A hardlink is a file of the target's kind.
+            let k = self.kinds.get(&target).copied().unwrap_or(EntryKind::File);
+            self.kinds.insert(e.path.clone(), k);
+            return Ok(());
+        }
+        self.kinds.insert(e.path.clone(), e.kind);
+        Ok(())
+    }
+}
+
+const BLOCK: usize = 512;
+
+/// Serializes entries as a deterministic POSIX (ustar + PAX) tar stream.
+///
+/// Only the fields of [`Entry`] are written: no user/group names, no atime or
+/// ctime, so equal trees give equal bytes.
+pub struct TarWriter<W: Write> {
+    out: W,
+    entries: u64,
+}
+
+fn octal(field: &mut [u8], v: u64) -> bool {
+    let digits = field.len() - 1;
+    let s = format!("{v:0digits$o}");
+    if s.len() > digits {
+        return false;
+    }
+    field[..digits].copy_from_slice(s.as_bytes());
+    field[digits] = 0;
+    true
+}
+
+fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
+    // "%d %s=%s\n" where %d counts the whole record including itself.
+    let base = 1 + key.len() + 1 + value.len() + 1;
+    let mut len = base + 1;
+    while base + len.to_string().len() != len {
+        len = base + len.to_string().len();
+    }
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(key.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+}
+
+impl<W: Write> TarWriter<W> {
+    /// Starts a tar stream on `out`.
+    pub fn new(out: W) -> Self {
+        TarWriter { out, entries: 0 }
+    }
+
+    /// The writer the tar stream goes to.
+    pub fn inner_ref(&self) -> &W {
+        &self.out
+    }
+
+    /// Entries written so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    fn header(name: &[u8], typeflag: u8, mode: u32, uid: u64, gid: u64, size: u64, mtime: i64, link: &[u8], dev: (u32, u32)) -> [u8; BLOCK] {
+        let mut h = [0u8; BLOCK];
+        h[..name.len()].copy_from_slice(name);
+        octal(&mut h[100..108], u64::from(mode & 0o7777));
+        octal(&mut h[108..116], uid);
+        octal(&mut h[116..124], gid);
+        octal(&mut h[124..136], size);
+        octal(&mut h[136..148], mtime.max(0) as u64);
+        h[156] = typeflag;
+        h[157..157 + link.len()].copy_from_slice(link);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        if typeflag == b'3' || typeflag == b'4' {
+            octal(&mut h[329..337], u64::from(dev.0));
+            octal(&mut h[337..345], u64::from(dev.1));
+        }
+        h[148..156].fill(b' ');
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        let s = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(s.as_bytes());
+        h
+    }
+
+    /// Writes one entry; `data` must yield exactly `e.size` bytes for files.
+    pub fn append(&mut self, e: &Entry, data: &mut dyn Read) -> io::Result<()> {
+        let mut name = if e.path.is_empty() { "./".to_string() } else { e.path.clone() };
+        if e.kind == EntryKind::Dir && !e.path.is_empty() {
+            name.push('/');
+        }
+        let link = e.link.as_deref().unwrap_or_default();
+        let mut pax = Vec::new();
+        let name_field = if name.len() <= 100 {
+            name.as_bytes().to_vec()
+        } else {
+            pax_record(&mut pax, "path", name.as_bytes());
+            truncate_name(&name)
+        };
+        let link_field: Vec<u8> = if link.len() <= 100 {
+            link.to_vec()
+        } else {
+            pax_record(&mut pax, "linkpath", link);
+            link[..100].to_vec()
+        };
+        let size = if e.kind == EntryKind::File { e.size } else { 0 };
+        let big = 0o7777777;
+        if e.uid > big {
+            pax_record(&mut pax, "uid", e.uid.to_string().as_bytes());
+        }
+        if e.gid > big {
+            pax_record(&mut pax, "gid", e.gid.to_string().as_bytes());
+        }
+        if size > 0o77777777777 {
+            pax_record(&mut pax, "size", size.to_string().as_bytes());
+        }
+        if e.mtime < 0 || e.mtime > 0o77777777777 {
+            pax_record(&mut pax, "mtime", e.mtime.to_string().as_bytes());
+        }
+        for (k, v) in &e.xattrs {
+            pax_record(&mut pax, &format!("SCHILY.xattr.{k}"), v);
+        }
+        if !pax.is_empty() {
+            let pname = truncate_name(&format!("PaxHeaders/{}", e.path.rsplit('/').next().unwrap_or("")));
+            let h = Self::header(&pname, b'x', 0o644, 0, 0, pax.len() as u64, e.mtime, b"", (0, 0));
+            self.out.write_all(&h)?;
+            self.out.write_all(&pax)?;
+            pad(&mut self.out, pax.len() as u64)?;
+        }
+        let typeflag = match e.kind {
+            EntryKind::File => b'0',
+            EntryKind::Hardlink => b'1',
+            EntryKind::Symlink => b'2',
+            EntryKind::Char => b'3',
+            EntryKind::Block => b'4',
+            EntryKind::Dir => b'5',
+            EntryKind::Fifo => b'6',
+        };
+        let clamp = |v: u64| v.min(big);
+        let h = Self::header(
+            &name_field,
+            typeflag,
+            e.mode,
+            clamp(e.uid),
+            clamp(e.gid),
+            size.min(0o77777777777),
+            e.mtime.clamp(0, 0o77777777777),
+            &link_field,
+            (e.dev_major, e.dev_minor),
+        );
+        self.out.write_all(&h)?;
+        if size > 0 {
+            let n = io::copy(&mut data.take(size), &mut self.out)?;
+            if n != size {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{}: expected {size} bytes of content, got {n}", e.path),
+                ));
+            }
+            pad(&mut self.out, size)?;
+        }
+        self.entries += 1;
+        Ok(())
+    }
+
+    /// Writes the end-of-archive marker and returns the inner writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.out.write_all(&[0u8; BLOCK * 2])?;
+        Ok(self.out)
+    }
+}
+
+fn truncate_name(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    b[..b.len().min(100)].to_vec()
+}
+
+fn pad<W: Write>(w: &mut W, size: u64) -> io::Result<()> {
+    let rem = (size % BLOCK as u64) as usize;
+    if rem != 0 {
+        w.write_all(&[0u8; BLOCK][..BLOCK - rem])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind, link: Option<&str>) -> Entry {
+        let mut e = Entry::new(path.into(), kind);
+        e.link = link.map(|l| l.as_bytes().to_vec());
+        e
+    }
+
+    #[test]
+    fn guard_refuses_writes_through_symlinks_and_outside_hardlinks() {
+        let mut g = PathGuard::default();
+        g.check(&entry("etc", EntryKind::Dir, None)).unwrap();
+        g.check(&entry("etc/passwd", EntryKind::File, None)).unwrap();
+        g.check(&entry("evil", EntryKind::Symlink, Some("/etc"))).unwrap();
+        assert!(matches!(
+            g.check(&entry("evil/shadow", EntryKind::File, None)),
+            Err(PathError::ThroughSymlink { .. })
+        ));
+        g.check(&entry("pw", EntryKind::Hardlink, Some("etc/passwd"))).unwrap();
+        g.check(&entry("pw2", EntryKind::Hardlink, Some("/etc/passwd"))).unwrap();
+        assert!(matches!(
+            g.check(&entry("out", EntryKind::Hardlink, Some("host/file"))),
+            Err(PathError::HardlinkTarget { .. })
+        ));
+        assert!(matches!(g.check(&entry("d", EntryKind::Hardlink, Some("etc"))), Err(PathError::HardlinkTarget { .. })));
+        // Replacing the symlink by a directory makes the path usable again.
+        g.check(&entry("evil", EntryKind::Dir, None)).unwrap();
+        g.check(&entry("evil/ok", EntryKind::File, None)).unwrap();
+    }
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        for n in [1usize, 5, 90, 95, 994, 995, 9990] {
+            let mut out = Vec::new();
+            pax_record(&mut out, "path", "x".repeat(n).as_bytes());
+            let sp = out.iter().position(|b| *b == b' ').unwrap();
+            let len: usize = std::str::from_utf8(&out[..sp]).unwrap().parse().unwrap();
+            assert_eq!(len, out.len(), "n={n}");
+        }
+    }
+
+    #[test]
+    fn tar_round_trips_through_the_tar_crate() {
+        let mut w = TarWriter::new(Vec::new());
+        let mut f = entry("a/long/", EntryKind::File, None);
+        f.path = format!("dir/{}", "n".repeat(150));
+        f.size = 3;
+        f.mode = 0o4755;
+        f.uid = 3_000_000;
+        f.xattrs.insert("security.capability".into(), vec![1, 0, 0, 2, 0, 0x20, 0, 0]);
+        w.append(&entry("dir", EntryKind::Dir, None), &mut io::empty()).unwrap();
+        w.append(&f, &mut &b"abc"[..]).unwrap();
+        let buf = w.finish().unwrap();
+        let mut ar = tar::Archive::new(&buf[..]);
+        let mut it = ar.entries().unwrap();
+        let d = it.next().unwrap().unwrap();
+        assert_eq!(d.path().unwrap().to_str(), Some("dir"));
+        let mut e = it.next().unwrap().unwrap();
+        assert_eq!(e.path().unwrap().to_str().unwrap(), f.path);
+        assert_eq!(e.header().mode().unwrap(), 0o4755);
+        let pax: Vec<(String, Vec<u8>)> = e
+            .pax_extensions()
+            .unwrap()
+            .unwrap()
+            .map(|x| {
+                let x = x.unwrap();
+                (x.key().unwrap().to_string(), x.value_bytes().to_vec())
+            })
+            .collect();
+        assert!(pax.contains(&("uid".into(), b"3000000".to_vec())));
+        assert!(pax.contains(&("SCHILY.xattr.security.capability".into(), vec![1, 0, 0, 2, 0, 0x20, 0, 0])));
+        let mut s = String::new();
+        e.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "abc");
+    }
+}

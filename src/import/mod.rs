@@ -1,0 +1,594 @@
+//! Import: a source (directory, tarball, image archive) becomes an image in
+//! the store.
+//!
+//! Root file-system sources become one normalized layer written in a single
+//! streaming pass: read -> check paths -> tar -> hash (diff_id) -> compress
+//! -> hash (blob digest) -> store. Memory stays flat whatever the input size.
+
+mod archive;
+mod compress;
+mod entry;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use oci_spec::image::{
+    Arch, ConfigBuilder, Descriptor, Digest, HistoryBuilder, ImageConfiguration, ImageConfigurationBuilder,
+    ImageManifestBuilder, MediaType, Os, RootFsBuilder,
+};
+use serde::Serialize;
+
+pub use compress::{Compression, Encoder, ParGzip};
+pub use entry::{normalize_path, Entry, EntryKind, PathError, PathGuard, TarWriter};
+
+use crate::digest::HashWriter;
+use crate::progress::{emit, Event, ProgressFn};
+use crate::source::{self, archive::FileSet, ExpansionLimits};
+use crate::store::{canonical_json, ImageName, Store, StoreError};
+
+/// Errors of `kiln import`, each naming the step, the input and where in it.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The source could not be opened.
+    #[error("import: open {path}: {source}")]
+    Open {
+        /// The source as given.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The input is malformed (truncated, corrupt, bad checksum...).
+    #[error("import: {step}: {path}: at offset {offset}: {reason}")]
+    Corrupt {
+        /// What kiln was reading.
+        step: &'static str,
+        /// The input.
+        path: String,
+        /// Byte offset in the (decompressed) stream where it went wrong.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An entry would write outside the image or through a symlink.
+    #[error("import: refusing unsafe entry in {source_name} at offset {offset}: {reason}")]
+    UnsafeEntry {
+        /// The input.
+        source_name: String,
+        /// Offset of the entry's header.
+        offset: u64,
+        /// The check that failed.
+        reason: PathError,
+    },
+    /// The compressed input expands far beyond its size.
+    #[error("import: {path}: {reason} (raise the limits with --max-size/--max-ratio if this input is genuine)")]
+    Bomb {
+        /// The input.
+        path: String,
+        /// Sizes and limits.
+        reason: String,
+    },
+    /// Reading a file of a directory source failed.
+    #[error("import: {step} {}: {source}", path.display())]
+    ReadFile {
+        /// What kiln was doing.
+        step: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The input is a format kiln does not import.
+    #[error("import: {path}: unsupported input: {what}")]
+    Unsupported {
+        /// The input.
+        path: String,
+        /// What it is.
+        what: String,
+    },
+    /// An image archive is inconsistent or ambiguous.
+    #[error("import: {path}: {reason}")]
+    Archive {
+        /// The input.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Writing the layer failed (disk full, store error...).
+    #[error("import: write layer: {0}")]
+    Write(#[source] io::Error),
+    /// A store operation failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ImportError {
+    /// Classifies a read error from a (possibly decompressing) input stream.
+    pub(crate) fn from_read(path: &str, step: &'static str, offset: u64, e: &io::Error) -> ImportError {
+        let msg = e.to_string();
+        if msg.contains(source::BOMB_MARKER) {
+            return ImportError::Bomb { path: path.to_string(), reason: msg };
+        }
+        let reason = if e.kind() == io::ErrorKind::UnexpectedEof { format!("truncated input: {msg}") } else { msg };
+        ImportError::Corrupt { step, path: path.to_string(), offset, reason }
+    }
+}
+
+/// What to import.
+pub enum ImportSource {
+    /// A file or directory; its content decides how it is read.
+    Path(PathBuf),
+    /// A stream (e.g. stdin) holding a tarball or image archive.
+    Reader(Box<dyn Read + Send>),
+}
+
+/// Options of [`Store::import`]. Build with [`ImportOptions::new`] and the
+/// public fields; every field documents its default.
+///
+/// ```no_run
+/// use kiln::{ImportOptions, ImportSource, Store};
+/// let store = Store::open("/tmp/kiln-store")?;
+/// let mut opts = ImportOptions::new("toolchain:v1");
+/// opts.compression = kiln::Compression::Zstd;
+/// opts.source_date_epoch = Some(1_700_000_000);
+/// let report = store.import(ImportSource::Path("rootfs.tar.gz".into()), &opts)?;
+/// println!("{} {}", report.name, report.manifest_digest);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct ImportOptions {
+    /// `NAME[:TAG]` to tag the result with (tag defaults to `latest`).
+    pub tag: String,
+    /// Layer compression. Default gzip.
+    pub compression: Compression,
+    /// Compression level. Default 1 (gzip 0-9, zstd 1-19).
+    pub level: Option<i32>,
+    /// Clamp every mtime to this and use it as the image's `created` time.
+    /// Default none: mtimes kept, no `created` (both reproducible).
+    pub source_date_epoch: Option<i64>,
+    /// Image architecture (`amd64`, `arm64`, ...). Default: the host's.
+    pub arch: Option<String>,
+    /// Image OS. Default `linux`.
+    pub os: Option<String>,
+    /// `KEY=VALUE` environment. Default: a standard `PATH`.
+    pub env: Vec<String>,
+    /// Working directory. Default none (`/`).
+    pub workdir: Option<String>,
+    /// Default command. Default none.
+    pub cmd: Option<Vec<String>>,
+    /// Entrypoint. Default none.
+    pub entrypoint: Option<Vec<String>>,
+    /// Labels. Default none.
+    pub labels: BTreeMap<String, String>,
+    /// Which image of a multi-image archive to import (a tag or ref name).
+    /// Default: the only one; an error if there are several.
+    pub image: Option<String>,
+    /// Decompression-bomb limits.
+    pub limits: ExpansionLimits,
+    /// Progress callback. Default none.
+    pub progress: Option<ProgressFn>,
+}
+
+impl ImportOptions {
+    /// Options with every default and the given tag.
+    pub fn new(tag: impl Into<String>) -> Self {
+        ImportOptions {
+            tag: tag.into(),
+            compression: Compression::Gzip,
+            level: None,
+            source_date_epoch: None,
+            arch: None,
+            os: None,
+            env: Vec::new(),
+            workdir: None,
+            cmd: None,
+            entrypoint: None,
+            labels: BTreeMap::new(),
+            image: None,
+            limits: ExpansionLimits::default(),
+            progress: None,
+        }
+    }
+
+    fn has_metadata(&self) -> bool {
+        self.arch.is_some()
+            || self.os.is_some()
+            || !self.env.is_empty()
+            || self.workdir.is_some()
+            || self.cmd.is_some()
+            || self.entrypoint.is_some()
+            || !self.labels.is_empty()
+            || self.source_date_epoch.is_some()
+    }
+}
+
+/// One layer of an imported image.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    /// Compressed blob digest.
+    pub digest: String,
+    /// Uncompressed tar digest.
+    pub diff_id: String,
+    /// Compressed size.
+    pub size: u64,
+    /// Layer media type.
+    pub media_type: String,
+}
+
+/// The result of an import.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The tag written.
+    pub name: String,
+    /// What the source was.
+    pub source_kind: String,
+    /// Manifest digest: the image's identity.
+    pub manifest_digest: String,
+    /// Config digest.
+    pub config_digest: String,
+    /// The layers.
+    pub layers: Vec<LayerInfo>,
+    /// Entries written (root file-system sources).
+    pub entries: u64,
+}
+
+/// The standard PATH used when an image sets none.
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The host's architecture in OCI terms.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+type LayerSink = BufWriter<HashWriter<Encoder<crate::store::BlobWriter>>>;
+
+/// Writes one layer blob from a stream of entries.
+pub(crate) struct LayerBuilder {
+    tar: TarWriter<LayerSink>,
+    guard: PathGuard,
+    epoch: Option<i64>,
+    max_bytes: u64,
+    compression: Compression,
+    source_name: String,
+}
+
+impl LayerBuilder {
+    pub(crate) fn new(store: &Store, opts: &ImportOptions, source_name: &str) -> Result<Self, ImportError> {
+        let blob = store.blob_writer()?;
+        let enc = Encoder::new(blob, opts.compression, opts.level).map_err(ImportError::Write)?;
+        Ok(LayerBuilder {
+            tar: TarWriter::new(BufWriter::with_capacity(256 << 10, HashWriter::new(enc))),
+            guard: PathGuard::default(),
+            epoch: opts.source_date_epoch,
+            max_bytes: opts.limits.max_bytes,
+            compression: opts.compression,
+            source_name: source_name.to_string(),
+        })
+    }
+
+    /// Checks, normalizes and appends one entry. `offset` locates it in the input.
+    pub(crate) fn add(&mut self, mut e: Entry, data: &mut dyn Read, offset: u64) -> Result<(), ImportError> {
+        self.guard.check(&e).map_err(|reason| ImportError::UnsafeEntry {
+            source_name: self.source_name.clone(),
+            offset,
+            reason,
+        })?;
+        if let Some(epoch) = self.epoch {
+            e.mtime = e.mtime.min(epoch);
+        }
+        let written = self.tar.get_ref_count();
+        if written.saturating_add(e.size) > self.max_bytes {
+            return Err(ImportError::Bomb {
+                path: self.source_name.clone(),
+                reason: format!("layer would exceed {} bytes at entry {:?}", self.max_bytes, e.path),
+            });
+        }
+        let mut tap = source::tarball::ErrTap { inner: data, err: None };
+        if let Err(err) = self.tar.append(&e, &mut tap) {
+            return Err(match tap.err {
+                Some(_) => ImportError::from_read(&self.source_name, "read file data", offset, &err),
+                None if err.kind() == io::ErrorKind::UnexpectedEof => ImportError::from_read(&self.source_name, "read file data", offset, &err),
+                None => ImportError::Write(err),
+            });
+        }
+        Ok(())
+    }
+
+    /// Finishes the tar stream and commits the blob.
+    pub(crate) fn finish(self, store: &Store) -> Result<(LayerInfo, u64), ImportError> {
+        let entries = self.tar.entries();
+        let buf = self.tar.finish().map_err(ImportError::Write)?;
+        let hw = buf.into_inner().map_err(|e| ImportError::Write(e.into_error()))?;
+        let (enc, diff_id, _) = hw.finish();
+        let blob = enc.finish().map_err(ImportError::Write)?;
+        let (digest, size) = blob.commit()?;
+        let _ = store;
+        Ok((
+            LayerInfo {
+                digest: digest.to_string(),
+                diff_id: diff_id.to_string(),
+                size,
+                media_type: self.compression.media_type().to_string(),
+            },
+            entries,
+        ))
+    }
+}
+
+impl<W: Write> TarWriter<BufWriter<HashWriter<W>>> {
+    fn get_ref_count(&self) -> u64 {
+        self.inner_ref().get_ref().count() + self.inner_ref().buffer().len() as u64
+    }
+}
+
+impl Store {
+    /// Imports `source` as a new image tagged `opts.tag`.
+    ///
+    /// The kind of source is detected from its content: a directory (or an
+    /// OCI layout directory), a tarball (plain, gzip, zstd, xz, bzip2), a
+    /// `docker save` archive, or an OCI archive. Nothing is tagged unless the
+    /// whole import succeeded; blobs of a failed import are left for `gc`.
+    pub fn import(&self, source: ImportSource, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+        let name = ImageName::parse(&opts.tag)?;
+        let _writer = self.writer_lock()?;
+        let counter = Arc::new(AtomicU64::new(0));
+        let (display, raw, total, path): (String, Box<dyn Read + Send>, Option<u64>, Option<PathBuf>) = match source {
+            ImportSource::Path(p) => {
+                let display = p.display().to_string();
+                let md = std::fs::metadata(&p).map_err(|e| ImportError::Open { path: display.clone(), source: e })?;
+                if md.is_dir() {
+                    return self.import_dir(&p, &display, &name, opts);
+                }
+                let f = File::open(&p).map_err(|e| ImportError::Open { path: display.clone(), source: e })?;
+                (display, Box::new(io::BufReader::with_capacity(1 << 20, f)), Some(md.len()), Some(p))
+            }
+            ImportSource::Reader(r) => ("-".to_string(), r, None, None),
+        };
+        let progress = opts.progress.clone();
+        let counted = source::CountingReader::new(raw, Arc::clone(&counter));
+        let (head, r) = source::peek(counted, 64 << 10).map_err(|e| ImportError::from_read(&display, "read", 0, &e))?;
+        if head.is_empty() {
+            return Err(ImportError::Unsupported { path: display, what: "the input is empty".into() });
+        }
+        if let Some(what) = source::sniff_unsupported(&head) {
+            return Err(ImportError::Unsupported { path: display, what: format!("{what} (disk-image import is not implemented yet)") });
+        }
+        let codec = source::sniff_codec(&head);
+        let dec = source::decoder(codec, r).map_err(|e| ImportError::from_read(&display, "start decompressor", 0, &e))?;
+        let guarded: Box<dyn Read + Send> = match codec {
+            Some(_) => Box::new(source::BombGuard::new(dec, Arc::clone(&counter), opts.limits)),
+            None => dec,
+        };
+        let step = if codec.is_some() { "decompress" } else { "read" };
+        let (dhead, stream) = source::peek(guarded, 256 << 10).map_err(|e| ImportError::from_read(&display, step, 0, &e))?;
+        let ctext = codec.map(|c| format!(" ({c})")).unwrap_or_default();
+        if source::archive::looks_like_archive(&dhead) {
+            emit(&progress, Event::Detected { kind: format!("image archive{ctext}"), total });
+            let spooled;
+            let set = match (&path, codec) {
+                (Some(p), None) => FileSet::index_tar(p, &display)?,
+                _ => {
+                    // Compressed or streamed archives need random access: spool
+                    // the decompressed tar into the store's temp dir.
+                    let mut tmp = tempfile::NamedTempFile::with_prefix_in("archive-", self.root().join(".kiln/tmp"))
+                        .map_err(|e| ImportError::Write(e))?;
+                    let mut stream = stream;
+                    copy_classified(&mut stream, tmp.as_file_mut(), &display)?;
+                    spooled = tmp;
+                    FileSet::index_tar(spooled.path(), &display)?
+                }
+            };
+            let report = archive::import_archive(self, &set, &display, &name, opts)?;
+            emit(&progress, Event::Progress { done: counter.load(Ordering::Relaxed), total });
+            return Ok(report);
+        }
+        if !source::tar_header_ok(&dhead) {
+            let magic: String = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            return Err(ImportError::Unsupported {
+                path: display,
+                what: format!("not a directory, tarball or image archive (first bytes {magic})"),
+            });
+        }
+        let kind = format!("tarball{ctext}");
+        emit(&progress, Event::Detected { kind: kind.clone(), total });
+        let mut layer = LayerBuilder::new(self, opts, &display)?;
+        let mut last = 0u64;
+        source::tarball::walk(stream, &display, &mut |e, data, pos| {
+            layer.add(e, data, pos.offset)?;
+            let done = counter.load(Ordering::Relaxed);
+            if done - last >= 4 << 20 {
+                last = done;
+                emit(&progress, Event::Progress { done, total });
+            }
+            Ok(())
+        })?;
+        emit(&progress, Event::Progress { done: counter.load(Ordering::Relaxed), total });
+        self.finish_rootfs(layer, &name, opts, &kind)
+    }
+
+    fn import_dir(&self, dir: &std::path::Path, display: &str, name: &ImageName, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+        if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
+            emit(&opts.progress, Event::Detected { kind: "OCI layout directory".into(), total: None });
+            let set = FileSet::Dir(dir.to_path_buf());
+            return archive::import_archive(self, &set, display, name, opts);
+        }
+        emit(&opts.progress, Event::Detected { kind: "directory".into(), total: None });
+        let mut layer = LayerBuilder::new(self, opts, display)?;
+        let mut count = 0u64;
+        let skipped = source::dir::walk(dir, &mut |e, data| {
+            count += 1;
+            layer.add(e, data, 0)
+        })?;
+        if skipped > 0 {
+            emit(&opts.progress, Event::Warning(format!("skipped {skipped} socket(s): sockets cannot be stored in a layer")));
+        }
+        self.finish_rootfs(layer, name, opts, "directory")
+    }
+
+    fn finish_rootfs(&self, layer: LayerBuilder, name: &ImageName, opts: &ImportOptions, kind: &str) -> Result<ImportReport, ImportError> {
+        let (info, entries) = layer.finish(self)?;
+        emit(&opts.progress, Event::LayerWritten { digest: info.digest.clone(), size: info.size });
+        let config = build_config(opts, None, &[info.diff_id.clone()], &format!("kiln import ({kind})"))?;
+        let (manifest_digest, config_digest) = self.write_image(&config, &[info.clone()], name)?;
+        Ok(ImportReport {
+            name: name.to_string(),
+            source_kind: kind.to_string(),
+            manifest_digest,
+            config_digest,
+            layers: vec![info],
+            entries,
+        })
+    }
+
+    /// Writes config + manifest blobs for `layers` and tags the manifest.
+    pub(crate) fn write_image(&self, config_bytes: &[u8], layers: &[LayerInfo], name: &ImageName) -> Result<(String, String), ImportError> {
+        let (config_digest, config_size) = self.put_blob(config_bytes)?;
+        let mut descs = Vec::new();
+        for l in layers {
+            descs.push(Descriptor::new(media_type(&l.media_type), l.size, parse_digest(&l.digest)?));
+        }
+        let manifest = ImageManifestBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageManifest)
+            .config(Descriptor::new(MediaType::ImageConfig, config_size, config_digest.clone()))
+            .layers(descs)
+            .build()
+            .map_err(|e| ImportError::Archive { path: name.to_string(), reason: format!("build manifest: {e}") })?;
+        let bytes = canonical_json(&manifest)?;
+        let (md, msize) = self.put_blob(&bytes)?;
+        let desc = Descriptor::new(MediaType::ImageManifest, msize, md.clone());
+        self.set_tag(name, &desc)?;
+        Ok((md.to_string(), config_digest.to_string()))
+    }
+}
+
+/// Copies a decompressing stream, classifying read errors as input errors.
+fn copy_classified(r: &mut dyn Read, w: &mut dyn Write, display: &str) -> Result<u64, ImportError> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ImportError::from_read(display, "decompress", n, &e)),
+        };
+        w.write_all(&buf[..k]).map_err(ImportError::Write)?;
+        n += k as u64;
+    }
+}
+
+pub(crate) fn parse_digest(s: &str) -> Result<Digest, ImportError> {
+    s.parse::<Digest>().map_err(|e| ImportError::Archive { path: s.to_string(), reason: format!("bad digest: {e}") })
+}
+
+pub(crate) fn media_type(s: &str) -> MediaType {
+    MediaType::from(s)
+}
+
+/// Builds the image config for an import. `base` is an existing config to
+/// amend (archives); `diff_ids` are the layers.
+pub(crate) fn build_config(opts: &ImportOptions, base: Option<ImageConfiguration>, diff_ids: &[String], created_by: &str) -> Result<Vec<u8>, ImportError> {
+    let bad = |e: String| ImportError::Archive { path: opts.tag.clone(), reason: format!("build config: {e}") };
+    let created = opts.source_date_epoch.map(rfc3339);
+    let mut cfg = match base {
+        Some(c) => c,
+        None => {
+            for d in diff_ids {
+                parse_digest(d)?;
+            }
+            let ids = diff_ids.to_vec();
+            let mut hist = HistoryBuilder::default().created_by(created_by.to_string()).comment("kiln".to_string());
+            if let Some(c) = &created {
+                hist = hist.created(c.clone());
+            }
+            let rootfs = RootFsBuilder::default().typ("layers").diff_ids(ids).build().map_err(|e| bad(e.to_string()))?;
+            let mut b = ImageConfigurationBuilder::default()
+                .architecture(Arch::from(host_arch()))
+                .os(Os::Linux)
+                .rootfs(rootfs)
+                .history(vec![hist.build().map_err(|e| bad(e.to_string()))?]);
+            if let Some(c) = &created {
+                b = b.created(c.clone());
+            }
+            b.build().map_err(|e| bad(e.to_string()))?
+        }
+    };
+    if let Some(a) = &opts.arch {
+        cfg.set_architecture(Arch::from(a.as_str()));
+    }
+    if let Some(o) = &opts.os {
+        cfg.set_os(Os::from(o.as_str()));
+    }
+    if created.is_some() {
+        cfg.set_created(created);
+    }
+    let mut c = cfg.config().clone().unwrap_or_else(|| ConfigBuilder::default().build().unwrap_or_default());
+    let mut env = c.env().clone().unwrap_or_default();
+    for kv in &opts.env {
+        let key = kv.split('=').next().unwrap_or(kv);
+        env.retain(|e| e.split('=').next() != Some(key));
+        env.push(kv.clone());
+    }
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, DEFAULT_PATH.to_string());
+    }
+    c.set_env(Some(env));
+    if let Some(w) = &opts.workdir {
+        c.set_working_dir(Some(w.clone()));
+    }
+    if let Some(cmd) = &opts.cmd {
+        c.set_cmd(Some(cmd.clone()));
+    }
+    if let Some(ep) = &opts.entrypoint {
+        c.set_entrypoint(Some(ep.clone()));
+    }
+    if !opts.labels.is_empty() {
+        let mut l = c.labels().clone().unwrap_or_default();
+        l.extend(opts.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        c.set_labels(Some(l));
+    }
+    cfg.set_config(Some(c));
+    Ok(canonical_json(&cfg)?)
+}
+
+/// Formats seconds since the epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}

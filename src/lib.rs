@@ -1,0 +1,38 @@
+//! # kiln
+//!
+//! A rootless, embeddable image-build sandbox runtime.
+//!
+//! kiln turns a toolchain root file system (a directory, a tarball, a
+//! `docker save` or OCI archive) into an OCI image in a local store, so CI
+//! jobs can build VM images and unikernels without root, loop devices or
+//! mounts. The library is the product; the `kiln` binary is a thin layer over
+//! it.
+//!
+//! The data flows as the modules are laid out:
+//! [`source`] (inputs to entries) -> [`import`] (entries to a normalized,
+//! compressed layer) -> [`store`] (an OCI image layout; export, gc).
+//!
+//! ```no_run
+//! use kiln::{ImportOptions, ImportSource, Store};
+//!
+//! let store = Store::open(Store::default_path()?)?;
+//! let report = store.import(ImportSource::Path("rootfs.tar".into()), &ImportOptions::new("toolchain"))?;
+//! println!("imported {} as {}", report.name, report.manifest_digest);
+//! store.export_to_path("toolchain", kiln::ExportFormat::OciArchive, "toolchain.tar".as_ref())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! The library never prints: long operations report through a
+//! [`progress::ProgressFn`] callback and `tracing`.
+
+pub mod digest;
+pub mod import;
+pub mod progress;
+pub mod source;
+pub mod store;
+mod sys;
+
+pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
+pub use progress::{Event, ProgressFn};
+pub use source::ExpansionLimits;
+pub use store::{ExportFormat, Store, StoreError};

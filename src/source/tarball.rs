@@ -1,0 +1,125 @@
+//! Tar streams (already decompressed) to [`Entry`] values.
+
+use std::io::{self, Read};
+
+use crate::import::{Entry, EntryKind, ImportError};
+
+/// Records the first read error of a data stream, so a failed copy can be
+/// blamed on the input (corrupt archive) rather than the output.
+pub(crate) struct ErrTap<'a, R: ?Sized> {
+    pub(crate) inner: &'a mut R,
+    pub(crate) err: Option<String>,
+}
+
+impl<R: Read + ?Sized> Read for ErrTap<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if self.err.is_none() {
+                self.err = Some(e.to_string());
+            }
+        })
+    }
+}
+
+/// Where an entry came from, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryPos {
+    /// Offset of the entry's header in the (decompressed) tar stream.
+    pub offset: u64,
+}
+
+/// Callback receiving each entry and its content.
+pub type EntryFn<'a> = dyn FnMut(Entry, &mut dyn Read, EntryPos) -> Result<(), ImportError> + 'a;
+
+/// Reads every entry of the tar stream `r`, in archive order.
+///
+/// `name` names the input in errors. Global PAX headers and GNU volume
+/// labels are skipped; GNU sparse files come out with their holes as zeros.
+pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportError> {
+    let mut ar = tar::Archive::new(r);
+    let entries = ar.entries().map_err(|e| corrupt(name, "read tar", 0, &e))?;
+    let mut next_offset = 0u64;
+    for item in entries {
+        let mut te = item.map_err(|e| corrupt(name, "read tar header", next_offset, &e))?;
+        let offset = te.raw_header_position();
+        next_offset = te.raw_file_position() + te.header().entry_size().unwrap_or(0).div_ceil(512) * 512;
+        let Some(e) = to_entry(&mut te, name, offset)? else { continue };
+        let mut tap = ErrTap { inner: &mut te, err: None };
+        f(e, &mut tap, EntryPos { offset })?;
+    }
+    Ok(())
+}
+
+fn corrupt(name: &str, step: &'static str, offset: u64, e: &io::Error) -> ImportError {
+    ImportError::from_read(name, step, offset, e)
+}
+
+fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Result<Option<Entry>, ImportError> {
+    use tar::EntryType as T;
+    let h = te.header();
+    let kind = match h.entry_type() {
+        T::Regular | T::Continuous | T::GNUSparse => EntryKind::File,
+        T::Directory => EntryKind::Dir,
+        T::Symlink => EntryKind::Symlink,
+        T::Link => EntryKind::Hardlink,
+        T::Char => EntryKind::Char,
+        T::Block => EntryKind::Block,
+        T::Fifo => EntryKind::Fifo,
+        T::XGlobalHeader | T::GNULongName | T::GNULongLink | T::XHeader => return Ok(None),
+        other => {
+            // 'V' (volume label) and vendor types carry no file.
+            if other.as_byte() == b'V' {
+                return Ok(None);
+            }
+            return Err(ImportError::Corrupt {
+                step: "read tar header",
+                path: name.to_string(),
+                offset,
+                reason: format!("unsupported tar entry type {:?}", other.as_byte() as char),
+            });
+        }
+    };
+    let bad = |what: &str, e: io::Error| corrupt(name, "read tar header", offset, &io::Error::new(e.kind(), format!("{what}: {e}")));
+    let path = te.path_bytes().into_owned();
+    let (path, _) = crate::import::normalize_path(&path).map_err(|e| ImportError::UnsafeEntry {
+        source_name: name.to_string(),
+        offset,
+        reason: e,
+    })?;
+    let mut e = Entry::new(path, kind);
+    e.mode = h.mode().map_err(|x| bad("mode", x))? & 0o7777;
+    e.uid = h.uid().map_err(|x| bad("uid", x))?;
+    e.gid = h.gid().map_err(|x| bad("gid", x))?;
+    e.mtime = h.mtime().map_err(|x| bad("mtime", x))? as i64;
+    if kind == EntryKind::File {
+        e.size = te.size();
+    }
+    if matches!(kind, EntryKind::Char | EntryKind::Block) {
+        e.dev_major = h.device_major().map_err(|x| bad("device major", x))?.unwrap_or(0);
+        e.dev_minor = h.device_minor().map_err(|x| bad("device minor", x))?.unwrap_or(0);
+    }
+    if matches!(kind, EntryKind::Symlink | EntryKind::Hardlink) {
+        e.link = te.link_name_bytes().map(|l| l.into_owned());
+        if e.link.as_ref().is_none_or(|l| l.is_empty()) {
+            return Err(corrupt(name, "read tar header", offset, &io::Error::other(format!("link {:?} has no target", e.path))));
+        }
+    }
+    if let Some(pax) = te.pax_extensions().map_err(|x| bad("pax header", x))? {
+        for ext in pax {
+            let ext = ext.map_err(|x| bad("pax record", x))?;
+            let Ok(key) = ext.key() else { continue };
+            let num = || std::str::from_utf8(ext.value_bytes()).ok().map(str::trim);
+            if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
+                e.xattrs.insert(x.to_string(), ext.value_bytes().to_vec());
+            } else if key == "uid" {
+                e.uid = num().and_then(|v| v.parse().ok()).unwrap_or(e.uid);
+            } else if key == "gid" {
+                e.gid = num().and_then(|v| v.parse().ok()).unwrap_or(e.gid);
+            } else if key == "mtime" {
+                let secs = num().and_then(|v| v.split('.').next()).and_then(|v| v.parse().ok());
+                e.mtime = secs.unwrap_or(e.mtime);
+            }
+        }
+    }
+    Ok(Some(e))
+}

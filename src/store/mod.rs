@@ -1,0 +1,591 @@
+//! The image store: an [OCI image layout](https://github.com/opencontainers/image-spec/blob/main/image-layout.md).
+//!
+//! ```text
+//! STORE/oci-layout            {"imageLayoutVersion":"1.0.0"}
+//! STORE/index.json            one manifest descriptor per tag, tagged with
+//!                             the org.opencontainers.image.ref.name annotation
+//! STORE/blobs/sha256/<hex>    content-addressed, read-only blobs
+//! STORE/.kiln/tmp/            temp files of writes in progress (same file system)
+//! STORE/.kiln/locks/          index.lock (index updates), gc.lock (writers share, gc excludes)
+//! ```
+//!
+//! skopeo (`oci:STORE:NAME`), umoci (`--image STORE:NAME`) and podman read it as is.
+
+mod blob;
+mod export;
+mod refs;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
+use serde::Serialize;
+
+pub use blob::{BlobWriter, VerifiedReader};
+pub use export::ExportFormat;
+pub use refs::{ImageName, REF_NAME_ANNOTATION};
+
+/// Largest JSON document (manifest, config, index) kiln will read into memory.
+pub const MAX_JSON_SIZE: u64 = 16 << 20;
+
+/// Errors of the image store. Each names the step and the path it failed on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system operation on the store failed.
+    #[error("store: {op} {}: {source}", path.display())]
+    Io {
+        /// What kiln was doing.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// No store location could be derived from the environment.
+    #[error("store: no store path: set KILN_HOME, XDG_DATA_HOME or HOME, or pass --store")]
+    NoDefaultPath,
+    /// The directory exists but is not an OCI image layout.
+    #[error("store: {} is not an OCI image layout: {reason}", path.display())]
+    NotALayout {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Content did not hash to the digest that names it.
+    #[error("store: digest mismatch in {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// Which blob or stream.
+        what: String,
+        /// The digest it should have.
+        expected: String,
+        /// The digest it has.
+        actual: String,
+    },
+    /// A blob is referenced but absent.
+    #[error("store: blob {0} is missing")]
+    BlobMissing(String),
+    /// A JSON document in the store is malformed.
+    #[error("store: {what} {}: {reason}", path.display())]
+    BadDocument {
+        /// Which document.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The parse error.
+        reason: String,
+    },
+    /// The image name is not valid.
+    #[error("store: invalid image name {name:?}: {reason}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Why it is invalid.
+        reason: &'static str,
+    },
+    /// No image has that name.
+    #[error("store: no image named {0}")]
+    ImageNotFound(String),
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        StoreError::Io { op, path: path.to_path_buf(), source }
+    }
+}
+
+/// An open image store.
+///
+/// ```no_run
+/// let store = kiln::Store::open("/tmp/kiln-store")?;
+/// for img in store.images()? {
+///     println!("{} {}", img.name, img.digest);
+/// }
+/// # Ok::<(), kiln::store::StoreError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A held store lock; released on drop.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+/// One tagged image, as listed by [`Store::images`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    /// `name:tag`.
+    pub name: String,
+    /// Manifest digest.
+    pub digest: String,
+    /// Sum of the manifest, config and compressed layer sizes.
+    pub size: u64,
+    /// Number of layers.
+    pub layers: usize,
+    /// The config's `created` time, if set.
+    pub created: Option<String>,
+}
+
+/// A resolved image: its manifest and config.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The name it was resolved from.
+    pub name: String,
+    /// The manifest's descriptor in index.json.
+    pub descriptor: Descriptor,
+    /// The parsed manifest.
+    pub manifest: ImageManifest,
+    /// The parsed config.
+    pub config: ImageConfiguration,
+    /// The config blob's raw bytes (kept so exports keep its digest).
+    pub config_bytes: Vec<u8>,
+}
+
+/// What [`Store::gc`] removed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Blobs deleted.
+    pub blobs_removed: u64,
+    /// Bytes freed by deleted blobs.
+    pub bytes_freed: u64,
+    /// Stale temp files removed.
+    pub temp_removed: u64,
+}
+
+/// One problem found by [`Store::fsck`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FsckProblem {
+    /// The blob or tag concerned.
+    pub what: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl Store {
+    /// The default store location: `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`,
+    /// else `~/.local/share/kiln`.
+    pub fn default_path() -> Result<PathBuf, StoreError> {
+        let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        if let Some(p) = nonempty("KILN_HOME") {
+            return Ok(PathBuf::from(p));
+        }
+        if let Some(p) = nonempty("XDG_DATA_HOME") {
+            return Ok(PathBuf::from(p).join("kiln"));
+        }
+        if let Some(p) = nonempty("HOME") {
+            return Ok(PathBuf::from(p).join(".local/share/kiln"));
+        }
+        Err(StoreError::NoDefaultPath)
+    }
+
+    /// Opens the store at `root`, creating an empty layout if the directory
+    /// does not exist or is empty.
+    pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        fs::create_dir_all(&root).map_err(|e| StoreError::io("create store directory", &root, e))?;
+        let store = Store { root };
+        let layout = store.root.join("oci-layout");
+        if !layout.exists() {
+            let has_other = fs::read_dir(&store.root)
+                .map_err(|e| StoreError::io("read store directory", &store.root, e))?
+                .filter_map(Result::ok)
+                .any(|e| e.file_name() != ".kiln");
+            if has_other && !store.root.join("index.json").exists() {
+                return Err(StoreError::NotALayout {
+                    path: store.root.clone(),
+                    reason: "it is neither empty nor holds an oci-layout file".into(),
+                });
+            }
+            for d in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
+                fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
+            }
+            let _g = store.lock_index()?;
+            if !store.root.join("index.json").exists() {
+                store.write_index(&empty_index())?;
+            }
+            store.write_small_file(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        for d in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
+            fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
+        }
+        Ok(store)
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.root.join(".kiln/tmp")
+    }
+    fn locks_dir(&self) -> PathBuf {
+        self.root.join(".kiln/locks")
+    }
+
+    /// Path of a blob (which may not exist).
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs_dir().join(digest.digest())
+    }
+
+    /// Whether a blob is present (not verified).
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Starts writing a new blob. See [`BlobWriter`].
+    pub fn blob_writer(&self) -> Result<BlobWriter, StoreError> {
+        BlobWriter::new(self)
+    }
+
+    /// Writes a whole blob from memory.
+    pub fn put_blob(&self, data: &[u8]) -> Result<(Digest, u64), StoreError> {
+        let mut w = self.blob_writer()?;
+        io::Write::write_all(&mut w, data).map_err(|e| StoreError::io("write blob", &self.tmp_dir(), e))?;
+        w.commit()
+    }
+
+    /// Opens a blob for streaming; the reader fails at the end if the content
+    /// does not match `digest` (or `size`, when given).
+    pub fn open_blob(&self, digest: &Digest, size: Option<u64>) -> Result<VerifiedReader<io::BufReader<File>>, StoreError> {
+        let path = self.blob_path(digest);
+        let f = File::open(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                StoreError::BlobMissing(digest.to_string())
+            } else {
+                StoreError::io("open blob", &path, e)
+            }
+        })?;
+        Ok(VerifiedReader::new(io::BufReader::with_capacity(1 << 20, f), digest.clone(), size, path))
+    }
+
+    /// Reads a small blob (at most [`MAX_JSON_SIZE`]) fully, verifying it.
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(digest);
+        let mut r = self.open_blob(digest, None)?;
+        let mut buf = Vec::new();
+        (&mut r)
+            .take(MAX_JSON_SIZE + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read blob", &path, e))?;
+        if buf.len() as u64 > MAX_JSON_SIZE {
+            return Err(StoreError::BadDocument { what: "blob", path, reason: "larger than 16 MiB".into() });
+        }
+        // Reach EOF through the verifying reader so the digest is checked.
+        let mut rest = [0u8; 1];
+        r.read(&mut rest).map_err(|e| StoreError::io("read blob", &path, e))?;
+        Ok(buf)
+    }
+
+    fn lock(&self, name: &str, exclusive: bool) -> Result<StoreLock, StoreError> {
+        let path = self.locks_dir().join(name);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open lock file", &path, e))?;
+        let r = if exclusive { f.lock() } else { f.lock_shared() };
+        r.map_err(|e| StoreError::io("lock", &path, e))?;
+        Ok(StoreLock { _file: f })
+    }
+
+    /// Serializes index.json updates between processes.
+    fn lock_index(&self) -> Result<StoreLock, StoreError> {
+        self.lock("index.lock", true)
+    }
+
+    /// Held (shared) by every operation that writes blobs before it
+    /// references them, so `gc` (which takes it exclusively) never deletes a
+    /// blob an import is about to tag.
+    pub fn writer_lock(&self) -> Result<StoreLock, StoreError> {
+        self.lock("gc.lock", false)
+    }
+
+    fn write_small_file(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-", dir)
+            .map_err(|e| StoreError::io("create temp file", dir, e))?;
+        io::Write::write_all(&mut tmp, data).map_err(|e| StoreError::io("write", path, e))?;
+        tmp.as_file().sync_all().map_err(|e| StoreError::io("fsync", path, e))?;
+        let perm = <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
+        fs::set_permissions(tmp.path(), perm).map_err(|e| StoreError::io("chmod", path, e))?;
+        tmp.persist(path).map_err(|e| StoreError::io("rename into place", path, e.error))?;
+        blob::sync_dir(dir)
+    }
+
+    /// Reads index.json.
+    pub fn read_index(&self) -> Result<ImageIndex, StoreError> {
+        let path = self.root.join("index.json");
+        let data = fs::read(&path).map_err(|e| StoreError::io("read", &path, e))?;
+        serde_json::from_slice(&data).map_err(|e| StoreError::BadDocument {
+            what: "index.json",
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    fn write_index(&self, index: &ImageIndex) -> Result<(), StoreError> {
+        let data = canonical_json(index)?;
+        self.write_small_file(&self.root.join("index.json"), &data)
+    }
+
+    /// Runs `f` on index.json under the index lock and writes the result back
+    /// atomically.
+    pub(crate) fn update_index<T>(&self, f: impl FnOnce(&mut ImageIndex) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let _g = self.lock_index()?;
+        let mut index = self.read_index()?;
+        let out = f(&mut index)?;
+        self.write_index(&index)?;
+        Ok(out)
+    }
+
+    /// Points `name` at the manifest `descriptor` (which must already be in the
+    /// store), replacing whatever the name pointed at.
+    pub fn set_tag(&self, name: &ImageName, descriptor: &Descriptor) -> Result<(), StoreError> {
+        let mut desc = descriptor.clone();
+        let mut ann = desc.annotations().clone().unwrap_or_default();
+        ann.insert(REF_NAME_ANNOTATION.to_string(), name.to_string());
+        desc.set_annotations(Some(ann));
+        self.update_index(|index| {
+            let mut manifests: Vec<Descriptor> = index
+                .manifests()
+                .iter()
+                .filter(|d| refs::ref_name(d) != Some(name.as_str()))
+                .cloned()
+                .collect();
+            manifests.push(desc);
+            manifests.sort_by(|a, b| refs::ref_name(a).cmp(&refs::ref_name(b)));
+            index.set_manifests(manifests);
+            Ok(())
+        })
+    }
+
+    /// Resolves an image name (`name`, `name:tag`) or a manifest digest
+    /// (`sha256:...`, or a unique prefix of at least 12 hex digits).
+    pub fn resolve(&self, name: &str) -> Result<Image, StoreError> {
+        let index = self.read_index()?;
+        let desc = self.find_descriptor(&index, name)?;
+        let manifest_bytes = self.read_blob(desc.digest())?;
+        let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|e| StoreError::BadDocument {
+            what: "manifest",
+            path: self.blob_path(desc.digest()),
+            reason: e.to_string(),
+        })?;
+        let config_bytes = self.read_blob(manifest.config().digest())?;
+        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| StoreError::BadDocument {
+            what: "config",
+            path: self.blob_path(manifest.config().digest()),
+            reason: e.to_string(),
+        })?;
+        Ok(Image { name: name.to_string(), descriptor: desc, manifest, config, config_bytes })
+    }
+
+    fn find_descriptor(&self, index: &ImageIndex, name: &str) -> Result<Descriptor, StoreError> {
+        let hexpart = name.strip_prefix("sha256:").unwrap_or(name);
+        let is_hex = hexpart.len() >= 12 && hexpart.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_hex || name.contains(':') && !name.starts_with("sha256:") {
+            let want = ImageName::parse(name)?;
+            return index
+                .manifests()
+                .iter()
+                .find(|d| refs::ref_name(d) == Some(want.as_str()))
+                .cloned()
+                .ok_or_else(|| StoreError::ImageNotFound(want.to_string()));
+        }
+        let hits: BTreeMap<String, Descriptor> = index
+            .manifests()
+            .iter()
+            .filter(|d| d.digest().digest().starts_with(hexpart))
+            .map(|d| (d.digest().to_string(), d.clone()))
+            .collect();
+        match hits.len() {
+            1 => Ok(hits.into_values().next().ok_or_else(|| StoreError::ImageNotFound(name.into()))?),
+            0 => {
+                // A name made only of hex digits is still a valid image name.
+                let want = ImageName::parse(name)?;
+                index
+                    .manifests()
+                    .iter()
+                    .find(|d| refs::ref_name(d) == Some(want.as_str()))
+                    .cloned()
+                    .ok_or_else(|| StoreError::ImageNotFound(name.to_string()))
+            }
+            _ => Err(StoreError::InvalidName { name: name.into(), reason: "digest prefix is ambiguous" }),
+        }
+    }
+
+    /// Lists tagged images, sorted by name.
+    pub fn images(&self) -> Result<Vec<ImageSummary>, StoreError> {
+        let index = self.read_index()?;
+        let mut out = Vec::new();
+        for d in index.manifests() {
+            let Some(name) = refs::ref_name(d) else { continue };
+            let img = self.resolve(d.digest().as_ref())?;
+            let size = d.size() + img.manifest.config().size() + img.manifest.layers().iter().map(|l| l.size()).sum::<u64>();
+            out.push(ImageSummary {
+                name: name.to_string(),
+                digest: d.digest().to_string(),
+                size,
+                layers: img.manifest.layers().len(),
+                created: img.config.created().clone(),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Adds tag `dst` to the image `src`.
+    pub fn tag(&self, src: &str, dst: &str) -> Result<ImageName, StoreError> {
+        let _w = self.writer_lock()?;
+        let index = self.read_index()?;
+        let desc = self.find_descriptor(&index, src)?;
+        let name = ImageName::parse(dst)?;
+        self.set_tag(&name, &desc)?;
+        Ok(name)
+    }
+
+    /// Removes a tag. Blobs stay until [`Store::gc`].
+    pub fn remove(&self, name: &str) -> Result<ImageName, StoreError> {
+        let want = ImageName::parse(name)?;
+        self.update_index(|index| {
+            let before = index.manifests().len();
+            let kept: Vec<Descriptor> =
+                index.manifests().iter().filter(|d| refs::ref_name(d) != Some(want.as_str())).cloned().collect();
+            if kept.len() == before {
+                return Err(StoreError::ImageNotFound(want.to_string()));
+            }
+            index.set_manifests(kept);
+            Ok(())
+        })?;
+        Ok(want)
+    }
+
+    /// Every blob reachable from index.json.
+    fn reachable(&self) -> Result<BTreeSet<String>, StoreError> {
+        let index = self.read_index()?;
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<Descriptor> = index.manifests().clone();
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d.digest().digest().to_string()) {
+                continue;
+            }
+            match d.media_type() {
+                MediaType::ImageManifest => {
+                    let m: ImageManifest = serde_json::from_slice(&self.read_blob(d.digest())?).map_err(|e| {
+                        StoreError::BadDocument { what: "manifest", path: self.blob_path(d.digest()), reason: e.to_string() }
+                    })?;
+                    seen.insert(m.config().digest().digest().to_string());
+                    for l in m.layers() {
+                        seen.insert(l.digest().digest().to_string());
+                    }
+                }
+                MediaType::ImageIndex => {
+                    let i: ImageIndex = serde_json::from_slice(&self.read_blob(d.digest())?).map_err(|e| {
+                        StoreError::BadDocument { what: "index", path: self.blob_path(d.digest()), reason: e.to_string() }
+                    })?;
+                    todo.extend(i.manifests().iter().cloned());
+                }
+                _ => {}
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Deletes blobs no tag reaches and stale temp files.
+    ///
+    /// Takes the writer lock exclusively, so it waits for running imports and
+    /// commits (which hold it shared) and they wait for it.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let _x = self.lock("gc.lock", true)?;
+        let keep = self.reachable()?;
+        let mut report = GcReport::default();
+        let dir = self.blobs_dir();
+        for e in fs::read_dir(&dir).map_err(|e| StoreError::io("read directory", &dir, e))? {
+            let e = e.map_err(|e| StoreError::io("read directory", &dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                continue;
+            }
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(e.path()).map_err(|err| StoreError::io("remove blob", &e.path(), err))?;
+            report.blobs_removed += 1;
+            report.bytes_freed += size;
+        }
+        // With the exclusive lock held no writer is running: every temp file is stale.
+        let tmp = self.tmp_dir();
+        for e in fs::read_dir(&tmp).map_err(|e| StoreError::io("read directory", &tmp, e))?.flatten() {
+            let p = e.path();
+            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            r.map_err(|err| StoreError::io("remove temp file", &p, err))?;
+            report.temp_removed += 1;
+        }
+        Ok(report)
+    }
+
+    /// Verifies the store: every blob hashes to its name, every tag resolves
+    /// and every blob an image references is present. Returns the problems.
+    pub fn fsck(&self) -> Result<Vec<FsckProblem>, StoreError> {
+        let mut problems = Vec::new();
+        let dir = self.blobs_dir();
+        for e in fs::read_dir(&dir).map_err(|e| StoreError::io("read directory", &dir, e))? {
+            let e = e.map_err(|e| StoreError::io("read directory", &dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(d) = format!("sha256:{name}").parse::<Digest>() else {
+                problems.push(FsckProblem { what: e.path().display().to_string(), problem: "not a sha256 blob name".into() });
+                continue;
+            };
+            let mut r = self.open_blob(&d, None)?;
+            if let Err(err) = io::copy(&mut r, &mut io::sink()) {
+                problems.push(FsckProblem { what: d.to_string(), problem: err.to_string() });
+            }
+        }
+        let index = self.read_index()?;
+        for d in index.manifests() {
+            let what = refs::ref_name(d).map(str::to_string).unwrap_or_else(|| d.digest().to_string());
+            match self.resolve(d.digest().as_ref()) {
+                Err(e) => problems.push(FsckProblem { what, problem: e.to_string() }),
+                Ok(img) => {
+                    for l in img.manifest.layers() {
+                        if !self.has_blob(l.digest()) {
+                            problems.push(FsckProblem { what: what.clone(), problem: format!("layer {} missing", l.digest()) });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(problems)
+    }
+}
+
+fn empty_index() -> ImageIndex {
+    let mut idx = ImageIndex::default();
+    idx.set_manifests(Vec::new());
+    idx.set_media_type(Some(MediaType::ImageIndex));
+    idx
+}
+
+/// Serializes an OCI document with sorted keys and no whitespace, so equal
+/// documents always give equal bytes (oci-spec uses HashMaps for labels).
+pub fn canonical_json<T: Serialize>(doc: &T) -> Result<Vec<u8>, StoreError> {
+    let v = serde_json::to_value(doc).map_err(|e| StoreError::BadDocument {
+        what: "document being written",
+        path: PathBuf::new(),
+        reason: e.to_string(),
+    })?;
+    serde_json::to_vec(&v).map_err(|e| StoreError::BadDocument {
+        what: "document being written",
+        path: PathBuf::new(),
+        reason: e.to_string(),
+    })
+}
