@@ -5,6 +5,8 @@
 //! diff_ids; their uncompressed layers are compressed on the way in.
 
 use std::io::{self, BufWriter};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 use serde::Deserialize;
@@ -87,9 +89,12 @@ fn import_docker(store: &Store, set: &FileSet, display: &str, name: &ImageName, 
     let mut layers = Vec::new();
     for (i, member) in entry.layers.iter().enumerate() {
         let (r, _) = set.open(member).map_err(|e| bad(display, format!("open layer {member}: {e}")))?;
+        let consumed = Arc::new(AtomicU64::new(0));
+        let r = source::CountingReader::new(r, Arc::clone(&consumed));
         let (head, r) = source::peek(r, 64).map_err(|e| bad(display, format!("read layer {member}: {e}")))?;
         let codec = source::sniff_codec(&head);
         let dec = source::decoder(codec, r).map_err(|e| bad(display, format!("decompress layer {member}: {e}")))?;
+        let dec = source::BombGuard::new(dec, codec.map(|_| consumed), opts.limits);
         let mut hashed = HashReader::new(dec);
         let blob = store.blob_writer()?;
         let enc = Encoder::new(blob, opts.compression, opts.level).map_err(ImportError::Write)?;

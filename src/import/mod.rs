@@ -114,7 +114,9 @@ impl ImportError {
         if msg.contains(source::BOMB_MARKER) {
             return ImportError::Bomb { path: path.to_string(), reason: msg };
         }
-        let reason = if e.kind() == io::ErrorKind::UnexpectedEof { format!("truncated input: {msg}") } else { msg };
+        // The tar crate reports a short header read as "failed to read entire block".
+        let short = e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("entire block");
+        let reason = if short { format!("truncated input: {msg}") } else { msg };
         ImportError::Corrupt { step, path: path.to_string(), offset, reason }
     }
 }
@@ -366,12 +368,18 @@ impl Store {
         }
         let codec = source::sniff_codec(&head);
         let dec = source::decoder(codec, r).map_err(|e| ImportError::from_read(&display, "start decompressor", 0, &e))?;
-        let guarded: Box<dyn Read + Send> = match codec {
-            Some(_) => Box::new(source::BombGuard::new(dec, Arc::clone(&counter), opts.limits)),
-            None => dec,
-        };
+        // Every input is held to --max-size; compressed ones also to --max-ratio.
+        let ratio_counter = codec.map(|_| Arc::clone(&counter));
+        let guarded = source::BombGuard::new(dec, ratio_counter, opts.limits);
+        // Counts decompressed bytes so errors can say where in the stream they happened.
+        let dcount = Arc::new(AtomicU64::new(0));
+        let guarded = source::CountingReader::new(guarded, Arc::clone(&dcount));
         let step = if codec.is_some() { "decompress" } else { "read" };
-        let (dhead, stream) = source::peek(guarded, 256 << 10).map_err(|e| ImportError::from_read(&display, step, 0, &e))?;
+        let (dhead, stream) = source::peek(guarded, 256 << 10)
+            .map_err(|e| ImportError::from_read(&display, step, dcount.load(Ordering::Relaxed), &e))?;
+        if dhead.is_empty() {
+            return Err(ImportError::Unsupported { path: display, what: format!("the {} stream decompresses to nothing", codec.map(|c| c.to_string()).unwrap_or_default()) });
+        }
         let ctext = codec.map(|c| format!(" ({c})")).unwrap_or_default();
         if source::archive::looks_like_archive(&dhead) {
             emit(&progress, Event::Detected { kind: format!("image archive{ctext}"), total });
@@ -384,7 +392,7 @@ impl Store {
                     let mut tmp = tempfile::NamedTempFile::with_prefix_in("archive-", self.root().join(".kiln/tmp"))
                         .map_err(|e| ImportError::Write(e))?;
                     let mut stream = stream;
-                    copy_classified(&mut stream, tmp.as_file_mut(), &display)?;
+                    copy_classified(&mut stream, tmp.as_file_mut(), &display, &dcount)?;
                     spooled = tmp;
                     FileSet::index_tar(spooled.path(), &display)?
                 }
@@ -394,17 +402,32 @@ impl Store {
             return Ok(report);
         }
         if !source::tar_header_ok(&dhead) {
+            if dhead.len() >= 263 && &dhead[257..262] == b"ustar" {
+                return Err(ImportError::Corrupt {
+                    step: "read tar header",
+                    path: display,
+                    offset: 0,
+                    reason: "the first tar header has a bad checksum".into(),
+                });
+            }
             let magic: String = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
             return Err(ImportError::Unsupported {
                 path: display,
                 what: format!("not a directory, tarball or image archive (first bytes {magic})"),
             });
         }
-        let kind = format!("tarball{ctext}");
-        emit(&progress, Event::Detected { kind: kind.clone(), total });
+        emit(&progress, Event::Detected { kind: format!("tarball{ctext}"), total });
+        // The history names the source kind but not its compression: the same
+        // tree gives the same image whether it came gzip'd or plain.
+        let kind = "tarball".to_string();
         let mut layer = LayerBuilder::new(self, opts, &display)?;
         let mut last = 0u64;
+        let mut absolute: (u64, Option<String>) = (0, None);
         source::tarball::walk(stream, &display, &mut |e, data, pos| {
+            if pos.absolute {
+                absolute.0 += 1;
+                absolute.1.get_or_insert_with(|| format!("/{}", e.path));
+            }
             layer.add(e, data, pos.offset)?;
             let done = counter.load(Ordering::Relaxed);
             if done - last >= 4 << 20 {
@@ -414,6 +437,12 @@ impl Store {
             Ok(())
         })?;
         emit(&progress, Event::Progress { done: counter.load(Ordering::Relaxed), total });
+        if let (n @ 1.., Some(first)) = absolute {
+            emit(
+                &progress,
+                Event::Warning(format!("{display}: {n} entries had absolute paths (first: {first}); stored relative to the image root")),
+            );
+        }
         self.finish_rootfs(layer, &name, opts, &kind)
     }
 
@@ -474,7 +503,7 @@ impl Store {
 }
 
 /// Copies a decompressing stream, classifying read errors as input errors.
-fn copy_classified(r: &mut dyn Read, w: &mut dyn Write, display: &str) -> Result<u64, ImportError> {
+fn copy_classified(r: &mut dyn Read, w: &mut dyn Write, display: &str, pos: &AtomicU64) -> Result<u64, ImportError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
@@ -482,7 +511,7 @@ fn copy_classified(r: &mut dyn Read, w: &mut dyn Write, display: &str) -> Result
             Ok(0) => return Ok(n),
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ImportError::from_read(display, "decompress", n, &e)),
+            Err(e) => return Err(ImportError::from_read(display, "decompress", pos.load(Ordering::Relaxed), &e)),
         };
         w.write_all(&buf[..k]).map_err(ImportError::Write)?;
         n += k as u64;

@@ -16,7 +16,7 @@ pub fn is_archive_member(name: &str) -> bool {
     matches!(name, "oci-layout" | "index.json" | "manifest.json" | "repositories" | "blobs")
         || first == "blobs"
         || hex64(first)
-        || first.strip_suffix(".json").is_some_and(hex64)
+        || [".json", ".tar", ".tar.gz"].iter().any(|ext| first.strip_suffix(ext).is_some_and(hex64))
 }
 
 /// Looks at the tar headers within `head` (the first bytes of a
@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn archive_members() {
         let h = "a".repeat(64);
-        for n in ["manifest.json", "repositories", "oci-layout", "index.json", "blobs/sha256/x", &format!("{h}/layer.tar"), &format!("{h}.json")] {
+        for n in ["manifest.json", "repositories", "oci-layout", "index.json", "blobs/sha256/x", &format!("{h}/layer.tar"), &format!("{h}.json"), &format!("{h}.tar")] {
             assert!(is_archive_member(n), "{n}");
         }
         for n in ["etc", "bin/sh", "usr", "json"] {

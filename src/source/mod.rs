@@ -170,14 +170,15 @@ pub const BOMB_MARKER: &str = "decompression bomb";
 /// Stops a decompressed stream that expands beyond [`ExpansionLimits`].
 pub struct BombGuard<R> {
     inner: R,
-    compressed: Arc<AtomicU64>,
+    compressed: Option<Arc<AtomicU64>>,
     out: u64,
     limits: ExpansionLimits,
 }
 
 impl<R: Read> BombGuard<R> {
-    /// `compressed` counts the bytes consumed from the compressed input.
-    pub fn new(inner: R, compressed: Arc<AtomicU64>, limits: ExpansionLimits) -> Self {
+    /// `compressed` counts the bytes consumed from the compressed input;
+    /// `None` for an uncompressed input (only `max_bytes` applies).
+    pub fn new(inner: R, compressed: Option<Arc<AtomicU64>>, limits: ExpansionLimits) -> Self {
         BombGuard { inner, compressed, out: 0, limits }
     }
 }
@@ -186,16 +187,24 @@ impl<R: Read> Read for BombGuard<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.out += n as u64;
-        let c = self.compressed.load(Ordering::Relaxed).max(1);
-        let ratio_bad = self.out > self.limits.ratio_after && self.out / c > self.limits.max_ratio;
-        if self.out > self.limits.max_bytes || ratio_bad {
+        if self.out > self.limits.max_bytes {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "{BOMB_MARKER}: {} compressed bytes expanded to more than {} (limits: {} bytes, ratio {}:1)",
-                    c, self.out, self.limits.max_bytes, self.limits.max_ratio
-                ),
+                format!("{BOMB_MARKER} or oversized input: the stream exceeds the limit of {} bytes", self.limits.max_bytes),
             ));
+        }
+        // Without a compressed counter (plain input) only the size limit applies.
+        if let Some(c) = &self.compressed {
+            let c = c.load(Ordering::Relaxed).max(1);
+            if self.out > self.limits.ratio_after && self.out / c > self.limits.max_ratio {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{BOMB_MARKER}: about {c} compressed bytes expanded to {} bytes, more than {}:1",
+                        self.out, self.limits.max_ratio
+                    ),
+                ));
+            }
         }
         Ok(n)
     }
@@ -210,13 +219,13 @@ mod tests {
         let zeros = vec![0u8; 1 << 20];
         let counter = Arc::new(AtomicU64::new(10));
         let lim = ExpansionLimits { max_bytes: u64::MAX, max_ratio: 100, ratio_after: 4096 };
-        let mut g = BombGuard::new(&zeros[..], Arc::clone(&counter), lim);
+        let mut g = BombGuard::new(&zeros[..], Some(Arc::clone(&counter)), lim);
         let err = io::copy(&mut g, &mut io::sink()).unwrap_err();
         assert!(err.to_string().contains(BOMB_MARKER), "{err}");
         let lim = ExpansionLimits { max_bytes: 1000, max_ratio: u64::MAX, ratio_after: 0 };
-        let mut g = BombGuard::new(&zeros[..], Arc::new(AtomicU64::new(1 << 30)), lim);
+        let mut g = BombGuard::new(&zeros[..], Some(Arc::new(AtomicU64::new(1 << 30))), lim);
         assert!(io::copy(&mut g, &mut io::sink()).is_err());
-        let mut ok = BombGuard::new(&zeros[..], Arc::new(AtomicU64::new(1 << 19)), ExpansionLimits::default());
+        let mut ok = BombGuard::new(&zeros[..], Some(Arc::new(AtomicU64::new(1 << 19))), ExpansionLimits::default());
         assert_eq!(io::copy(&mut ok, &mut io::sink()).unwrap(), 1 << 20);
     }
 

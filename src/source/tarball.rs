@@ -26,6 +26,8 @@ impl<R: Read + ?Sized> Read for ErrTap<'_, R> {
 pub struct EntryPos {
     /// Offset of the entry's header in the (decompressed) tar stream.
     pub offset: u64,
+    /// The archive stored the path as absolute (it was made relative).
+    pub absolute: bool,
 }
 
 /// Callback receiving each entry and its content.
@@ -43,9 +45,9 @@ pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportE
         let mut te = item.map_err(|e| corrupt(name, "read tar header", next_offset, &e))?;
         let offset = te.raw_header_position();
         next_offset = te.raw_file_position() + te.header().entry_size().unwrap_or(0).div_ceil(512) * 512;
-        let Some(e) = to_entry(&mut te, name, offset)? else { continue };
+        let Some((e, absolute)) = to_entry(&mut te, name, offset)? else { continue };
         let mut tap = ErrTap { inner: &mut te, err: None };
-        f(e, &mut tap, EntryPos { offset })?;
+        f(e, &mut tap, EntryPos { offset, absolute })?;
     }
     Ok(())
 }
@@ -54,7 +56,7 @@ fn corrupt(name: &str, step: &'static str, offset: u64, e: &io::Error) -> Import
     ImportError::from_read(name, step, offset, e)
 }
 
-fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Result<Option<Entry>, ImportError> {
+fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Result<Option<(Entry, bool)>, ImportError> {
     use tar::EntryType as T;
     let h = te.header();
     let kind = match h.entry_type() {
@@ -81,7 +83,7 @@ fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Res
     };
     let bad = |what: &str, e: io::Error| corrupt(name, "read tar header", offset, &io::Error::new(e.kind(), format!("{what}: {e}")));
     let path = te.path_bytes().into_owned();
-    let (path, _) = crate::import::normalize_path(&path).map_err(|e| ImportError::UnsafeEntry {
+    let (path, absolute) = crate::import::normalize_path(&path).map_err(|e| ImportError::UnsafeEntry {
         source_name: name.to_string(),
         offset,
         reason: e,
@@ -110,6 +112,15 @@ fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Res
             let Ok(key) = ext.key() else { continue };
             let num = || std::str::from_utf8(ext.value_bytes()).ok().map(str::trim);
             if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
+                // Linux caps an xattr value at 64 KiB (XATTR_SIZE_MAX).
+                if ext.value_bytes().len() > 65_536 {
+                    return Err(corrupt(
+                        name,
+                        "read tar header",
+                        offset,
+                        &io::Error::other(format!("xattr {x:?} of {:?} is {} bytes, more than the 64 KiB Linux allows", e.path, ext.value_bytes().len())),
+                    ));
+                }
                 e.xattrs.insert(x.to_string(), ext.value_bytes().to_vec());
             } else if key == "uid" {
                 e.uid = num().and_then(|v| v.parse().ok()).unwrap_or(e.uid);
@@ -121,5 +132,5 @@ fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Res
             }
         }
     }
-    Ok(Some(e))
+    Ok(Some((e, absolute)))
 }

@@ -192,24 +192,32 @@ impl Store {
         let store = Store { root };
         let layout = store.root.join("oci-layout");
         if !layout.exists() {
-            let has_other = fs::read_dir(&store.root)
-                .map_err(|e| StoreError::io("read store directory", &store.root, e))?
-                .filter_map(Result::ok)
-                .any(|e| e.file_name() != ".kiln");
-            if has_other && !store.root.join("index.json").exists() {
-                return Err(StoreError::NotALayout {
-                    path: store.root.clone(),
-                    reason: "it is neither empty nor holds an oci-layout file".into(),
-                });
-            }
-            for d in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
-                fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
-            }
+            // Several processes may open a new store at once: decide whether
+            // the directory is ours to initialize under the index lock, and
+            // re-check after taking it.
+            let locks = store.locks_dir();
+            fs::create_dir_all(&locks).map_err(|e| StoreError::io("create directory", &locks, e))?;
             let _g = store.lock_index()?;
-            if !store.root.join("index.json").exists() {
-                store.write_index(&empty_index())?;
+            if !layout.exists() {
+                let has_other = fs::read_dir(&store.root)
+                    .map_err(|e| StoreError::io("read store directory", &store.root, e))?
+                    .filter_map(Result::ok)
+                    .any(|e| e.file_name() != ".kiln");
+                if has_other && !store.root.join("index.json").exists() {
+                    return Err(StoreError::NotALayout {
+                        path: store.root.clone(),
+                        reason: "it is neither empty nor holds an oci-layout file".into(),
+                    });
+                }
+                for d in [store.blobs_dir(), store.tmp_dir()] {
+                    fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
+                }
+                if !store.root.join("index.json").exists() {
+                    store.write_index(&empty_index())?;
+                }
+                // Written last: its presence means the layout is complete.
+                store.write_small_file(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
             }
-            store.write_small_file(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         }
         for d in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
             fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
