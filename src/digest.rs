@@ -43,7 +43,11 @@ pub struct HashWriter<W> {
 impl<W: Write> HashWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        HashWriter { inner, hasher: Sha256::new(), count: 0 }
+        HashWriter {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
     /// Bytes written so far.
     pub fn count(&self) -> u64 {
@@ -77,7 +81,11 @@ pub struct HashReader<R> {
 impl<R: Read> HashReader<R> {
     /// Wraps `inner`.
     pub fn new(inner: R) -> Self {
-        HashReader { inner, hasher: Sha256::new(), count: 0 }
+        HashReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
     /// Returns the digest and count of everything read so far.
     pub fn finish(self) -> (Digest, u64) {

@@ -41,7 +41,8 @@ fn rootless_view(t: &Tree) -> Tree {
             if n.kind == 'c' || n.kind == 'b' {
                 n.kind = 'f';
                 n.dev = (0, 0);
-                n.sha256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into();
+                n.sha256 =
+                    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into();
             }
             n.xattrs.retain(|k, _| !k.starts_with("security."));
             (p.clone(), n)
@@ -56,7 +57,9 @@ fn umoci_unpack(k: &Kiln, name: &str, dest: &Path) -> Tree {
     if !is_root() {
         c.arg("--rootless");
     }
-    c.arg("--image").arg(format!("{}:{name}", k.store().display())).arg(dest);
+    c.arg("--image")
+        .arg(format!("{}:{name}", k.store().display()))
+        .arg(dest);
     sh(&mut c);
     canon(tree_of_dir(&dest.join("rootfs")))
 }
@@ -71,7 +74,11 @@ fn tarball_layer_and_umoci_unpack_match_the_input_exactly() {
     let layer = canon(tree_of_tar(&k.only_layer("fixture:1")));
     assert_same_tree(&want, &layer, "layer vs input tarball");
     let got = umoci_unpack(&k, "fixture:1", &k.dir.path().join("bundle"));
-    let want_unpacked = if is_root() { want.clone() } else { rootless_view(&want) };
+    let want_unpacked = if is_root() {
+        want.clone()
+    } else {
+        rootless_view(&want)
+    };
     assert_same_tree(&want_unpacked, &got, "umoci unpack vs input tarball");
 }
 
@@ -83,24 +90,37 @@ fn make_fixture_dir(root: &Path) {
     d("var/tmp");
     fs::write(root.join("etc/hostname"), "kiln\n").expect("write");
     fs::write(root.join("usr/bin/tool"), b"#!/bin/sh\necho tool\n").expect("write");
-    fs::set_permissions(root.join("usr/bin/tool"), fs::Permissions::from_mode(0o4755)).expect("chmod");
+    fs::set_permissions(
+        root.join("usr/bin/tool"),
+        fs::Permissions::from_mode(0o4755),
+    )
+    .expect("chmod");
     fs::set_permissions(root.join("var/tmp"), fs::Permissions::from_mode(0o1777)).expect("chmod");
     fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-alias")).expect("link");
     std::os::unix::fs::symlink("tool", root.join("usr/bin/tool-sym")).expect("symlink");
     std::os::unix::fs::symlink("/etc/hostname", root.join("etc/abs-sym")).expect("symlink");
-    std::os::unix::fs::symlink("../../nowhere/../at/all", root.join("usr/share/dangling")).expect("symlink");
+    std::os::unix::fs::symlink("../../nowhere/../at/all", root.join("usr/share/dangling"))
+        .expect("symlink");
     fs::write(root.join("usr/share/data.bin"), vec![7u8; 300_000]).expect("write");
-    xattr::set(root.join("usr/share/data.bin"), "user.kiln.test", b"value").expect("user xattr (tmpfs/ext4 support it)");
+    xattr::set(root.join("usr/share/data.bin"), "user.kiln.test", b"value")
+        .expect("user xattr (tmpfs/ext4 support it)");
     sh(Command::new("mkfifo").arg(root.join("var/fifo")));
     if is_root() {
         // Only root can give files other owners, device nodes and capabilities.
         std::os::unix::fs::chown(root.join("etc/hostname"), Some(1234), Some(5678)).expect("chown");
-        sh(Command::new("mknod").arg(root.join("etc/null")).args(["c", "1", "3"]));
-        sh(Command::new("setcap").arg("cap_net_raw+ep").arg(root.join("usr/share/data.bin")));
+        sh(Command::new("mknod")
+            .arg(root.join("etc/null"))
+            .args(["c", "1", "3"]));
+        sh(Command::new("setcap")
+            .arg("cap_net_raw+ep")
+            .arg(root.join("usr/share/data.bin")));
     }
     for p in ["etc/hostname", "usr/bin/tool", "usr/share/data.bin"] {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
-        let f = fs::OpenOptions::new().write(true).open(root.join(p)).expect("open");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(root.join(p))
+            .expect("open");
         f.set_modified(t).expect("set mtime");
     }
 }
@@ -118,12 +138,18 @@ fn directory_import_keeps_every_attribute() {
     if is_root() {
         assert_eq!(layer["etc/hostname"].uid, 1234);
         assert_eq!(layer["etc/null"].kind, 'c');
-        assert!(layer["usr/share/data.bin"].xattrs.contains_key("security.capability"));
+        assert!(layer["usr/share/data.bin"]
+            .xattrs
+            .contains_key("security.capability"));
     }
     assert_eq!(layer["usr/bin/tool"].mode, 0o4755);
     assert_ne!(layer["usr/bin/tool-alias"].hardlink_group, 0);
     let got = umoci_unpack(&k, "dir:latest", &k.dir.path().join("bundle"));
-    let want_unpacked = if is_root() { want.clone() } else { rootless_view(&want) };
+    let want_unpacked = if is_root() {
+        want.clone()
+    } else {
+        rootless_view(&want)
+    };
     assert_same_tree(&want_unpacked, &got, "umoci unpack vs input directory");
 }
 
@@ -132,10 +158,19 @@ fn every_compression_and_stdin_give_the_same_image() {
     let k = Kiln::new();
     let tar = busybox_tar(k.dir.path());
     let base = k.import(&tar, "plain", &[]);
-    for (tool, ext) in [("gzip", "gz"), ("zstd", "zst"), ("xz", "xz"), ("bzip2", "bz2")] {
+    for (tool, ext) in [
+        ("gzip", "gz"),
+        ("zstd", "zst"),
+        ("xz", "xz"),
+        ("bzip2", "bz2"),
+    ] {
         require(tool);
         let out = k.dir.path().join(format!("busybox.tar.{ext}"));
-        let data = sh(Command::new("sh").arg("-c").arg(format!("{tool} -c < '{}' > '{}'", tar.display(), out.display())));
+        let data = sh(Command::new("sh").arg("-c").arg(format!(
+            "{tool} -c < '{}' > '{}'",
+            tar.display(),
+            out.display()
+        )));
         assert!(data.is_empty());
         // Content detection, not file names: hide the extension.
         let hidden = k.dir.path().join(format!("input-{ext}"));
@@ -151,7 +186,10 @@ fn every_compression_and_stdin_give_the_same_image() {
         .output()
         .expect("spawn");
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&base), "stdin import differs");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&base),
+        "stdin import differs"
+    );
 }
 
 #[test]
@@ -161,12 +199,25 @@ fn zstd_and_uncompressed_layers() {
     k.import(&tar, "z", &["--compression", "zstd"]);
     k.import(&tar, "n", &["--compression", "none"]);
     let z = k.inspect("z");
-    assert_eq!(z["manifest"]["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+    assert_eq!(
+        z["manifest"]["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
     let n = k.inspect("n");
-    assert_eq!(n["manifest"]["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+    assert_eq!(
+        n["manifest"]["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar"
+    );
     // Same uncompressed content, whatever the compression.
-    assert_eq!(z["config"]["rootfs"]["diff_ids"], n["config"]["rootfs"]["diff_ids"]);
-    assert_same_tree(&tree_of_tar(&tar), &tree_of_tar(&k.only_layer("z")), "zstd layer");
+    assert_eq!(
+        z["config"]["rootfs"]["diff_ids"],
+        n["config"]["rootfs"]["diff_ids"]
+    );
+    assert_same_tree(
+        &tree_of_tar(&tar),
+        &tree_of_tar(&k.only_layer("z")),
+        "zstd layer",
+    );
 }
 
 #[test]
@@ -177,8 +228,21 @@ fn image_metadata_flags_land_in_the_config() {
         &tar,
         "meta:v2",
         &[
-            "--env", "CC=gcc", "--env", "PATH=/opt/bin:/bin", "--workdir", "/work", "--cmd", r#"["/bin/sh","-c","make"]"#,
-            "--entrypoint", "/bin/env -i", "--label", "org.example.kit=ddk", "--arch", "arm64", "--source-date-epoch",
+            "--env",
+            "CC=gcc",
+            "--env",
+            "PATH=/opt/bin:/bin",
+            "--workdir",
+            "/work",
+            "--cmd",
+            r#"["/bin/sh","-c","make"]"#,
+            "--entrypoint",
+            "/bin/env -i",
+            "--label",
+            "org.example.kit=ddk",
+            "--arch",
+            "arm64",
+            "--source-date-epoch",
             "1700000000",
         ],
     );
@@ -187,10 +251,19 @@ fn image_metadata_flags_land_in_the_config() {
     assert_eq!(c["architecture"], "arm64");
     assert_eq!(c["os"], "linux");
     assert_eq!(c["created"], "2023-11-14T22:13:20Z");
-    assert_eq!(c["config"]["Env"], serde_json::json!(["CC=gcc", "PATH=/opt/bin:/bin"]));
+    assert_eq!(
+        c["config"]["Env"],
+        serde_json::json!(["CC=gcc", "PATH=/opt/bin:/bin"])
+    );
     assert_eq!(c["config"]["WorkingDir"], "/work");
-    assert_eq!(c["config"]["Cmd"], serde_json::json!(["/bin/sh", "-c", "make"]));
-    assert_eq!(c["config"]["Entrypoint"], serde_json::json!(["/bin/env", "-i"]));
+    assert_eq!(
+        c["config"]["Cmd"],
+        serde_json::json!(["/bin/sh", "-c", "make"])
+    );
+    assert_eq!(
+        c["config"]["Entrypoint"],
+        serde_json::json!(["/bin/env", "-i"])
+    );
     assert_eq!(c["config"]["Labels"]["org.example.kit"], "ddk");
     assert_eq!(c["rootfs"]["type"], "layers");
     assert_eq!(c["history"][0]["created_by"], "kiln import (tarball)");
@@ -214,29 +287,59 @@ fn archives_from_real_clients_import_with_layers_and_config_kept() {
     // OCI layout directory and oci-archive written by skopeo: copied blob for
     // blob, so the manifest digest is unchanged.
     let layout = tmp.join("layout");
-    sh(Command::new("skopeo").args(["copy", "-q", &src, &format!("oci:{}:other", layout.display())]));
+    sh(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &src,
+        &format!("oci:{}:other", layout.display()),
+    ]));
     assert_eq!(k.import(&layout, "from-layout", &[]), d);
     let oa = tmp.join("oci-archive.tar");
-    sh(Command::new("skopeo").args(["copy", "-q", &src, &format!("oci-archive:{}:x", oa.display())]));
+    sh(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &src,
+        &format!("oci-archive:{}:x", oa.display()),
+    ]));
     assert_eq!(k.import(&oa, "from-oci-archive", &[]), d);
 
     // docker-archive written by skopeo: config and diff_ids kept.
     let da = tmp.join("docker-archive.tar");
-    sh(Command::new("skopeo").args(["copy", "-q", &src, &format!("docker-archive:{}:kit/bb:1", da.display())]));
+    sh(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &src,
+        &format!("docker-archive:{}:kit/bb:1", da.display()),
+    ]));
     k.import(&da, "from-docker", &[]);
     let v = k.inspect("from-docker");
-    assert_eq!(v["config"]["rootfs"]["diff_ids"], orig["config"]["rootfs"]["diff_ids"]);
-    assert_same_tree(&tree_of_tar(&tar), &tree_of_tar(&k.only_layer("from-docker")), "docker-archive layer");
+    assert_eq!(
+        v["config"]["rootfs"]["diff_ids"],
+        orig["config"]["rootfs"]["diff_ids"]
+    );
+    assert_same_tree(
+        &tree_of_tar(&tar),
+        &tree_of_tar(&k.only_layer("from-docker")),
+        "docker-archive layer",
+    );
     // ...also when the archive is compressed (it is spooled to the store's temp dir).
     let dagz = tmp.join("docker-archive.tar.gz");
-    sh(Command::new("sh").arg("-c").arg(format!("gzip -c < '{}' > '{}'", da.display(), dagz.display())));
+    sh(Command::new("sh").arg("-c").arg(format!(
+        "gzip -c < '{}' > '{}'",
+        da.display(),
+        dagz.display()
+    )));
     k.import(&dagz, "from-docker-gz", &["--image", "kit/bb:1"]);
     assert_eq!(k.inspect("from-docker-gz")["config"], v["config"]);
 
     // Metadata flags amend an archive's config.
     k.import(&oa, "amended", &["--env", "FOO=bar"]);
     let env = k.inspect("amended")["config"]["config"]["Env"].clone();
-    assert!(env.as_array().is_some_and(|e| e.iter().any(|x| x == "FOO=bar")), "{env}");
+    assert!(
+        env.as_array()
+            .is_some_and(|e| e.iter().any(|x| x == "FOO=bar")),
+        "{env}"
+    );
 }
 
 #[test]
@@ -257,9 +360,19 @@ fn multi_image_layout_needs_image_flag() {
         ]));
     }
     let err = k.fails(["import", layout.to_str().expect("utf8"), "-t", "m"]);
-    assert!(err.contains("pick one with --image") && err.contains("a") && err.contains("b"), "{err}");
+    assert!(
+        err.contains("pick one with --image") && err.contains("a") && err.contains("b"),
+        "{err}"
+    );
     assert_eq!(k.import(&layout, "m", &["--image", "b"]), b);
-    let err = k.fails(["import", layout.to_str().expect("utf8"), "-t", "m2", "--image", "nope"]);
+    let err = k.fails([
+        "import",
+        layout.to_str().expect("utf8"),
+        "-t",
+        "m2",
+        "--image",
+        "nope",
+    ]);
     assert!(err.contains("no image \"nope\""), "{err}");
 }
 
@@ -272,16 +385,24 @@ fn images_inspect_tag_rm_gc_and_fsck() {
     k.ok(["tag", &d[..19], "short-digest"]);
     assert_eq!(k.names(), vec!["bb:1", "bb:2", "short-digest:latest"]);
     let table = k.ok(["images"]);
-    assert!(table.contains("bb:1") && table.contains(&d[7..19]), "{table}");
+    assert!(
+        table.contains("bb:1") && table.contains(&d[7..19]),
+        "{table}"
+    );
     k.ok(["rm", "bb:1", "short-digest"]);
     assert_eq!(k.names(), vec!["bb:2"]);
     // Still referenced by bb:2: gc keeps everything.
-    let gc: serde_json::Value = serde_json::from_str(&k.ok(["gc", "--format", "json"])).expect("json");
+    let gc: serde_json::Value =
+        serde_json::from_str(&k.ok(["gc", "--format", "json"])).expect("json");
     assert_eq!(gc["blobs_removed"], 0);
     k.ok(["rm", "bb:2"]);
-    let gc: serde_json::Value = serde_json::from_str(&k.ok(["gc", "--format", "json"])).expect("json");
+    let gc: serde_json::Value =
+        serde_json::from_str(&k.ok(["gc", "--format", "json"])).expect("json");
     assert_eq!(gc["blobs_removed"], 3, "manifest, config and layer: {gc}");
-    assert!(fs::read_dir(k.store().join("blobs/sha256")).expect("dir").next().is_none());
+    assert!(fs::read_dir(k.store().join("blobs/sha256"))
+        .expect("dir")
+        .next()
+        .is_none());
     let err = k.fails(["inspect", "bb:2"]);
     assert!(err.contains("no image named bb:2"), "{err}");
     // fsck notices a corrupted blob.
@@ -297,9 +418,17 @@ fn images_inspect_tag_rm_gc_and_fsck() {
     fs::write(&layer, data).expect("write");
     let err = k.fails(["fsck"]);
     assert!(err.contains("problem"), "{err}");
-    let err = k.fails(["export", "bb", "-o", k.dir.path().join("x.tar").to_str().expect("utf8")]);
+    let err = k.fails([
+        "export",
+        "bb",
+        "-o",
+        k.dir.path().join("x.tar").to_str().expect("utf8"),
+    ]);
     assert!(err.contains("corrupt") || err.contains("digest"), "{err}");
-    assert!(!k.dir.path().join("x.tar").exists(), "a failed export left a file");
+    assert!(
+        !k.dir.path().join("x.tar").exists(),
+        "a failed export left a file"
+    );
 }
 
 #[test]
@@ -316,8 +445,16 @@ fn real_toolchain_tarball_imports_and_round_trips() {
     let k = Kiln::new();
     let d1 = k.import(tar, "buildd", &[]);
     let want = tree_of_tar(tar);
-    assert!(want.len() > 10_000, "buildd tarball has only {} entries", want.len());
-    assert_same_tree(&want, &tree_of_tar(&k.only_layer("buildd")), "buildd layer vs tarball");
+    assert!(
+        want.len() > 10_000,
+        "buildd tarball has only {} entries",
+        want.len()
+    );
+    assert_same_tree(
+        &want,
+        &tree_of_tar(&k.only_layer("buildd")),
+        "buildd layer vs tarball",
+    );
     // zstd too, and the same input twice gives the same digest.
     k.import(tar, "buildd-z", &["--compression", "zstd"]);
     assert_eq!(k.import(tar, "buildd-again", &[]), d1);

@@ -54,7 +54,10 @@ pub fn images(cli: &Cli, a: &ImagesArgs) -> Result<i32> {
         print_json(&list)?;
         return Ok(0);
     }
-    println!("{:<40} {:<19} {:>7} {:>10}  CREATED", "NAME", "DIGEST", "LAYERS", "SIZE");
+    println!(
+        "{:<40} {:<19} {:>7} {:>10}  CREATED",
+        "NAME", "DIGEST", "LAYERS", "SIZE"
+    );
     for i in list {
         let short = i.digest.strip_prefix("sha256:").unwrap_or(&i.digest);
         println!(
@@ -125,7 +128,11 @@ pub fn fsck(cli: &Cli, a: &GcArgs) -> Result<i32> {
         }
     }
     if !problems.is_empty() {
-        bail!("store {} has {} problem(s)", store.root().display(), problems.len());
+        bail!(
+            "store {} has {} problem(s)",
+            store.root().display(),
+            problems.len()
+        );
     }
     if a.format == Format::Table {
         println!("store {} is consistent", store.root().display());

@@ -73,7 +73,8 @@ fn parse_compression(s: &str) -> Result<Compression, String> {
 
 fn parse_words(s: &str) -> Result<Vec<String>> {
     if s.trim_start().starts_with('[') {
-        return serde_json::from_str(s).with_context(|| format!("parse {s:?} as a JSON array of strings"));
+        return serde_json::from_str(s)
+            .with_context(|| format!("parse {s:?} as a JSON array of strings"));
     }
     Ok(s.split_whitespace().map(str::to_string).collect())
 }
@@ -97,7 +98,9 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
     opts.entrypoint = a.entrypoint.as_deref().map(parse_words).transpose()?;
     let mut labels = BTreeMap::new();
     for kv in &a.label {
-        let Some((k, v)) = kv.split_once('=') else { bail!("--label {kv:?}: expected KEY=VALUE") };
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--label {kv:?}: expected KEY=VALUE")
+        };
         labels.insert(k.to_string(), v.to_string());
     }
     opts.labels = labels;
@@ -114,8 +117,10 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new_spinner();
         b.set_style(
-            ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ProgressStyle::with_template(
+                "{spinner} {msg} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         b
     });
@@ -127,9 +132,11 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
                 if let Some(t) = total {
                     b.set_length(*t);
                     b.set_style(
-                        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                            .unwrap_or_else(|_| ProgressStyle::default_bar())
-                            .progress_chars("=> "),
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
                     );
                 }
             }

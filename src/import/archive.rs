@@ -27,11 +27,20 @@ struct DockerEntry {
 }
 
 fn bad(path: &str, reason: impl Into<String>) -> ImportError {
-    ImportError::Archive { path: path.to_string(), reason: reason.into() }
+    ImportError::Archive {
+        path: path.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Imports the image held by `set`.
-pub(crate) fn import_archive(store: &Store, set: &FileSet, display: &str, name: &ImageName, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+pub(crate) fn import_archive(
+    store: &Store,
+    set: &FileSet,
+    display: &str,
+    name: &ImageName,
+    opts: &ImportOptions,
+) -> Result<ImportReport, ImportError> {
     if set.exists("manifest.json") {
         import_docker(store, set, display, name, opts)
     } else if set.exists("index.json") {
@@ -41,9 +50,16 @@ pub(crate) fn import_archive(store: &Store, set: &FileSet, display: &str, name: 
     }
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(set: &FileSet, member: &str, display: &str) -> Result<(T, Vec<u8>), ImportError> {
-    let bytes = set.read_small(member).map_err(|e| bad(display, format!("read {member}: {e}")))?;
-    let v = serde_json::from_slice(&bytes).map_err(|e| bad(display, format!("parse {member}: {e}")))?;
+fn read_json<T: for<'de> Deserialize<'de>>(
+    set: &FileSet,
+    member: &str,
+    display: &str,
+) -> Result<(T, Vec<u8>), ImportError> {
+    let bytes = set
+        .read_small(member)
+        .map_err(|e| bad(display, format!("read {member}: {e}")))?;
+    let v =
+        serde_json::from_slice(&bytes).map_err(|e| bad(display, format!("parse {member}: {e}")))?;
     Ok((v, bytes))
 }
 
@@ -54,60 +70,141 @@ fn tag_matches(tag: &str, want: &str) -> bool {
         let s = s.strip_prefix("library/").unwrap_or(s);
         let s = s.strip_prefix("localhost/").unwrap_or(s);
         let last = s.rsplit('/').next().unwrap_or(s);
-        if last.contains(':') { s.to_string() } else { format!("{s}:latest") }
+        if last.contains(':') {
+            s.to_string()
+        } else {
+            format!("{s}:latest")
+        }
     };
     norm(tag) == norm(want)
 }
 
-fn import_docker(store: &Store, set: &FileSet, display: &str, name: &ImageName, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+fn import_docker(
+    store: &Store,
+    set: &FileSet,
+    display: &str,
+    name: &ImageName,
+    opts: &ImportOptions,
+) -> Result<ImportReport, ImportError> {
     let (entries, _): (Vec<DockerEntry>, _) = read_json(set, "manifest.json", display)?;
-    let all_tags = || entries.iter().flat_map(|e| e.repo_tags.clone().unwrap_or_default()).collect::<Vec<_>>().join(", ");
+    let all_tags = || {
+        entries
+            .iter()
+            .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let entry = match &opts.image {
         Some(want) => entries
             .iter()
-            .find(|e| e.repo_tags.iter().flatten().any(|t| tag_matches(t, want)) || e.config.contains(want.as_str()))
-            .ok_or_else(|| bad(display, format!("no image {want:?} in the archive (it holds: {})", all_tags())))?,
+            .find(|e| {
+                e.repo_tags.iter().flatten().any(|t| tag_matches(t, want))
+                    || e.config.contains(want.as_str())
+            })
+            .ok_or_else(|| {
+                bad(
+                    display,
+                    format!(
+                        "no image {want:?} in the archive (it holds: {})",
+                        all_tags()
+                    ),
+                )
+            })?,
         None => match entries.as_slice() {
             [one] => one,
             [] => return Err(bad(display, "manifest.json lists no image")),
-            _ => return Err(bad(display, format!("the archive holds {} images ({}): pick one with --image", entries.len(), all_tags()))),
+            _ => {
+                return Err(bad(
+                    display,
+                    format!(
+                        "the archive holds {} images ({}): pick one with --image",
+                        entries.len(),
+                        all_tags()
+                    ),
+                ))
+            }
         },
     };
-    let config_bytes = set.read_small(&entry.config).map_err(|e| bad(display, format!("read config {}: {e}", entry.config)))?;
+    let config_bytes = set
+        .read_small(&entry.config)
+        .map_err(|e| bad(display, format!("read config {}: {e}", entry.config)))?;
     // Legacy archives name the config <hex>.json, newer ones blobs/sha256/<hex>.
-    let stem = entry.config.rsplit('/').next().unwrap_or("").trim_end_matches(".json");
-    if stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit()) && digest::of_bytes(&config_bytes).digest() != stem {
-        return Err(bad(display, format!("config {} does not match its name's digest", entry.config)));
+    let stem = entry
+        .config
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(".json");
+    if stem.len() == 64
+        && stem.bytes().all(|b| b.is_ascii_hexdigit())
+        && digest::of_bytes(&config_bytes).digest() != stem
+    {
+        return Err(bad(
+            display,
+            format!("config {} does not match its name's digest", entry.config),
+        ));
     }
-    let config: ImageConfiguration =
-        serde_json::from_slice(&config_bytes).map_err(|e| bad(display, format!("parse config {}: {e}", entry.config)))?;
+    let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+        .map_err(|e| bad(display, format!("parse config {}: {e}", entry.config)))?;
     let diff_ids = config.rootfs().diff_ids().clone();
     if diff_ids.len() != entry.layers.len() {
-        return Err(bad(display, format!("config lists {} diff_ids but manifest.json {} layers", diff_ids.len(), entry.layers.len())));
+        return Err(bad(
+            display,
+            format!(
+                "config lists {} diff_ids but manifest.json {} layers",
+                diff_ids.len(),
+                entry.layers.len()
+            ),
+        ));
     }
-    emit(&opts.progress, Event::Detected { kind: "docker-archive".into(), total: None });
+    emit(
+        &opts.progress,
+        Event::Detected {
+            kind: "docker-archive".into(),
+            total: None,
+        },
+    );
     let mut layers = Vec::new();
     for (i, member) in entry.layers.iter().enumerate() {
-        let (r, _) = set.open(member).map_err(|e| bad(display, format!("open layer {member}: {e}")))?;
+        let (r, _) = set
+            .open(member)
+            .map_err(|e| bad(display, format!("open layer {member}: {e}")))?;
         let consumed = Arc::new(AtomicU64::new(0));
         let r = source::CountingReader::new(r, Arc::clone(&consumed));
-        let (head, r) = source::peek(r, 64).map_err(|e| bad(display, format!("read layer {member}: {e}")))?;
+        let (head, r) =
+            source::peek(r, 64).map_err(|e| bad(display, format!("read layer {member}: {e}")))?;
         let codec = source::sniff_codec(&head);
-        let dec = source::decoder(codec, r).map_err(|e| bad(display, format!("decompress layer {member}: {e}")))?;
+        let dec = source::decoder(codec, r)
+            .map_err(|e| bad(display, format!("decompress layer {member}: {e}")))?;
         let dec = source::BombGuard::new(dec, codec.map(|_| consumed), opts.limits);
         let mut hashed = HashReader::new(dec);
         let blob = store.blob_writer()?;
         let enc = Encoder::new(blob, opts.compression, opts.level).map_err(ImportError::Write)?;
         let mut out = BufWriter::with_capacity(256 << 10, HashWriter::new(enc));
-        io::copy(&mut hashed, &mut out).map_err(|e| ImportError::from_read(display, "copy layer", 0, &e))?;
+        io::copy(&mut hashed, &mut out)
+            .map_err(|e| ImportError::from_read(display, "copy layer", 0, &e))?;
         let (diff_id, _) = hashed.finish();
         if diff_id.to_string() != diff_ids[i] {
-            return Err(bad(display, format!("layer {member} hashes to {diff_id} but the config says {}", diff_ids[i])));
+            return Err(bad(
+                display,
+                format!(
+                    "layer {member} hashes to {diff_id} but the config says {}",
+                    diff_ids[i]
+                ),
+            ));
         }
-        let hw = out.into_inner().map_err(|e| ImportError::Write(e.into_error()))?;
+        let hw = out
+            .into_inner()
+            .map_err(|e| ImportError::Write(e.into_error()))?;
         let (enc, _, _) = hw.finish();
         let (digest, size) = enc.finish().map_err(ImportError::Write)?.commit()?;
-        emit(&opts.progress, Event::LayerWritten { digest: digest.to_string(), size });
+        emit(
+            &opts.progress,
+            Event::LayerWritten {
+                digest: digest.to_string(),
+                size,
+            },
+        );
         layers.push(LayerInfo {
             digest: digest.to_string(),
             diff_id: diff_id.to_string(),
@@ -115,7 +212,11 @@ fn import_docker(store: &Store, set: &FileSet, display: &str, name: &ImageName, 
             media_type: opts.compression.media_type().to_string(),
         });
     }
-    let config_out = if opts.has_metadata() { build_config(opts, Some(config), &[], "")? } else { config_bytes };
+    let config_out = if opts.has_metadata() {
+        build_config(opts, Some(config), &[], "")?
+    } else {
+        config_bytes
+    };
     let (manifest_digest, config_digest) = store.write_image(&config_out, &layers, name)?;
     Ok(ImportReport {
         name: name.to_string(),
@@ -132,40 +233,87 @@ fn blob_member(d: &Descriptor) -> String {
 }
 
 /// Copies one blob verbatim, verifying its digest and size.
-fn copy_blob(store: &Store, set: &FileSet, d: &Descriptor, display: &str) -> Result<(), ImportError> {
+fn copy_blob(
+    store: &Store,
+    set: &FileSet,
+    d: &Descriptor,
+    display: &str,
+) -> Result<(), ImportError> {
     if store.has_blob(d.digest()) {
         return Ok(());
     }
     let member = blob_member(d);
-    let (mut r, size) = set.open(&member).map_err(|e| bad(display, format!("open {member}: {e}")))?;
+    let (mut r, size) = set
+        .open(&member)
+        .map_err(|e| bad(display, format!("open {member}: {e}")))?;
     if size != d.size() {
-        return Err(bad(display, format!("{member} is {size} bytes, its descriptor says {}", d.size())));
+        return Err(bad(
+            display,
+            format!("{member} is {size} bytes, its descriptor says {}", d.size()),
+        ));
     }
     let mut w = store.blob_writer()?;
     io::copy(&mut r, &mut w).map_err(|e| ImportError::from_read(display, "copy blob", 0, &e))?;
-    w.commit_expect(d.digest()).map_err(|e| bad(display, format!("{member}: {e}")))?;
+    w.commit_expect(d.digest())
+        .map_err(|e| bad(display, format!("{member}: {e}")))?;
     Ok(())
 }
 
 fn ref_names(d: &Descriptor) -> Vec<String> {
-    let Some(a) = d.annotations() else { return Vec::new() };
-    ["io.containerd.image.name", REF_NAME_ANNOTATION].iter().filter_map(|k| a.get(*k).cloned()).collect()
+    let Some(a) = d.annotations() else {
+        return Vec::new();
+    };
+    ["io.containerd.image.name", REF_NAME_ANNOTATION]
+        .iter()
+        .filter_map(|k| a.get(*k).cloned())
+        .collect()
 }
 
-fn import_oci(store: &Store, set: &FileSet, display: &str, name: &ImageName, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+fn import_oci(
+    store: &Store,
+    set: &FileSet,
+    display: &str,
+    name: &ImageName,
+    opts: &ImportOptions,
+) -> Result<ImportReport, ImportError> {
     let (index, _): (ImageIndex, _) = read_json(set, "index.json", display)?;
-    let all = || index.manifests().iter().flat_map(ref_names).collect::<Vec<_>>().join(", ");
+    let all = || {
+        index
+            .manifests()
+            .iter()
+            .flat_map(ref_names)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut desc = match &opts.image {
         Some(want) => index
             .manifests()
             .iter()
-            .find(|d| ref_names(d).iter().any(|n| n == want || tag_matches(n, want)))
+            .find(|d| {
+                ref_names(d)
+                    .iter()
+                    .any(|n| n == want || tag_matches(n, want))
+            })
             .cloned()
-            .ok_or_else(|| bad(display, format!("no image {want:?} in the layout (it holds: {})", all())))?,
+            .ok_or_else(|| {
+                bad(
+                    display,
+                    format!("no image {want:?} in the layout (it holds: {})", all()),
+                )
+            })?,
         None => match index.manifests().as_slice() {
             [one] => one.clone(),
             [] => return Err(bad(display, "index.json lists no manifest")),
-            many => return Err(bad(display, format!("the layout holds {} images ({}): pick one with --image", many.len(), all()))),
+            many => {
+                return Err(bad(
+                    display,
+                    format!(
+                        "the layout holds {} images ({}): pick one with --image",
+                        many.len(),
+                        all()
+                    ),
+                ))
+            }
         },
     };
     // A multi-platform index: pick the manifest for the wanted platform.
@@ -178,29 +326,62 @@ fn import_oci(store: &Store, set: &FileSet, display: &str, name: &ImageName, opt
         if digest::of_bytes(&bytes) != *desc.digest() {
             return Err(bad(display, format!("{member} does not match its digest")));
         }
-        let arch = opts.arch.clone().unwrap_or_else(|| super::host_arch().to_string());
+        let arch = opts
+            .arch
+            .clone()
+            .unwrap_or_else(|| super::host_arch().to_string());
         desc = nested
             .manifests()
             .iter()
-            .find(|d| d.platform().as_ref().is_some_and(|p| p.architecture().to_string() == arch))
+            .find(|d| {
+                d.platform()
+                    .as_ref()
+                    .is_some_and(|p| p.architecture().to_string() == arch)
+            })
             .cloned()
-            .ok_or_else(|| bad(display, format!("no manifest for architecture {arch} in {member}")))?;
+            .ok_or_else(|| {
+                bad(
+                    display,
+                    format!("no manifest for architecture {arch} in {member}"),
+                )
+            })?;
     }
-    emit(&opts.progress, Event::Detected { kind: "OCI image".into(), total: None });
+    emit(
+        &opts.progress,
+        Event::Detected {
+            kind: "OCI image".into(),
+            total: None,
+        },
+    );
     let member = blob_member(&desc);
     let (manifest, manifest_bytes): (ImageManifest, _) = read_json(set, &member, display)?;
     if digest::of_bytes(&manifest_bytes) != *desc.digest() {
-        return Err(bad(display, format!("manifest {member} does not match its digest")));
+        return Err(bad(
+            display,
+            format!("manifest {member} does not match its digest"),
+        ));
     }
     copy_blob(store, set, manifest.config(), display)?;
     let mut layers = Vec::new();
     for l in manifest.layers() {
         copy_blob(store, set, l, display)?;
-        emit(&opts.progress, Event::LayerWritten { digest: l.digest().to_string(), size: l.size() });
-        layers.push(LayerInfo { digest: l.digest().to_string(), diff_id: String::new(), size: l.size(), media_type: l.media_type().to_string() });
+        emit(
+            &opts.progress,
+            Event::LayerWritten {
+                digest: l.digest().to_string(),
+                size: l.size(),
+            },
+        );
+        layers.push(LayerInfo {
+            digest: l.digest().to_string(),
+            diff_id: String::new(),
+            size: l.size(),
+            media_type: l.media_type().to_string(),
+        });
     }
     let config_bytes = store.read_blob(manifest.config().digest())?;
-    let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| bad(display, format!("parse config: {e}")))?;
+    let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+        .map_err(|e| bad(display, format!("parse config: {e}")))?;
     for (l, id) in layers.iter_mut().zip(config.rootfs().diff_ids()) {
         l.diff_id = id.to_string();
     }
@@ -210,10 +391,16 @@ fn import_oci(store: &Store, set: &FileSet, display: &str, name: &ImageName, opt
     } else {
         // Keep the manifest byte for byte: same digest as the source.
         store.put_blob(&manifest_bytes)?;
-        let mt = manifest.media_type().clone().unwrap_or(MediaType::ImageManifest);
+        let mt = manifest
+            .media_type()
+            .clone()
+            .unwrap_or(MediaType::ImageManifest);
         let d = Descriptor::new(mt, manifest_bytes.len() as u64, desc.digest().clone());
         store.set_tag(name, &d)?;
-        (desc.digest().to_string(), manifest.config().digest().to_string())
+        (
+            desc.digest().to_string(),
+            manifest.config().digest().to_string(),
+        )
     };
     Ok(ImportReport {
         name: name.to_string(),
@@ -232,7 +419,10 @@ mod tests {
     #[test]
     fn docker_tag_matching() {
         assert!(tag_matches("busybox:latest", "busybox"));
-        assert!(tag_matches("docker.io/library/busybox:latest", "busybox:latest"));
+        assert!(tag_matches(
+            "docker.io/library/busybox:latest",
+            "busybox:latest"
+        ));
         assert!(tag_matches("localhost/kit:1", "kit:1"));
         assert!(!tag_matches("busybox:1", "busybox"));
     }

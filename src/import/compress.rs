@@ -62,7 +62,10 @@ const CHUNK: usize = 1 << 20;
 
 /// Number of worker threads for compression.
 pub(crate) fn workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16)
 }
 
 /// A compressing writer over `W`.
@@ -80,7 +83,9 @@ impl<W: Write + Send + 'static> Encoder<W> {
     pub fn new(out: W, c: Compression, level: Option<i32>) -> io::Result<Self> {
         let level = level.unwrap_or(c.default_level());
         Ok(match c {
-            Compression::Gzip => Encoder::Gzip(ParGzip::new(out, level.clamp(0, 9) as u32, workers())),
+            Compression::Gzip => {
+                Encoder::Gzip(ParGzip::new(out, level.clamp(0, 9) as u32, workers()))
+            }
             Compression::Zstd => {
                 let mut z = zstd::stream::write::Encoder::new(out, level)?;
                 z.include_checksum(false)?;
@@ -191,11 +196,31 @@ impl<W: Write + Send + 'static> ParGzip<W> {
     }
 
     fn submit(&mut self, last: bool) -> io::Result<()> {
-        let data = std::mem::replace(&mut self.buf, if last { Vec::new() } else { Vec::with_capacity(CHUNK) });
+        let data = std::mem::replace(
+            &mut self.buf,
+            if last {
+                Vec::new()
+            } else {
+                Vec::with_capacity(CHUNK)
+            },
+        );
         let (tx, rx) = mpsc::sync_channel(1);
-        let broken = || io::Error::other("gzip pipeline stopped (see the compressed writer's error)");
-        self.order.as_ref().ok_or_else(broken)?.send(rx).map_err(|_| broken())?;
-        self.jobs.as_ref().ok_or_else(broken)?.send(Job { data, last, reply: tx }).map_err(|_| broken())?;
+        let broken =
+            || io::Error::other("gzip pipeline stopped (see the compressed writer's error)");
+        self.order
+            .as_ref()
+            .ok_or_else(broken)?
+            .send(rx)
+            .map_err(|_| broken())?;
+        self.jobs
+            .as_ref()
+            .ok_or_else(broken)?
+            .send(Job {
+                data,
+                last,
+                reply: tx,
+            })
+            .map_err(|_| broken())?;
         Ok(())
     }
 
@@ -212,7 +237,9 @@ impl<W: Write + Send + 'static> ParGzip<W> {
             let _ = w.join();
         }
         let out = match self.writer.take() {
-            Some(h) => h.join().map_err(|_| io::Error::other("gzip writer thread panicked"))?,
+            Some(h) => h
+                .join()
+                .map_err(|_| io::Error::other("gzip writer thread panicked"))?,
             None => Err(io::Error::other("gzip stream already finished")),
         };
         // The writer's own error (e.g. disk full) is the more useful one.
@@ -258,7 +285,11 @@ fn deflate_chunk(data: &[u8], level: u32, last: bool) -> ChunkResult {
     h.update(data);
     let mut c = Compress::new(Level::new(level), false);
     let mut out = Vec::with_capacity(data.len() / 2 + 1024);
-    let flush = if last { FlushCompress::Finish } else { FlushCompress::Sync };
+    let flush = if last {
+        FlushCompress::Finish
+    } else {
+        FlushCompress::Sync
+    };
     loop {
         if out.capacity() - out.len() < 1024 {
             out.reserve(out.capacity().max(64 * 1024));
@@ -287,7 +318,11 @@ mod tests {
         (0..n)
             .map(|i| {
                 x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                if i % 7 < 4 { b'a' + (i % 13) as u8 } else { (x >> 24) as u8 }
+                if i % 7 < 4 {
+                    b'a' + (i % 13) as u8
+                } else {
+                    (x >> 24) as u8
+                }
             })
             .collect()
     }
@@ -304,11 +339,16 @@ mod tests {
                 }
                 let out = g.finish().unwrap();
                 let mut back = Vec::new();
-                flate2::read::GzDecoder::new(&out[..]).read_to_end(&mut back).unwrap();
+                flate2::read::GzDecoder::new(&out[..])
+                    .read_to_end(&mut back)
+                    .unwrap();
                 assert_eq!(back, data, "size {size}");
                 outs.push(out);
             }
-            assert_eq!(outs[0], outs[1], "output differs with thread count, size {size}");
+            assert_eq!(
+                outs[0], outs[1],
+                "output differs with thread count, size {size}"
+            );
         }
     }
 

@@ -107,7 +107,9 @@ pub enum PathError {
 /// assert!(normalize_path(b"a/../../etc").is_err());
 /// ```
 pub fn normalize_path(raw: &[u8]) -> Result<(String, bool), PathError> {
-    let s = std::str::from_utf8(raw).map(str::to_string).unwrap_or_else(|_| String::from_utf8_lossy(raw).into_owned());
+    let s = std::str::from_utf8(raw)
+        .map(str::to_string)
+        .unwrap_or_else(|_| String::from_utf8_lossy(raw).into_owned());
     if raw.contains(&0) {
         return Err(PathError::Invalid(s));
     }
@@ -142,7 +144,10 @@ impl PathGuard {
         while let Some(i) = e.path[end..].find('/') {
             let parent = &e.path[..end + i];
             if self.kinds.get(parent) == Some(&EntryKind::Symlink) {
-                return Err(PathError::ThroughSymlink { path: e.path.clone(), parent: parent.to_string() });
+                return Err(PathError::ThroughSymlink {
+                    path: e.path.clone(),
+                    parent: parent.to_string(),
+                });
             }
             end += i + 1;
         }
@@ -221,7 +226,17 @@ impl<W: Write> TarWriter<W> {
         self.entries
     }
 
-    fn header(name: &[u8], typeflag: u8, mode: u32, uid: u64, gid: u64, size: u64, mtime: i64, link: &[u8], dev: (u32, u32)) -> [u8; BLOCK] {
+    fn header(
+        name: &[u8],
+        typeflag: u8,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        size: u64,
+        mtime: i64,
+        link: &[u8],
+        dev: (u32, u32),
+    ) -> [u8; BLOCK] {
         let mut h = [0u8; BLOCK];
         h[..name.len()].copy_from_slice(name);
         octal(&mut h[100..108], u64::from(mode & 0o7777));
@@ -246,7 +261,11 @@ impl<W: Write> TarWriter<W> {
 
     /// Writes one entry; `data` must yield exactly `e.size` bytes for files.
     pub fn append(&mut self, e: &Entry, data: &mut dyn Read) -> io::Result<()> {
-        let mut name = if e.path.is_empty() { "./".to_string() } else { e.path.clone() };
+        let mut name = if e.path.is_empty() {
+            "./".to_string()
+        } else {
+            e.path.clone()
+        };
         if e.kind == EntryKind::Dir && !e.path.is_empty() {
             name.push('/');
         }
@@ -282,8 +301,21 @@ impl<W: Write> TarWriter<W> {
             pax_record(&mut pax, &format!("SCHILY.xattr.{k}"), v);
         }
         if !pax.is_empty() {
-            let pname = truncate_name(&format!("PaxHeaders/{}", e.path.rsplit('/').next().unwrap_or("")));
-            let h = Self::header(&pname, b'x', 0o644, 0, 0, pax.len() as u64, e.mtime, b"", (0, 0));
+            let pname = truncate_name(&format!(
+                "PaxHeaders/{}",
+                e.path.rsplit('/').next().unwrap_or("")
+            ));
+            let h = Self::header(
+                &pname,
+                b'x',
+                0o644,
+                0,
+                0,
+                pax.len() as u64,
+                e.mtime,
+                b"",
+                (0, 0),
+            );
             self.out.write_all(&h)?;
             self.out.write_all(&pax)?;
             pad(&mut self.out, pax.len() as u64)?;
@@ -358,19 +390,26 @@ mod tests {
     fn guard_refuses_writes_through_symlinks_and_outside_hardlinks() {
         let mut g = PathGuard::default();
         g.check(&entry("etc", EntryKind::Dir, None)).unwrap();
-        g.check(&entry("etc/passwd", EntryKind::File, None)).unwrap();
-        g.check(&entry("evil", EntryKind::Symlink, Some("/etc"))).unwrap();
+        g.check(&entry("etc/passwd", EntryKind::File, None))
+            .unwrap();
+        g.check(&entry("evil", EntryKind::Symlink, Some("/etc")))
+            .unwrap();
         assert!(matches!(
             g.check(&entry("evil/shadow", EntryKind::File, None)),
             Err(PathError::ThroughSymlink { .. })
         ));
-        g.check(&entry("pw", EntryKind::Hardlink, Some("etc/passwd"))).unwrap();
-        g.check(&entry("pw2", EntryKind::Hardlink, Some("/etc/passwd"))).unwrap();
+        g.check(&entry("pw", EntryKind::Hardlink, Some("etc/passwd")))
+            .unwrap();
+        g.check(&entry("pw2", EntryKind::Hardlink, Some("/etc/passwd")))
+            .unwrap();
         assert!(matches!(
             g.check(&entry("out", EntryKind::Hardlink, Some("host/file"))),
             Err(PathError::HardlinkTarget { .. })
         ));
-        assert!(matches!(g.check(&entry("d", EntryKind::Hardlink, Some("etc"))), Err(PathError::HardlinkTarget { .. })));
+        assert!(matches!(
+            g.check(&entry("d", EntryKind::Hardlink, Some("etc"))),
+            Err(PathError::HardlinkTarget { .. })
+        ));
         // Replacing the symlink by a directory makes the path usable again.
         g.check(&entry("evil", EntryKind::Dir, None)).unwrap();
         g.check(&entry("evil/ok", EntryKind::File, None)).unwrap();
@@ -395,8 +434,12 @@ mod tests {
         f.size = 3;
         f.mode = 0o4755;
         f.uid = 3_000_000;
-        f.xattrs.insert("security.capability".into(), vec![1, 0, 0, 2, 0, 0x20, 0, 0]);
-        w.append(&entry("dir", EntryKind::Dir, None), &mut io::empty()).unwrap();
+        f.xattrs.insert(
+            "security.capability".into(),
+            vec![1, 0, 0, 2, 0, 0x20, 0, 0],
+        );
+        w.append(&entry("dir", EntryKind::Dir, None), &mut io::empty())
+            .unwrap();
         w.append(&f, &mut &b"abc"[..]).unwrap();
         let buf = w.finish().unwrap();
         let mut ar = tar::Archive::new(&buf[..]);
@@ -416,7 +459,10 @@ mod tests {
             })
             .collect();
         assert!(pax.contains(&("uid".into(), b"3000000".to_vec())));
-        assert!(pax.contains(&("SCHILY.xattr.security.capability".into(), vec![1, 0, 0, 2, 0, 0x20, 0, 0])));
+        assert!(pax.contains(&(
+            "SCHILY.xattr.security.capability".into(),
+            vec![1, 0, 0, 2, 0, 0x20, 0, 0]
+        )));
         let mut s = String::new();
         e.read_to_string(&mut s).unwrap();
         assert_eq!(s, "abc");

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, Digest, HistoryBuilder, ImageConfiguration, ImageConfigurationBuilder,
-    ImageManifestBuilder, MediaType, Os, RootFsBuilder,
+    Arch, ConfigBuilder, Descriptor, Digest, HistoryBuilder, ImageConfiguration,
+    ImageConfigurationBuilder, ImageManifestBuilder, MediaType, Os, RootFsBuilder,
 };
 use serde::Serialize;
 
@@ -109,15 +109,32 @@ pub enum ImportError {
 
 impl ImportError {
     /// Classifies a read error from a (possibly decompressing) input stream.
-    pub(crate) fn from_read(path: &str, step: &'static str, offset: u64, e: &io::Error) -> ImportError {
+    pub(crate) fn from_read(
+        path: &str,
+        step: &'static str,
+        offset: u64,
+        e: &io::Error,
+    ) -> ImportError {
         let msg = e.to_string();
         if msg.contains(source::BOMB_MARKER) {
-            return ImportError::Bomb { path: path.to_string(), reason: msg };
+            return ImportError::Bomb {
+                path: path.to_string(),
+                reason: msg,
+            };
         }
         // The tar crate reports a short header read as "failed to read entire block".
         let short = e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("entire block");
-        let reason = if short { format!("truncated input: {msg}") } else { msg };
-        ImportError::Corrupt { step, path: path.to_string(), offset, reason }
+        let reason = if short {
+            format!("truncated input: {msg}")
+        } else {
+            msg
+        };
+        ImportError::Corrupt {
+            step,
+            path: path.to_string(),
+            offset,
+            reason,
+        }
     }
 }
 
@@ -266,7 +283,11 @@ pub(crate) struct LayerBuilder {
 }
 
 impl LayerBuilder {
-    pub(crate) fn new(store: &Store, opts: &ImportOptions, source_name: &str) -> Result<Self, ImportError> {
+    pub(crate) fn new(
+        store: &Store,
+        opts: &ImportOptions,
+        source_name: &str,
+    ) -> Result<Self, ImportError> {
         let blob = store.blob_writer()?;
         let enc = Encoder::new(blob, opts.compression, opts.level).map_err(ImportError::Write)?;
         Ok(LayerBuilder {
@@ -280,12 +301,19 @@ impl LayerBuilder {
     }
 
     /// Checks, normalizes and appends one entry. `offset` locates it in the input.
-    pub(crate) fn add(&mut self, mut e: Entry, data: &mut dyn Read, offset: u64) -> Result<(), ImportError> {
-        self.guard.check(&e).map_err(|reason| ImportError::UnsafeEntry {
-            source_name: self.source_name.clone(),
-            offset,
-            reason,
-        })?;
+    pub(crate) fn add(
+        &mut self,
+        mut e: Entry,
+        data: &mut dyn Read,
+        offset: u64,
+    ) -> Result<(), ImportError> {
+        self.guard
+            .check(&e)
+            .map_err(|reason| ImportError::UnsafeEntry {
+                source_name: self.source_name.clone(),
+                offset,
+                reason,
+            })?;
         if let Some(epoch) = self.epoch {
             e.mtime = e.mtime.min(epoch);
         }
@@ -293,16 +321,28 @@ impl LayerBuilder {
         if written.saturating_add(e.size) > self.max_bytes {
             return Err(ImportError::Bomb {
                 path: self.source_name.clone(),
-                reason: format!("layer would exceed {} bytes at entry {:?}", self.max_bytes, e.path),
+                reason: format!(
+                    "layer would exceed {} bytes at entry {:?}",
+                    self.max_bytes, e.path
+                ),
             });
         }
-        let mut tap = source::tarball::ErrTap { inner: data, err: None };
+        let mut tap = source::tarball::ErrTap {
+            inner: data,
+            err: None,
+        };
         if let Err(err) = self.tar.append(&e, &mut tap) {
-            return Err(match tap.err {
-                Some(_) => ImportError::from_read(&self.source_name, "read file data", offset, &err),
-                None if err.kind() == io::ErrorKind::UnexpectedEof => ImportError::from_read(&self.source_name, "read file data", offset, &err),
-                None => ImportError::Write(err),
-            });
+            if tap.err.is_none() && err.kind() != io::ErrorKind::UnexpectedEof {
+                return Err(ImportError::Write(err));
+            }
+            // Name the entry whose content could not be read.
+            let err = io::Error::new(err.kind(), format!("{err} (in entry {:?})", e.path));
+            return Err(ImportError::from_read(
+                &self.source_name,
+                "read file data",
+                offset,
+                &err,
+            ));
         }
         Ok(())
     }
@@ -311,7 +351,9 @@ impl LayerBuilder {
     pub(crate) fn finish(self, store: &Store) -> Result<(LayerInfo, u64), ImportError> {
         let entries = self.tar.entries();
         let buf = self.tar.finish().map_err(ImportError::Write)?;
-        let hw = buf.into_inner().map_err(|e| ImportError::Write(e.into_error()))?;
+        let hw = buf
+            .into_inner()
+            .map_err(|e| ImportError::Write(e.into_error()))?;
         let (enc, diff_id, _) = hw.finish();
         let blob = enc.finish().map_err(ImportError::Write)?;
         let (digest, size) = blob.commit()?;
@@ -341,56 +383,104 @@ impl Store {
     /// OCI layout directory), a tarball (plain, gzip, zstd, xz, bzip2), a
     /// `docker save` archive, or an OCI archive. Nothing is tagged unless the
     /// whole import succeeded; blobs of a failed import are left for `gc`.
-    pub fn import(&self, source: ImportSource, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+    pub fn import(
+        &self,
+        source: ImportSource,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport, ImportError> {
         let name = ImageName::parse(&opts.tag)?;
         let _writer = self.writer_lock()?;
         let counter = Arc::new(AtomicU64::new(0));
-        let (display, raw, total, path): (String, Box<dyn Read + Send>, Option<u64>, Option<PathBuf>) = match source {
+        let (display, raw, total, path): (
+            String,
+            Box<dyn Read + Send>,
+            Option<u64>,
+            Option<PathBuf>,
+        ) = match source {
             ImportSource::Path(p) => {
                 let display = p.display().to_string();
-                let md = std::fs::metadata(&p).map_err(|e| ImportError::Open { path: display.clone(), source: e })?;
+                let md = std::fs::metadata(&p).map_err(|e| ImportError::Open {
+                    path: display.clone(),
+                    source: e,
+                })?;
                 if md.is_dir() {
                     return self.import_dir(&p, &display, &name, opts);
                 }
-                let f = File::open(&p).map_err(|e| ImportError::Open { path: display.clone(), source: e })?;
-                (display, Box::new(io::BufReader::with_capacity(1 << 20, f)), Some(md.len()), Some(p))
+                let f = File::open(&p).map_err(|e| ImportError::Open {
+                    path: display.clone(),
+                    source: e,
+                })?;
+                (
+                    display,
+                    Box::new(io::BufReader::with_capacity(1 << 20, f)),
+                    Some(md.len()),
+                    Some(p),
+                )
             }
             ImportSource::Reader(r) => ("-".to_string(), r, None, None),
         };
         let progress = opts.progress.clone();
         let counted = source::CountingReader::new(raw, Arc::clone(&counter));
-        let (head, r) = source::peek(counted, 64 << 10).map_err(|e| ImportError::from_read(&display, "read", 0, &e))?;
+        let (head, r) = source::peek(counted, 64 << 10)
+            .map_err(|e| ImportError::from_read(&display, "read", 0, &e))?;
         if head.is_empty() {
-            return Err(ImportError::Unsupported { path: display, what: "the input is empty".into() });
+            return Err(ImportError::Unsupported {
+                path: display,
+                what: "the input is empty".into(),
+            });
         }
         if let Some(what) = source::sniff_unsupported(&head) {
-            return Err(ImportError::Unsupported { path: display, what: format!("{what} (disk-image import is not implemented yet)") });
+            return Err(ImportError::Unsupported {
+                path: display,
+                what: format!("{what} (disk-image import is not implemented yet)"),
+            });
         }
         let codec = source::sniff_codec(&head);
-        let dec = source::decoder(codec, r).map_err(|e| ImportError::from_read(&display, "start decompressor", 0, &e))?;
+        let dec = source::decoder(codec, r)
+            .map_err(|e| ImportError::from_read(&display, "start decompressor", 0, &e))?;
         // Every input is held to --max-size; compressed ones also to --max-ratio.
         let ratio_counter = codec.map(|_| Arc::clone(&counter));
         let guarded = source::BombGuard::new(dec, ratio_counter, opts.limits);
         // Counts decompressed bytes so errors can say where in the stream they happened.
         let dcount = Arc::new(AtomicU64::new(0));
         let guarded = source::CountingReader::new(guarded, Arc::clone(&dcount));
-        let step = if codec.is_some() { "decompress" } else { "read" };
-        let (dhead, stream) = source::peek(guarded, 256 << 10)
-            .map_err(|e| ImportError::from_read(&display, step, dcount.load(Ordering::Relaxed), &e))?;
+        let step = if codec.is_some() {
+            "decompress"
+        } else {
+            "read"
+        };
+        let (dhead, stream) = source::peek(guarded, 256 << 10).map_err(|e| {
+            ImportError::from_read(&display, step, dcount.load(Ordering::Relaxed), &e)
+        })?;
         if dhead.is_empty() {
-            return Err(ImportError::Unsupported { path: display, what: format!("the {} stream decompresses to nothing", codec.map(|c| c.to_string()).unwrap_or_default()) });
+            return Err(ImportError::Unsupported {
+                path: display,
+                what: format!(
+                    "the {} stream decompresses to nothing",
+                    codec.map(|c| c.to_string()).unwrap_or_default()
+                ),
+            });
         }
         let ctext = codec.map(|c| format!(" ({c})")).unwrap_or_default();
         if source::archive::looks_like_archive(&dhead) {
-            emit(&progress, Event::Detected { kind: format!("image archive{ctext}"), total });
+            emit(
+                &progress,
+                Event::Detected {
+                    kind: format!("image archive{ctext}"),
+                    total,
+                },
+            );
             let spooled;
             let set = match (&path, codec) {
                 (Some(p), None) => FileSet::index_tar(p, &display)?,
                 _ => {
                     // Compressed or streamed archives need random access: spool
                     // the decompressed tar into the store's temp dir.
-                    let mut tmp = tempfile::NamedTempFile::with_prefix_in("archive-", self.root().join(".kiln/tmp"))
-                        .map_err(|e| ImportError::Write(e))?;
+                    let mut tmp = tempfile::NamedTempFile::with_prefix_in(
+                        "archive-",
+                        self.root().join(".kiln/tmp"),
+                    )
+                    .map_err(|e| ImportError::Write(e))?;
                     let mut stream = stream;
                     copy_classified(&mut stream, tmp.as_file_mut(), &display, &dcount)?;
                     spooled = tmp;
@@ -398,7 +488,13 @@ impl Store {
                 }
             };
             let report = archive::import_archive(self, &set, &display, &name, opts)?;
-            emit(&progress, Event::Progress { done: counter.load(Ordering::Relaxed), total });
+            emit(
+                &progress,
+                Event::Progress {
+                    done: counter.load(Ordering::Relaxed),
+                    total,
+                },
+            );
             return Ok(report);
         }
         if !source::tar_header_ok(&dhead) {
@@ -416,7 +512,13 @@ impl Store {
                 what: format!("not a directory, tarball or image archive (first bytes {magic})"),
             });
         }
-        emit(&progress, Event::Detected { kind: format!("tarball{ctext}"), total });
+        emit(
+            &progress,
+            Event::Detected {
+                kind: format!("tarball{ctext}"),
+                total,
+            },
+        );
         // The history names the source kind but not its compression: the same
         // tree gives the same image whether it came gzip'd or plain.
         let kind = "tarball".to_string();
@@ -436,7 +538,13 @@ impl Store {
             }
             Ok(())
         })?;
-        emit(&progress, Event::Progress { done: counter.load(Ordering::Relaxed), total });
+        emit(
+            &progress,
+            Event::Progress {
+                done: counter.load(Ordering::Relaxed),
+                total,
+            },
+        );
         if let (n @ 1.., Some(first)) = absolute {
             emit(
                 &progress,
@@ -446,13 +554,31 @@ impl Store {
         self.finish_rootfs(layer, &name, opts, &kind)
     }
 
-    fn import_dir(&self, dir: &std::path::Path, display: &str, name: &ImageName, opts: &ImportOptions) -> Result<ImportReport, ImportError> {
+    fn import_dir(
+        &self,
+        dir: &std::path::Path,
+        display: &str,
+        name: &ImageName,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport, ImportError> {
         if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
-            emit(&opts.progress, Event::Detected { kind: "OCI layout directory".into(), total: None });
+            emit(
+                &opts.progress,
+                Event::Detected {
+                    kind: "OCI layout directory".into(),
+                    total: None,
+                },
+            );
             let set = FileSet::Dir(dir.to_path_buf());
             return archive::import_archive(self, &set, display, name, opts);
         }
-        emit(&opts.progress, Event::Detected { kind: "directory".into(), total: None });
+        emit(
+            &opts.progress,
+            Event::Detected {
+                kind: "directory".into(),
+                total: None,
+            },
+        );
         let mut layer = LayerBuilder::new(self, opts, display)?;
         let mut count = 0u64;
         let skipped = source::dir::walk(dir, &mut |e, data| {
@@ -460,15 +586,37 @@ impl Store {
             layer.add(e, data, 0)
         })?;
         if skipped > 0 {
-            emit(&opts.progress, Event::Warning(format!("skipped {skipped} socket(s): sockets cannot be stored in a layer")));
+            emit(
+                &opts.progress,
+                Event::Warning(format!(
+                    "skipped {skipped} socket(s): sockets cannot be stored in a layer"
+                )),
+            );
         }
         self.finish_rootfs(layer, name, opts, "directory")
     }
 
-    fn finish_rootfs(&self, layer: LayerBuilder, name: &ImageName, opts: &ImportOptions, kind: &str) -> Result<ImportReport, ImportError> {
+    fn finish_rootfs(
+        &self,
+        layer: LayerBuilder,
+        name: &ImageName,
+        opts: &ImportOptions,
+        kind: &str,
+    ) -> Result<ImportReport, ImportError> {
         let (info, entries) = layer.finish(self)?;
-        emit(&opts.progress, Event::LayerWritten { digest: info.digest.clone(), size: info.size });
-        let config = build_config(opts, None, &[info.diff_id.clone()], &format!("kiln import ({kind})"))?;
+        emit(
+            &opts.progress,
+            Event::LayerWritten {
+                digest: info.digest.clone(),
+                size: info.size,
+            },
+        );
+        let config = build_config(
+            opts,
+            None,
+            &[info.diff_id.clone()],
+            &format!("kiln import ({kind})"),
+        )?;
         let (manifest_digest, config_digest) = self.write_image(&config, &[info.clone()], name)?;
         Ok(ImportReport {
             name: name.to_string(),
@@ -481,19 +629,35 @@ impl Store {
     }
 
     /// Writes config + manifest blobs for `layers` and tags the manifest.
-    pub(crate) fn write_image(&self, config_bytes: &[u8], layers: &[LayerInfo], name: &ImageName) -> Result<(String, String), ImportError> {
+    pub(crate) fn write_image(
+        &self,
+        config_bytes: &[u8],
+        layers: &[LayerInfo],
+        name: &ImageName,
+    ) -> Result<(String, String), ImportError> {
         let (config_digest, config_size) = self.put_blob(config_bytes)?;
         let mut descs = Vec::new();
         for l in layers {
-            descs.push(Descriptor::new(media_type(&l.media_type), l.size, parse_digest(&l.digest)?));
+            descs.push(Descriptor::new(
+                media_type(&l.media_type),
+                l.size,
+                parse_digest(&l.digest)?,
+            ));
         }
         let manifest = ImageManifestBuilder::default()
             .schema_version(2u32)
             .media_type(MediaType::ImageManifest)
-            .config(Descriptor::new(MediaType::ImageConfig, config_size, config_digest.clone()))
+            .config(Descriptor::new(
+                MediaType::ImageConfig,
+                config_size,
+                config_digest.clone(),
+            ))
             .layers(descs)
             .build()
-            .map_err(|e| ImportError::Archive { path: name.to_string(), reason: format!("build manifest: {e}") })?;
+            .map_err(|e| ImportError::Archive {
+                path: name.to_string(),
+                reason: format!("build manifest: {e}"),
+            })?;
         let bytes = canonical_json(&manifest)?;
         let (md, msize) = self.put_blob(&bytes)?;
         let desc = Descriptor::new(MediaType::ImageManifest, msize, md.clone());
@@ -503,7 +667,12 @@ impl Store {
 }
 
 /// Copies a decompressing stream, classifying read errors as input errors.
-fn copy_classified(r: &mut dyn Read, w: &mut dyn Write, display: &str, pos: &AtomicU64) -> Result<u64, ImportError> {
+fn copy_classified(
+    r: &mut dyn Read,
+    w: &mut dyn Write,
+    display: &str,
+    pos: &AtomicU64,
+) -> Result<u64, ImportError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
@@ -511,7 +680,14 @@ fn copy_classified(r: &mut dyn Read, w: &mut dyn Write, display: &str, pos: &Ato
             Ok(0) => return Ok(n),
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ImportError::from_read(display, "decompress", pos.load(Ordering::Relaxed), &e)),
+            Err(e) => {
+                return Err(ImportError::from_read(
+                    display,
+                    "decompress",
+                    pos.load(Ordering::Relaxed),
+                    &e,
+                ))
+            }
         };
         w.write_all(&buf[..k]).map_err(ImportError::Write)?;
         n += k as u64;
@@ -519,7 +695,10 @@ fn copy_classified(r: &mut dyn Read, w: &mut dyn Write, display: &str, pos: &Ato
 }
 
 pub(crate) fn parse_digest(s: &str) -> Result<Digest, ImportError> {
-    s.parse::<Digest>().map_err(|e| ImportError::Archive { path: s.to_string(), reason: format!("bad digest: {e}") })
+    s.parse::<Digest>().map_err(|e| ImportError::Archive {
+        path: s.to_string(),
+        reason: format!("bad digest: {e}"),
+    })
 }
 
 pub(crate) fn media_type(s: &str) -> MediaType {
@@ -528,8 +707,16 @@ pub(crate) fn media_type(s: &str) -> MediaType {
 
 /// Builds the image config for an import. `base` is an existing config to
 /// amend (archives); `diff_ids` are the layers.
-pub(crate) fn build_config(opts: &ImportOptions, base: Option<ImageConfiguration>, diff_ids: &[String], created_by: &str) -> Result<Vec<u8>, ImportError> {
-    let bad = |e: String| ImportError::Archive { path: opts.tag.clone(), reason: format!("build config: {e}") };
+pub(crate) fn build_config(
+    opts: &ImportOptions,
+    base: Option<ImageConfiguration>,
+    diff_ids: &[String],
+    created_by: &str,
+) -> Result<Vec<u8>, ImportError> {
+    let bad = |e: String| ImportError::Archive {
+        path: opts.tag.clone(),
+        reason: format!("build config: {e}"),
+    };
     let created = opts.source_date_epoch.map(rfc3339);
     let mut cfg = match base {
         Some(c) => c,
@@ -538,11 +725,17 @@ pub(crate) fn build_config(opts: &ImportOptions, base: Option<ImageConfiguration
                 parse_digest(d)?;
             }
             let ids = diff_ids.to_vec();
-            let mut hist = HistoryBuilder::default().created_by(created_by.to_string()).comment("kiln".to_string());
+            let mut hist = HistoryBuilder::default()
+                .created_by(created_by.to_string())
+                .comment("kiln".to_string());
             if let Some(c) = &created {
                 hist = hist.created(c.clone());
             }
-            let rootfs = RootFsBuilder::default().typ("layers").diff_ids(ids).build().map_err(|e| bad(e.to_string()))?;
+            let rootfs = RootFsBuilder::default()
+                .typ("layers")
+                .diff_ids(ids)
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
             let mut b = ImageConfigurationBuilder::default()
                 .architecture(Arch::from(host_arch()))
                 .os(Os::Linux)
@@ -563,7 +756,10 @@ pub(crate) fn build_config(opts: &ImportOptions, base: Option<ImageConfiguration
     if created.is_some() {
         cfg.set_created(created);
     }
-    let mut c = cfg.config().clone().unwrap_or_else(|| ConfigBuilder::default().build().unwrap_or_default());
+    let mut c = cfg
+        .config()
+        .clone()
+        .unwrap_or_else(|| ConfigBuilder::default().build().unwrap_or_default());
     let mut env = c.env().clone().unwrap_or_default();
     for kv in &opts.env {
         let key = kv.split('=').next().unwrap_or(kv);
@@ -607,7 +803,12 @@ pub fn rfc3339(secs: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

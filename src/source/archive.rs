@@ -13,10 +13,14 @@ use crate::import::{normalize_path, ImportError};
 pub fn is_archive_member(name: &str) -> bool {
     let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
     let first = name.split('/').next().unwrap_or("");
-    matches!(name, "oci-layout" | "index.json" | "manifest.json" | "repositories" | "blobs")
-        || first == "blobs"
+    matches!(
+        name,
+        "oci-layout" | "index.json" | "manifest.json" | "repositories" | "blobs"
+    ) || first == "blobs"
         || hex64(first)
-        || [".json", ".tar", ".tar.gz"].iter().any(|ext| first.strip_suffix(ext).is_some_and(hex64))
+        || [".json", ".tar", ".tar.gz"]
+            .iter()
+            .any(|ext| first.strip_suffix(ext).is_some_and(hex64))
 }
 
 /// Looks at the tar headers within `head` (the first bytes of a
@@ -33,7 +37,11 @@ pub fn looks_like_archive(head: &[u8]) -> bool {
         let typeflag = h[156];
         let mut name: Vec<u8> = h[..100].iter().copied().take_while(|b| *b != 0).collect();
         if &h[257..262] == b"ustar" && h[345] != 0 {
-            let mut prefix: Vec<u8> = h[345..500].iter().copied().take_while(|b| *b != 0).collect();
+            let mut prefix: Vec<u8> = h[345..500]
+                .iter()
+                .copied()
+                .take_while(|b| *b != 0)
+                .collect();
             prefix.push(b'/');
             prefix.extend_from_slice(&name);
             name = prefix;
@@ -67,16 +75,23 @@ impl FileSet {
     /// Indexes the members of an uncompressed tar file (headers only, seeking
     /// over file data). Symlinks and hardlinks between members are resolved.
     pub fn index_tar(path: &Path, display: &str) -> Result<FileSet, ImportError> {
-        let f = File::open(path).map_err(|e| ImportError::Open { path: display.into(), source: e })?;
+        let f = File::open(path).map_err(|e| ImportError::Open {
+            path: display.into(),
+            source: e,
+        })?;
         let mut ar = tar::Archive::new(f);
         let mut files = HashMap::new();
         let mut links: Vec<(String, String)> = Vec::new();
-        let entries = ar.entries_with_seek().map_err(|e| ImportError::from_read(display, "index archive", 0, &e))?;
+        let entries = ar
+            .entries_with_seek()
+            .map_err(|e| ImportError::from_read(display, "index archive", 0, &e))?;
         let mut at = 0;
         for item in entries {
             let e = item.map_err(|e| ImportError::from_read(display, "index archive", at, &e))?;
             at = e.raw_header_position();
-            let Ok((name, _)) = normalize_path(&e.path_bytes()) else { continue };
+            let Ok((name, _)) = normalize_path(&e.path_bytes()) else {
+                continue;
+            };
             match e.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     files.insert(name, (e.raw_file_position(), e.size()));
@@ -102,7 +117,10 @@ impl FileSet {
                 files.insert(name, v);
             }
         }
-        Ok(FileSet::Tar { path: path.to_path_buf(), files })
+        Ok(FileSet::Tar {
+            path: path.to_path_buf(),
+            files,
+        })
     }
 
     /// Whether `name` exists.
@@ -115,7 +133,12 @@ impl FileSet {
 
     /// Opens `name` for reading.
     pub fn open(&self, name: &str) -> io::Result<(Box<dyn Read + Send>, u64)> {
-        let nf = || io::Error::new(io::ErrorKind::NotFound, format!("{name} is not in the archive"));
+        let nf = || {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{name} is not in the archive"),
+            )
+        };
         match self {
             FileSet::Dir(d) => {
                 let p = safe_join(d, name).ok_or_else(nf)?;
@@ -127,7 +150,10 @@ impl FileSet {
                 let (off, size) = *files.get(name).ok_or_else(nf)?;
                 let mut f = File::open(path)?;
                 f.seek(SeekFrom::Start(off))?;
-                Ok((Box::new(io::BufReader::with_capacity(1 << 20, f).take(size)), size))
+                Ok((
+                    Box::new(io::BufReader::with_capacity(1 << 20, f).take(size)),
+                    size,
+                ))
             }
         }
     }
@@ -136,7 +162,10 @@ impl FileSet {
     pub fn read_small(&self, name: &str) -> io::Result<Vec<u8>> {
         let (r, size) = self.open(name)?;
         if size > crate::store::MAX_JSON_SIZE {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{name} is {size} bytes, more than a JSON document may be")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{name} is {size} bytes, more than a JSON document may be"),
+            ));
         }
         let mut buf = Vec::with_capacity(size as usize);
         r.take(crate::store::MAX_JSON_SIZE).read_to_end(&mut buf)?;
@@ -172,7 +201,16 @@ mod tests {
     #[test]
     fn archive_members() {
         let h = "a".repeat(64);
-        for n in ["manifest.json", "repositories", "oci-layout", "index.json", "blobs/sha256/x", &format!("{h}/layer.tar"), &format!("{h}.json"), &format!("{h}.tar")] {
+        for n in [
+            "manifest.json",
+            "repositories",
+            "oci-layout",
+            "index.json",
+            "blobs/sha256/x",
+            &format!("{h}/layer.tar"),
+            &format!("{h}.json"),
+            &format!("{h}.tar"),
+        ] {
             assert!(is_archive_member(n), "{n}");
         }
         for n in ["etc", "bin/sh", "usr", "json"] {

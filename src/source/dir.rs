@@ -31,7 +31,11 @@ pub fn walk(root: &Path, f: &mut DirEntryFn<'_>) -> Result<u64, ImportError> {
 }
 
 fn io_err(path: &Path, step: &'static str, e: io::Error) -> ImportError {
-    ImportError::ReadFile { step, path: path.to_path_buf(), source: e }
+    ImportError::ReadFile {
+        step,
+        path: path.to_path_buf(),
+        source: e,
+    }
 }
 
 fn visit(
@@ -71,7 +75,9 @@ fn visit(
         let value = match sys::lgetxattr(path, &name) {
             Ok(v) => v,
             // Raced with a removal, or a trusted.* attribute we may not read.
-            Err(err) if matches!(err.raw_os_error(), Some(libc::ENODATA) | Some(libc::EPERM)) => continue,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ENODATA) | Some(libc::EPERM)) => {
+                continue
+            }
             Err(err) => return Err(io_err(path, "read xattr", err)),
         };
         if key == ROOTLESS_XATTR {
@@ -105,7 +111,10 @@ fn visit(
         EntryKind::File => {
             e.size = md.len();
             let file = File::open(path).map_err(|e| io_err(path, "open", e))?;
-            let mut r = FileReader { file, path: path.to_path_buf() };
+            let mut r = FileReader {
+                file,
+                path: path.to_path_buf(),
+            };
             f(e, &mut r)
         }
         EntryKind::Dir => {
@@ -115,7 +124,10 @@ fn visit(
                 .map(|d| d.map(|d| d.file_name()))
                 .collect::<Result<_, _>>()
                 .map_err(|e| io_err(path, "read directory", e))?;
-            names.sort_by(|a, b| std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str()).cmp(std::os::unix::ffi::OsStrExt::as_bytes(b.as_os_str())));
+            names.sort_by(|a, b| {
+                std::os::unix::ffi::OsStrExt::as_bytes(a.as_os_str())
+                    .cmp(std::os::unix::ffi::OsStrExt::as_bytes(b.as_os_str()))
+            });
             for n in names {
                 let Some(s) = n.to_str() else {
                     return Err(ImportError::Unsupported {
@@ -123,7 +135,11 @@ fn visit(
                         what: "file name that is not valid UTF-8".into(),
                     });
                 };
-                let child_rel = if rel.is_empty() { s.to_string() } else { format!("{rel}/{s}") };
+                let child_rel = if rel.is_empty() {
+                    s.to_string()
+                } else {
+                    format!("{rel}/{s}")
+                };
                 visit(root, &path.join(&n), child_rel, links, skipped, f)?;
             }
             Ok(())
@@ -140,7 +156,9 @@ struct FileReader {
 
 impl Read for FileReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf).map_err(|e| io::Error::new(e.kind(), format!("read {}: {e}", self.path.display())))
+        self.file
+            .read(buf)
+            .map_err(|e| io::Error::new(e.kind(), format!("read {}: {e}", self.path.display())))
     }
 }
 

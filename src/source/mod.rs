@@ -90,13 +90,22 @@ pub fn tar_header_ok(head: &[u8]) -> bool {
     let stored = parse_octal(&h[148..156]);
     let mut sum: u64 = 0;
     for (i, b) in h.iter().enumerate() {
-        sum += if (148..156).contains(&i) { u64::from(b' ') } else { u64::from(*b) };
+        sum += if (148..156).contains(&i) {
+            u64::from(b' ')
+        } else {
+            u64::from(*b)
+        };
     }
     stored == Some(sum) && h.iter().any(|b| *b != 0)
 }
 
 fn parse_octal(field: &[u8]) -> Option<u64> {
-    let s: Vec<u8> = field.iter().copied().skip_while(|b| *b == b' ').take_while(|b| (b'0'..=b'7').contains(b)).collect();
+    let s: Vec<u8> = field
+        .iter()
+        .copied()
+        .skip_while(|b| *b == b' ')
+        .take_while(|b| (b'0'..=b'7').contains(b))
+        .collect();
     if s.is_empty() {
         return None;
     }
@@ -104,10 +113,15 @@ fn parse_octal(field: &[u8]) -> Option<u64> {
 }
 
 /// Wraps `r` in the decoder for `codec` (multi-member/multi-frame aware).
-pub fn decoder<'a>(codec: Option<Codec>, r: impl Read + Send + 'a) -> io::Result<Box<dyn Read + Send + 'a>> {
+pub fn decoder<'a>(
+    codec: Option<Codec>,
+    r: impl Read + Send + 'a,
+) -> io::Result<Box<dyn Read + Send + 'a>> {
     Ok(match codec {
         None => Box::new(r),
-        Some(Codec::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 16, r))),
+        Some(Codec::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(1 << 16, r),
+        )),
         Some(Codec::Zstd) => Box::new(zstd::stream::read::Decoder::new(r)?),
         Some(Codec::Xz) => Box::new(xz2::read::XzDecoder::new_multi_decoder(r)),
         Some(Codec::Bzip2) => Box::new(bzip2::read::MultiBzDecoder::new(r)),
@@ -116,7 +130,10 @@ pub fn decoder<'a>(codec: Option<Codec>, r: impl Read + Send + 'a) -> io::Result
 
 /// Reads the first `n` bytes (or fewer at EOF) and returns them with a reader
 /// that yields the whole stream again.
-pub fn peek<'a, R: Read + Send + 'a>(mut r: R, n: usize) -> io::Result<(Vec<u8>, Box<dyn Read + Send + 'a>)> {
+pub fn peek<'a, R: Read + Send + 'a>(
+    mut r: R,
+    n: usize,
+) -> io::Result<(Vec<u8>, Box<dyn Read + Send + 'a>)> {
     let mut head = Vec::with_capacity(n);
     (&mut r).take(n as u64).read_to_end(&mut head)?;
     let again = io::Cursor::new(head.clone()).chain(r);
@@ -160,7 +177,11 @@ pub struct ExpansionLimits {
 
 impl Default for ExpansionLimits {
     fn default() -> Self {
-        ExpansionLimits { max_bytes: 256 << 30, max_ratio: 500, ratio_after: 64 << 20 }
+        ExpansionLimits {
+            max_bytes: 256 << 30,
+            max_ratio: 500,
+            ratio_after: 64 << 20,
+        }
     }
 }
 
@@ -179,7 +200,12 @@ impl<R: Read> BombGuard<R> {
     /// `compressed` counts the bytes consumed from the compressed input;
     /// `None` for an uncompressed input (only `max_bytes` applies).
     pub fn new(inner: R, compressed: Option<Arc<AtomicU64>>, limits: ExpansionLimits) -> Self {
-        BombGuard { inner, compressed, out: 0, limits }
+        BombGuard {
+            inner,
+            compressed,
+            out: 0,
+            limits,
+        }
     }
 }
 
@@ -190,7 +216,10 @@ impl<R: Read> Read for BombGuard<R> {
         if self.out > self.limits.max_bytes {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{BOMB_MARKER} or oversized input: the stream exceeds the limit of {} bytes", self.limits.max_bytes),
+                format!(
+                    "{BOMB_MARKER} or oversized input: the stream exceeds the limit of {} bytes",
+                    self.limits.max_bytes
+                ),
             ));
         }
         // Without a compressed counter (plain input) only the size limit applies.
@@ -218,14 +247,26 @@ mod tests {
     fn bomb_guard_trips_on_ratio_and_size() {
         let zeros = vec![0u8; 1 << 20];
         let counter = Arc::new(AtomicU64::new(10));
-        let lim = ExpansionLimits { max_bytes: u64::MAX, max_ratio: 100, ratio_after: 4096 };
+        let lim = ExpansionLimits {
+            max_bytes: u64::MAX,
+            max_ratio: 100,
+            ratio_after: 4096,
+        };
         let mut g = BombGuard::new(&zeros[..], Some(Arc::clone(&counter)), lim);
         let err = io::copy(&mut g, &mut io::sink()).unwrap_err();
         assert!(err.to_string().contains(BOMB_MARKER), "{err}");
-        let lim = ExpansionLimits { max_bytes: 1000, max_ratio: u64::MAX, ratio_after: 0 };
+        let lim = ExpansionLimits {
+            max_bytes: 1000,
+            max_ratio: u64::MAX,
+            ratio_after: 0,
+        };
         let mut g = BombGuard::new(&zeros[..], Some(Arc::new(AtomicU64::new(1 << 30))), lim);
         assert!(io::copy(&mut g, &mut io::sink()).is_err());
-        let mut ok = BombGuard::new(&zeros[..], Some(Arc::new(AtomicU64::new(1 << 19))), ExpansionLimits::default());
+        let mut ok = BombGuard::new(
+            &zeros[..],
+            Some(Arc::new(AtomicU64::new(1 << 19))),
+            ExpansionLimits::default(),
+        );
         assert_eq!(io::copy(&mut ok, &mut io::sink()).unwrap(), 1 << 20);
     }
 
@@ -233,8 +274,14 @@ mod tests {
     fn sniffing() {
         assert_eq!(sniff_codec(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Some(Codec::Zstd));
         assert_eq!(sniff_codec(b"BZh9"), Some(Codec::Bzip2));
-        assert_eq!(sniff_codec(&[0xfd, b'7', b'z', b'X', b'Z', 0]), Some(Codec::Xz));
-        assert_eq!(sniff_unsupported(b"QFI\xfb\0\0\0\x03"), Some("a qcow2 disk image"));
+        assert_eq!(
+            sniff_codec(&[0xfd, b'7', b'z', b'X', b'Z', 0]),
+            Some(Codec::Xz)
+        );
+        assert_eq!(
+            sniff_unsupported(b"QFI\xfb\0\0\0\x03"),
+            Some("a qcow2 disk image")
+        );
         let mut h = vec![0u8; 512];
         h[..4].copy_from_slice(b"file");
         assert!(!tar_header_ok(&h));

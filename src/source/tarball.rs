@@ -44,9 +44,15 @@ pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportE
     for item in entries {
         let mut te = item.map_err(|e| corrupt(name, "read tar header", next_offset, &e))?;
         let offset = te.raw_header_position();
-        next_offset = te.raw_file_position() + te.header().entry_size().unwrap_or(0).div_ceil(512) * 512;
-        let Some((e, absolute)) = to_entry(&mut te, name, offset)? else { continue };
-        let mut tap = ErrTap { inner: &mut te, err: None };
+        next_offset =
+            te.raw_file_position() + te.header().entry_size().unwrap_or(0).div_ceil(512) * 512;
+        let Some((e, absolute)) = to_entry(&mut te, name, offset)? else {
+            continue;
+        };
+        let mut tap = ErrTap {
+            inner: &mut te,
+            err: None,
+        };
         f(e, &mut tap, EntryPos { offset, absolute })?;
     }
     Ok(())
@@ -56,7 +62,11 @@ fn corrupt(name: &str, step: &'static str, offset: u64, e: &io::Error) -> Import
     ImportError::from_read(name, step, offset, e)
 }
 
-fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Result<Option<(Entry, bool)>, ImportError> {
+fn to_entry<R: Read>(
+    te: &mut tar::Entry<'_, R>,
+    name: &str,
+    offset: u64,
+) -> Result<Option<(Entry, bool)>, ImportError> {
     use tar::EntryType as T;
     let h = te.header();
     let kind = match h.entry_type() {
@@ -81,13 +91,21 @@ fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Res
             });
         }
     };
-    let bad = |what: &str, e: io::Error| corrupt(name, "read tar header", offset, &io::Error::new(e.kind(), format!("{what}: {e}")));
+    let bad = |what: &str, e: io::Error| {
+        corrupt(
+            name,
+            "read tar header",
+            offset,
+            &io::Error::new(e.kind(), format!("{what}: {e}")),
+        )
+    };
     let path = te.path_bytes().into_owned();
-    let (path, absolute) = crate::import::normalize_path(&path).map_err(|e| ImportError::UnsafeEntry {
-        source_name: name.to_string(),
-        offset,
-        reason: e,
-    })?;
+    let (path, absolute) =
+        crate::import::normalize_path(&path).map_err(|e| ImportError::UnsafeEntry {
+            source_name: name.to_string(),
+            offset,
+            reason: e,
+        })?;
     let mut e = Entry::new(path, kind);
     e.mode = h.mode().map_err(|x| bad("mode", x))? & 0o7777;
     e.uid = h.uid().map_err(|x| bad("uid", x))?;
@@ -97,13 +115,24 @@ fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Res
         e.size = te.size();
     }
     if matches!(kind, EntryKind::Char | EntryKind::Block) {
-        e.dev_major = h.device_major().map_err(|x| bad("device major", x))?.unwrap_or(0);
-        e.dev_minor = h.device_minor().map_err(|x| bad("device minor", x))?.unwrap_or(0);
+        e.dev_major = h
+            .device_major()
+            .map_err(|x| bad("device major", x))?
+            .unwrap_or(0);
+        e.dev_minor = h
+            .device_minor()
+            .map_err(|x| bad("device minor", x))?
+            .unwrap_or(0);
     }
     if matches!(kind, EntryKind::Symlink | EntryKind::Hardlink) {
         e.link = te.link_name_bytes().map(|l| l.into_owned());
         if e.link.as_ref().is_none_or(|l| l.is_empty()) {
-            return Err(corrupt(name, "read tar header", offset, &io::Error::other(format!("link {:?} has no target", e.path))));
+            return Err(corrupt(
+                name,
+                "read tar header",
+                offset,
+                &io::Error::other(format!("link {:?} has no target", e.path)),
+            ));
         }
     }
     if let Some(pax) = te.pax_extensions().map_err(|x| bad("pax header", x))? {
@@ -118,7 +147,11 @@ fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Res
                         name,
                         "read tar header",
                         offset,
-                        &io::Error::other(format!("xattr {x:?} of {:?} is {} bytes, more than the 64 KiB Linux allows", e.path, ext.value_bytes().len())),
+                        &io::Error::other(format!(
+                            "xattr {x:?} of {:?} is {} bytes, more than the 64 KiB Linux allows",
+                            e.path,
+                            ext.value_bytes().len()
+                        )),
                     ));
                 }
                 e.xattrs.insert(x.to_string(), ext.value_bytes().to_vec());
@@ -127,7 +160,9 @@ fn to_entry<R: Read>(te: &mut tar::Entry<'_, R>, name: &str, offset: u64) -> Res
             } else if key == "gid" {
                 e.gid = num().and_then(|v| v.parse().ok()).unwrap_or(e.gid);
             } else if key == "mtime" {
-                let secs = num().and_then(|v| v.split('.').next()).and_then(|v| v.parse().ok());
+                let secs = num()
+                    .and_then(|v| v.split('.').next())
+                    .and_then(|v| v.parse().ok());
                 e.mtime = secs.unwrap_or(e.mtime);
             }
         }

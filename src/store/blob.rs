@@ -63,17 +63,20 @@ impl BlobWriter {
             }
         }
         let tmp_path = tmp.path().to_path_buf();
-        tmp.as_file().sync_all().map_err(|e| StoreError::io("fsync blob", &tmp_path, e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| StoreError::io("fsync blob", &tmp_path, e))?;
         let dst = self.blobs_dir.join(digest.digest());
         // Blobs are read-only once written: they are shared by every image.
         let perm = <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o444);
-        fs::set_permissions(&tmp_path, perm).map_err(|e| StoreError::io("chmod blob", &tmp_path, e))?;
-        tmp.persist(&dst).map_err(|e| StoreError::io("rename blob into place", &dst, e.error))?;
+        fs::set_permissions(&tmp_path, perm)
+            .map_err(|e| StoreError::io("chmod blob", &tmp_path, e))?;
+        tmp.persist(&dst)
+            .map_err(|e| StoreError::io("rename blob into place", &dst, e.error))?;
         sync_dir(&self.blobs_dir)?;
         Ok((digest, size))
     }
 }
-
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -103,8 +106,18 @@ pub struct VerifiedReader<R> {
 }
 
 impl<R: Read> VerifiedReader<R> {
-    pub(crate) fn new(inner: R, expected: Digest, expected_size: Option<u64>, path: PathBuf) -> Self {
-        VerifiedReader { inner: Some(HashReader::new(inner)), expected, expected_size, path }
+    pub(crate) fn new(
+        inner: R,
+        expected: Digest,
+        expected_size: Option<u64>,
+        path: PathBuf,
+    ) -> Self {
+        VerifiedReader {
+            inner: Some(HashReader::new(inner)),
+            expected,
+            expected_size,
+            path,
+        }
     }
 }
 

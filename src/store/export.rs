@@ -26,7 +26,9 @@ impl std::str::FromStr for ExportFormat {
         match s {
             "oci-archive" | "oci" => Ok(ExportFormat::OciArchive),
             "docker-archive" | "docker" => Ok(ExportFormat::DockerArchive),
-            other => Err(format!("unknown export format {other:?} (oci-archive, docker-archive)")),
+            other => Err(format!(
+                "unknown export format {other:?} (oci-archive, docker-archive)"
+            )),
         }
     }
 }
@@ -51,7 +53,12 @@ fn dir_entry(path: &str) -> Entry {
 impl Store {
     /// Writes image `name` to `out` as an archive. The output is
     /// deterministic: the same image gives the same bytes.
-    pub fn export(&self, name: &str, format: ExportFormat, out: &mut dyn Write) -> Result<(), StoreError> {
+    pub fn export(
+        &self,
+        name: &str,
+        format: ExportFormat,
+        out: &mut dyn Write,
+    ) -> Result<(), StoreError> {
         let img = self.resolve(name)?;
         let mut tw = TarWriter::new(io::BufWriter::with_capacity(1 << 20, out));
         match format {
@@ -64,7 +71,12 @@ impl Store {
 
     /// Like [`Store::export`] into a file, written to a temp file beside it
     /// and renamed, so a failed export leaves no partial file.
-    pub fn export_to_path(&self, name: &str, format: ExportFormat, path: &Path) -> Result<(), StoreError> {
+    pub fn export_to_path(
+        &self,
+        name: &str,
+        format: ExportFormat,
+        path: &Path,
+    ) -> Result<(), StoreError> {
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -72,26 +84,40 @@ impl Store {
         let mut tmp = tempfile::NamedTempFile::with_prefix_in(".kiln-export-", dir)
             .map_err(|e| StoreError::io("create temp file", dir, e))?;
         self.export(name, format, tmp.as_file_mut())?;
-        tmp.as_file().sync_all().map_err(|e| StoreError::io("fsync", path, e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| StoreError::io("fsync", path, e))?;
         let perm = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
         std::fs::set_permissions(tmp.path(), perm).map_err(|e| StoreError::io("chmod", path, e))?;
-        tmp.persist(path).map_err(|e| StoreError::io("rename export into place", path, e.error))?;
+        tmp.persist(path)
+            .map_err(|e| StoreError::io("rename export into place", path, e.error))?;
         Ok(())
     }
 
-    fn append_blob<W: Write>(&self, tw: &mut TarWriter<W>, member: &str, d: &Descriptor) -> Result<(), StoreError> {
+    fn append_blob<W: Write>(
+        &self,
+        tw: &mut TarWriter<W>,
+        member: &str,
+        d: &Descriptor,
+    ) -> Result<(), StoreError> {
         let mut r = self.open_blob(d.digest(), Some(d.size()))?;
         let e = file_entry(member, d.size());
-        tw.append(&e, &mut r).map_err(|e| StoreError::io("export blob", &self.blob_path(d.digest()), e))?;
+        tw.append(&e, &mut r)
+            .map_err(|e| StoreError::io("export blob", &self.blob_path(d.digest()), e))?;
         // Drain to EOF through the verifier (append read exactly size bytes).
         let mut rest = [0u8; 1];
-        r.read(&mut rest).map_err(|e| StoreError::io("verify blob", &self.blob_path(d.digest()), e))?;
+        r.read(&mut rest)
+            .map_err(|e| StoreError::io("verify blob", &self.blob_path(d.digest()), e))?;
         Ok(())
     }
 
     fn export_oci<W: Write>(&self, img: &Image, tw: &mut TarWriter<W>) -> Result<(), StoreError> {
         let name = ImageName::parse(&img.name).ok();
-        let mut desc = Descriptor::new(img.descriptor.media_type().clone(), img.descriptor.size(), img.descriptor.digest().clone());
+        let mut desc = Descriptor::new(
+            img.descriptor.media_type().clone(),
+            img.descriptor.size(),
+            img.descriptor.digest().clone(),
+        );
         if let Some(n) = &name {
             let mut ann = std::collections::HashMap::new();
             ann.insert(REF_NAME_ANNOTATION.to_string(), n.to_string());
@@ -102,10 +128,20 @@ impl Store {
         index.set_manifests(vec![desc]);
         let index_bytes = canonical_json(&index)?;
         let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
-        tw.append(&file_entry("oci-layout", layout.len() as u64), &mut &layout[..]).map_err(wio)?;
-        tw.append(&file_entry("index.json", index_bytes.len() as u64), &mut &index_bytes[..]).map_err(wio)?;
-        tw.append(&dir_entry("blobs"), &mut io::empty()).map_err(wio)?;
-        tw.append(&dir_entry("blobs/sha256"), &mut io::empty()).map_err(wio)?;
+        tw.append(
+            &file_entry("oci-layout", layout.len() as u64),
+            &mut &layout[..],
+        )
+        .map_err(wio)?;
+        tw.append(
+            &file_entry("index.json", index_bytes.len() as u64),
+            &mut &index_bytes[..],
+        )
+        .map_err(wio)?;
+        tw.append(&dir_entry("blobs"), &mut io::empty())
+            .map_err(wio)?;
+        tw.append(&dir_entry("blobs/sha256"), &mut io::empty())
+            .map_err(wio)?;
         let mut blobs = vec![img.descriptor.clone(), img.manifest.config().clone()];
         blobs.extend(img.manifest.layers().iter().cloned());
         let mut seen = std::collections::BTreeSet::new();
@@ -117,7 +153,11 @@ impl Store {
         Ok(())
     }
 
-    fn export_docker<W: Write>(&self, img: &Image, tw: &mut TarWriter<W>) -> Result<(), StoreError> {
+    fn export_docker<W: Write>(
+        &self,
+        img: &Image,
+        tw: &mut TarWriter<W>,
+    ) -> Result<(), StoreError> {
         let diff_ids = img.config.rootfs().diff_ids();
         if diff_ids.len() != img.manifest.layers().len() {
             return Err(StoreError::BadDocument {
@@ -129,7 +169,10 @@ impl Store {
         let config_name = format!("{}.json", img.manifest.config().digest().digest());
         let mut layer_names = Vec::new();
         for (l, diff_id) in img.manifest.layers().iter().zip(diff_ids) {
-            let dir = diff_id.strip_prefix("sha256:").unwrap_or(diff_id).to_string();
+            let dir = diff_id
+                .strip_prefix("sha256:")
+                .unwrap_or(diff_id)
+                .to_string();
             let member = format!("{dir}/layer.tar");
             // First pass: the uncompressed size (tar needs it up front).
             let size = io::copy(&mut self.layer_reader(l)?, &mut io::sink())
@@ -140,21 +183,48 @@ impl Store {
                 .map_err(|e| StoreError::io("export layer", &self.blob_path(l.digest()), e))?;
             let (got, _) = r.finish();
             if got.to_string() != *diff_id {
-                return Err(StoreError::DigestMismatch { what: format!("layer {}", l.digest()), expected: diff_id.clone(), actual: got.to_string() });
+                return Err(StoreError::DigestMismatch {
+                    what: format!("layer {}", l.digest()),
+                    expected: diff_id.clone(),
+                    actual: got.to_string(),
+                });
             }
             layer_names.push(member);
         }
         let c = &img.config_bytes;
-        tw.append(&file_entry(&config_name, c.len() as u64), &mut &c[..]).map_err(wio)?;
-        let tags: Vec<String> = ImageName::parse(&img.name).map(|n| vec![n.to_string()]).unwrap_or_default();
-        let manifest = serde_json::to_vec(&json!([{ "Config": config_name, "RepoTags": tags, "Layers": layer_names }]))
-            .map_err(|e| StoreError::BadDocument { what: "manifest.json", path: "<export>".into(), reason: e.to_string() })?;
-        tw.append(&file_entry("manifest.json", manifest.len() as u64), &mut &manifest[..]).map_err(wio)?;
+        tw.append(&file_entry(&config_name, c.len() as u64), &mut &c[..])
+            .map_err(wio)?;
+        let tags: Vec<String> = ImageName::parse(&img.name)
+            .map(|n| vec![n.to_string()])
+            .unwrap_or_default();
+        let manifest = serde_json::to_vec(
+            &json!([{ "Config": config_name, "RepoTags": tags, "Layers": layer_names }]),
+        )
+        .map_err(|e| StoreError::BadDocument {
+            what: "manifest.json",
+            path: "<export>".into(),
+            reason: e.to_string(),
+        })?;
+        tw.append(
+            &file_entry("manifest.json", manifest.len() as u64),
+            &mut &manifest[..],
+        )
+        .map_err(wio)?;
         if let Ok(n) = ImageName::parse(&img.name) {
             let top = img.manifest.config().digest().digest().to_string();
-            let repos = serde_json::to_vec(&json!({ n.repository(): { n.tag(): top } }))
-                .map_err(|e| StoreError::BadDocument { what: "repositories", path: "<export>".into(), reason: e.to_string() })?;
-            tw.append(&file_entry("repositories", repos.len() as u64), &mut &repos[..]).map_err(wio)?;
+            let repos =
+                serde_json::to_vec(&json!({ n.repository(): { n.tag(): top } })).map_err(|e| {
+                    StoreError::BadDocument {
+                        what: "repositories",
+                        path: "<export>".into(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            tw.append(
+                &file_entry("repositories", repos.len() as u64),
+                &mut &repos[..],
+            )
+            .map_err(wio)?;
         }
         Ok(())
     }
@@ -163,7 +233,8 @@ impl Store {
     pub fn layer_reader(&self, layer: &Descriptor) -> Result<Box<dyn Read + Send>, StoreError> {
         let r = self.open_blob(layer.digest(), Some(layer.size()))?;
         let path = self.blob_path(layer.digest());
-        let (head, r) = crate::source::peek(r, 16).map_err(|e| StoreError::io("read layer", &path, e))?;
+        let (head, r) =
+            crate::source::peek(r, 16).map_err(|e| StoreError::io("read layer", &path, e))?;
         let codec = crate::source::sniff_codec(&head);
         crate::source::decoder(codec, r).map_err(|e| StoreError::io("decompress layer", &path, e))
     }

@@ -20,7 +20,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
+use oci_spec::image::{
+    Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType,
+};
 use serde::Serialize;
 
 pub use blob::{BlobWriter, VerifiedReader};
@@ -93,7 +95,11 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
-        StoreError::Io { op, path: path.to_path_buf(), source }
+        StoreError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -188,7 +194,8 @@ impl Store {
     /// does not exist or is empty.
     pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
-        fs::create_dir_all(&root).map_err(|e| StoreError::io("create store directory", &root, e))?;
+        fs::create_dir_all(&root)
+            .map_err(|e| StoreError::io("create store directory", &root, e))?;
         let store = Store { root };
         let layout = store.root.join("oci-layout");
         if !layout.exists() {
@@ -196,7 +203,8 @@ impl Store {
             // the directory is ours to initialize under the index lock, and
             // re-check after taking it.
             let locks = store.locks_dir();
-            fs::create_dir_all(&locks).map_err(|e| StoreError::io("create directory", &locks, e))?;
+            fs::create_dir_all(&locks)
+                .map_err(|e| StoreError::io("create directory", &locks, e))?;
             let _g = store.lock_index()?;
             if !layout.exists() {
                 let has_other = fs::read_dir(&store.root)
@@ -210,7 +218,8 @@ impl Store {
                     });
                 }
                 for d in [store.blobs_dir(), store.tmp_dir()] {
-                    fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
+                    fs::create_dir_all(&d)
+                        .map_err(|e| StoreError::io("create directory", &d, e))?;
                 }
                 if !store.root.join("index.json").exists() {
                     store.write_index(&empty_index())?;
@@ -258,13 +267,18 @@ impl Store {
     /// Writes a whole blob from memory.
     pub fn put_blob(&self, data: &[u8]) -> Result<(Digest, u64), StoreError> {
         let mut w = self.blob_writer()?;
-        io::Write::write_all(&mut w, data).map_err(|e| StoreError::io("write blob", &self.tmp_dir(), e))?;
+        io::Write::write_all(&mut w, data)
+            .map_err(|e| StoreError::io("write blob", &self.tmp_dir(), e))?;
         w.commit()
     }
 
     /// Opens a blob for streaming; the reader fails at the end if the content
     /// does not match `digest` (or `size`, when given).
-    pub fn open_blob(&self, digest: &Digest, size: Option<u64>) -> Result<VerifiedReader<io::BufReader<File>>, StoreError> {
+    pub fn open_blob(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<VerifiedReader<io::BufReader<File>>, StoreError> {
         let path = self.blob_path(digest);
         let f = File::open(&path).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -273,7 +287,12 @@ impl Store {
                 StoreError::io("open blob", &path, e)
             }
         })?;
-        Ok(VerifiedReader::new(io::BufReader::with_capacity(1 << 20, f), digest.clone(), size, path))
+        Ok(VerifiedReader::new(
+            io::BufReader::with_capacity(1 << 20, f),
+            digest.clone(),
+            size,
+            path,
+        ))
     }
 
     /// Reads a small blob (at most [`MAX_JSON_SIZE`]) fully, verifying it.
@@ -286,11 +305,16 @@ impl Store {
             .read_to_end(&mut buf)
             .map_err(|e| StoreError::io("read blob", &path, e))?;
         if buf.len() as u64 > MAX_JSON_SIZE {
-            return Err(StoreError::BadDocument { what: "blob", path, reason: "larger than 16 MiB".into() });
+            return Err(StoreError::BadDocument {
+                what: "blob",
+                path,
+                reason: "larger than 16 MiB".into(),
+            });
         }
         // Reach EOF through the verifying reader so the digest is checked.
         let mut rest = [0u8; 1];
-        r.read(&mut rest).map_err(|e| StoreError::io("read blob", &path, e))?;
+        r.read(&mut rest)
+            .map_err(|e| StoreError::io("read blob", &path, e))?;
         Ok(buf)
     }
 
@@ -325,10 +349,13 @@ impl Store {
         let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-", dir)
             .map_err(|e| StoreError::io("create temp file", dir, e))?;
         io::Write::write_all(&mut tmp, data).map_err(|e| StoreError::io("write", path, e))?;
-        tmp.as_file().sync_all().map_err(|e| StoreError::io("fsync", path, e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| StoreError::io("fsync", path, e))?;
         let perm = <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
         fs::set_permissions(tmp.path(), perm).map_err(|e| StoreError::io("chmod", path, e))?;
-        tmp.persist(path).map_err(|e| StoreError::io("rename into place", path, e.error))?;
+        tmp.persist(path)
+            .map_err(|e| StoreError::io("rename into place", path, e.error))?;
         blob::sync_dir(dir)
     }
 
@@ -350,7 +377,10 @@ impl Store {
 
     /// Runs `f` on index.json under the index lock and writes the result back
     /// atomically.
-    pub(crate) fn update_index<T>(&self, f: impl FnOnce(&mut ImageIndex) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(crate) fn update_index<T>(
+        &self,
+        f: impl FnOnce(&mut ImageIndex) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let _g = self.lock_index()?;
         let mut index = self.read_index()?;
         let out = f(&mut index)?;
@@ -385,18 +415,26 @@ impl Store {
         let index = self.read_index()?;
         let desc = self.find_descriptor(&index, name)?;
         let manifest_bytes = self.read_blob(desc.digest())?;
-        let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes).map_err(|e| StoreError::BadDocument {
-            what: "manifest",
-            path: self.blob_path(desc.digest()),
-            reason: e.to_string(),
-        })?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&manifest_bytes).map_err(|e| StoreError::BadDocument {
+                what: "manifest",
+                path: self.blob_path(desc.digest()),
+                reason: e.to_string(),
+            })?;
         let config_bytes = self.read_blob(manifest.config().digest())?;
-        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| StoreError::BadDocument {
-            what: "config",
-            path: self.blob_path(manifest.config().digest()),
-            reason: e.to_string(),
-        })?;
-        Ok(Image { name: name.to_string(), descriptor: desc, manifest, config, config_bytes })
+        let config: ImageConfiguration =
+            serde_json::from_slice(&config_bytes).map_err(|e| StoreError::BadDocument {
+                what: "config",
+                path: self.blob_path(manifest.config().digest()),
+                reason: e.to_string(),
+            })?;
+        Ok(Image {
+            name: name.to_string(),
+            descriptor: desc,
+            manifest,
+            config,
+            config_bytes,
+        })
     }
 
     fn find_descriptor(&self, index: &ImageIndex, name: &str) -> Result<Descriptor, StoreError> {
@@ -418,7 +456,10 @@ impl Store {
             .map(|d| (d.digest().to_string(), d.clone()))
             .collect();
         match hits.len() {
-            1 => Ok(hits.into_values().next().ok_or_else(|| StoreError::ImageNotFound(name.into()))?),
+            1 => Ok(hits
+                .into_values()
+                .next()
+                .ok_or_else(|| StoreError::ImageNotFound(name.into()))?),
             0 => {
                 // A name made only of hex digits is still a valid image name.
                 let want = ImageName::parse(name)?;
@@ -429,7 +470,10 @@ impl Store {
                     .cloned()
                     .ok_or_else(|| StoreError::ImageNotFound(name.to_string()))
             }
-            _ => Err(StoreError::InvalidName { name: name.into(), reason: "digest prefix is ambiguous" }),
+            _ => Err(StoreError::InvalidName {
+                name: name.into(),
+                reason: "digest prefix is ambiguous",
+            }),
         }
     }
 
@@ -438,9 +482,13 @@ impl Store {
         let index = self.read_index()?;
         let mut out = Vec::new();
         for d in index.manifests() {
-            let Some(name) = refs::ref_name(d) else { continue };
+            let Some(name) = refs::ref_name(d) else {
+                continue;
+            };
             let img = self.resolve(d.digest().as_ref())?;
-            let size = d.size() + img.manifest.config().size() + img.manifest.layers().iter().map(|l| l.size()).sum::<u64>();
+            let size = d.size()
+                + img.manifest.config().size()
+                + img.manifest.layers().iter().map(|l| l.size()).sum::<u64>();
             out.push(ImageSummary {
                 name: name.to_string(),
                 digest: d.digest().to_string(),
@@ -468,8 +516,12 @@ impl Store {
         let want = ImageName::parse(name)?;
         self.update_index(|index| {
             let before = index.manifests().len();
-            let kept: Vec<Descriptor> =
-                index.manifests().iter().filter(|d| refs::ref_name(d) != Some(want.as_str())).cloned().collect();
+            let kept: Vec<Descriptor> = index
+                .manifests()
+                .iter()
+                .filter(|d| refs::ref_name(d) != Some(want.as_str()))
+                .cloned()
+                .collect();
             if kept.len() == before {
                 return Err(StoreError::ImageNotFound(want.to_string()));
             }
@@ -490,18 +542,24 @@ impl Store {
             }
             match d.media_type() {
                 MediaType::ImageManifest => {
-                    let m: ImageManifest = serde_json::from_slice(&self.read_blob(d.digest())?).map_err(|e| {
-                        StoreError::BadDocument { what: "manifest", path: self.blob_path(d.digest()), reason: e.to_string() }
-                    })?;
+                    let m: ImageManifest = serde_json::from_slice(&self.read_blob(d.digest())?)
+                        .map_err(|e| StoreError::BadDocument {
+                            what: "manifest",
+                            path: self.blob_path(d.digest()),
+                            reason: e.to_string(),
+                        })?;
                     seen.insert(m.config().digest().digest().to_string());
                     for l in m.layers() {
                         seen.insert(l.digest().digest().to_string());
                     }
                 }
                 MediaType::ImageIndex => {
-                    let i: ImageIndex = serde_json::from_slice(&self.read_blob(d.digest())?).map_err(|e| {
-                        StoreError::BadDocument { what: "index", path: self.blob_path(d.digest()), reason: e.to_string() }
-                    })?;
+                    let i: ImageIndex = serde_json::from_slice(&self.read_blob(d.digest())?)
+                        .map_err(|e| StoreError::BadDocument {
+                            what: "index",
+                            path: self.blob_path(d.digest()),
+                            reason: e.to_string(),
+                        })?;
                     todo.extend(i.manifests().iter().cloned());
                 }
                 _ => {}
@@ -526,15 +584,23 @@ impl Store {
                 continue;
             }
             let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(e.path()).map_err(|err| StoreError::io("remove blob", &e.path(), err))?;
+            fs::remove_file(e.path())
+                .map_err(|err| StoreError::io("remove blob", &e.path(), err))?;
             report.blobs_removed += 1;
             report.bytes_freed += size;
         }
         // With the exclusive lock held no writer is running: every temp file is stale.
         let tmp = self.tmp_dir();
-        for e in fs::read_dir(&tmp).map_err(|e| StoreError::io("read directory", &tmp, e))?.flatten() {
+        for e in fs::read_dir(&tmp)
+            .map_err(|e| StoreError::io("read directory", &tmp, e))?
+            .flatten()
+        {
             let p = e.path();
-            let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
             r.map_err(|err| StoreError::io("remove temp file", &p, err))?;
             report.temp_removed += 1;
         }
@@ -550,23 +616,37 @@ impl Store {
             let e = e.map_err(|e| StoreError::io("read directory", &dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
             let Ok(d) = format!("sha256:{name}").parse::<Digest>() else {
-                problems.push(FsckProblem { what: e.path().display().to_string(), problem: "not a sha256 blob name".into() });
+                problems.push(FsckProblem {
+                    what: e.path().display().to_string(),
+                    problem: "not a sha256 blob name".into(),
+                });
                 continue;
             };
             let mut r = self.open_blob(&d, None)?;
             if let Err(err) = io::copy(&mut r, &mut io::sink()) {
-                problems.push(FsckProblem { what: d.to_string(), problem: err.to_string() });
+                problems.push(FsckProblem {
+                    what: d.to_string(),
+                    problem: err.to_string(),
+                });
             }
         }
         let index = self.read_index()?;
         for d in index.manifests() {
-            let what = refs::ref_name(d).map(str::to_string).unwrap_or_else(|| d.digest().to_string());
+            let what = refs::ref_name(d)
+                .map(str::to_string)
+                .unwrap_or_else(|| d.digest().to_string());
             match self.resolve(d.digest().as_ref()) {
-                Err(e) => problems.push(FsckProblem { what, problem: e.to_string() }),
+                Err(e) => problems.push(FsckProblem {
+                    what,
+                    problem: e.to_string(),
+                }),
                 Ok(img) => {
                     for l in img.manifest.layers() {
                         if !self.has_blob(l.digest()) {
-                            problems.push(FsckProblem { what: what.clone(), problem: format!("layer {} missing", l.digest()) });
+                            problems.push(FsckProblem {
+                                what: what.clone(),
+                                problem: format!("layer {} missing", l.digest()),
+                            });
                         }
                     }
                 }

@@ -11,7 +11,10 @@ pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
 /// The ref name of an index.json descriptor, if it has one.
 pub(crate) fn ref_name(d: &Descriptor) -> Option<&str> {
-    d.annotations().as_ref()?.get(REF_NAME_ANNOTATION).map(String::as_str)
+    d.annotations()
+        .as_ref()?
+        .get(REF_NAME_ANNOTATION)
+        .map(String::as_str)
 }
 
 /// A validated image name, always `NAME:TAG` (the tag defaults to `latest`).
@@ -31,7 +34,10 @@ impl ImageName {
     /// Names follow the OCI `ref.name` grammar: components of `[A-Za-z0-9]`
     /// joined by `-._:@+` and `/`.
     pub fn parse(s: &str) -> Result<ImageName, StoreError> {
-        let bad = |reason| StoreError::InvalidName { name: s.to_string(), reason };
+        let bad = |reason| StoreError::InvalidName {
+            name: s.to_string(),
+            reason,
+        };
         if s.is_empty() {
             return Err(bad("empty"));
         }
@@ -39,9 +45,15 @@ impl ImageName {
             return Err(bad("longer than 255 characters"));
         }
         let last = s.rsplit('/').next().unwrap_or(s);
-        let full = if last.contains(':') || last.contains('@') { s.to_string() } else { format!("{s}:latest") };
+        let full = if last.contains(':') || last.contains('@') {
+            s.to_string()
+        } else {
+            format!("{s}:latest")
+        };
         for comp in full.split('/') {
-            let ok_chars = comp.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:@+".contains(&b));
+            let ok_chars = comp
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:@+".contains(&b));
             if !ok_chars {
                 return Err(bad("only letters, digits, '/' and -._:@+ are allowed"));
             }
@@ -49,7 +61,9 @@ impl ImageName {
                 return Err(bad("empty path component"));
             };
             if !first.is_ascii_alphanumeric() || !end.is_ascii_alphanumeric() {
-                return Err(bad("each component must start and end with a letter or digit"));
+                return Err(bad(
+                    "each component must start and end with a letter or digit",
+                ));
             }
         }
         Ok(ImageName(full))
@@ -103,7 +117,11 @@ mod tests {
             ("a b", None),
             ("a//b", None),
         ] {
-            assert_eq!(ImageName::parse(input).ok().map(|n| n.to_string()), want.map(String::from), "{input}");
+            assert_eq!(
+                ImageName::parse(input).ok().map(|n| n.to_string()),
+                want.map(String::from),
+                "{input}"
+            );
         }
         let n = ImageName::parse("localhost:5000/a/b:t").unwrap();
         assert_eq!((n.repository(), n.tag()), ("localhost:5000/a/b", "t"));

@@ -57,9 +57,8 @@ pub fn lgetxattr(path: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
     loop {
         // SAFETY: `c` and `n` are valid NUL-terminated strings; `buf` is writable for
         // `buf.len()` bytes and the kernel writes at most that many.
-        let r = unsafe {
-            libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if r >= 0 {
             buf.truncate(r as usize);
             return Ok(buf);
@@ -69,8 +68,7 @@ pub fn lgetxattr(path: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
             return Err(err);
         }
         // SAFETY: a size query with a NULL buffer writes nothing.
-        let need =
-            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+        let need = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
         if need < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -18,12 +18,16 @@ use sha2::{Digest, Sha256};
 
 /// The kiln binary under test.
 pub fn kiln_bin() -> PathBuf {
-    std::env::var_os("KILN_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")))
+    std::env::var_os("KILN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kiln")))
 }
 
 /// The repository root (for images/ and scripts/).
 pub fn repo() -> PathBuf {
-    std::env::var_os("KILN_TEST_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    std::env::var_os("KILN_TEST_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// Whether the tests run as root.
@@ -31,13 +35,20 @@ pub fn is_root() -> bool {
     // /proc/self/status is readable by anyone; avoids an unsafe getuid.
     fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 /// A fresh temp directory.
 pub fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("kiln-test-").tempdir().expect("create temp dir")
+    tempfile::Builder::new()
+        .prefix("kiln-test-")
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// Whether a program is on PATH.
@@ -50,7 +61,10 @@ pub fn have(prog: &str) -> bool {
 /// Panics with a clear message when a required tool is missing (tests never
 /// skip silently: scripts/setup.sh installs them).
 pub fn require(prog: &str) {
-    assert!(have(prog), "{prog} is not installed: run scripts/setup.sh (apt-get install {prog})");
+    assert!(
+        have(prog),
+        "{prog} is not installed: run scripts/setup.sh (apt-get install {prog})"
+    );
 }
 
 /// A kiln store in a temp dir plus helpers to run the binary on it.
@@ -70,7 +84,9 @@ impl Kiln {
     /// A `kiln --store STORE` command, with a clean SOURCE_DATE_EPOCH.
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(kiln_bin());
-        c.arg("--store").arg(self.store()).env_remove("SOURCE_DATE_EPOCH");
+        c.arg("--store")
+            .arg(self.store())
+            .env_remove("SOURCE_DATE_EPOCH");
         c
     }
 
@@ -79,7 +95,11 @@ impl Kiln {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.cmd().args(args).stdin(Stdio::null()).output().expect("spawn kiln")
+        self.cmd()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn kiln")
     }
 
     /// Runs kiln and asserts success; returns stdout.
@@ -88,7 +108,10 @@ impl Kiln {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
+        let args: Vec<_> = args
+            .into_iter()
+            .map(|a| a.as_ref().to_os_string())
+            .collect();
         let out = self.run(&args);
         assert!(
             out.status.success(),
@@ -107,20 +130,36 @@ impl Kiln {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_os_string()).collect();
+        let args: Vec<_> = args
+            .into_iter()
+            .map(|a| a.as_ref().to_os_string())
+            .collect();
         let out = self.run(&args);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(125), "kiln {args:?} should fail with 125, got {:?}; stderr: {err}", out.status);
+        assert_eq!(
+            out.status.code(),
+            Some(125),
+            "kiln {args:?} should fail with 125, got {:?}; stderr: {err}",
+            out.status
+        );
         assert!(!err.contains("panicked"), "kiln panicked: {err}");
         err
     }
 
     /// Imports `src` as `tag`; returns the manifest digest.
     pub fn import(&self, src: &Path, tag: &str, extra: &[&str]) -> String {
-        let mut args: Vec<String> = vec!["import".into(), src.display().to_string(), "-t".into(), tag.into()];
+        let mut args: Vec<String> = vec![
+            "import".into(),
+            src.display().to_string(),
+            "-t".into(),
+            tag.into(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = self.ok(&args);
-        out.split_whitespace().nth(1).expect("import prints NAME DIGEST").to_string()
+        out.split_whitespace()
+            .nth(1)
+            .expect("import prints NAME DIGEST")
+            .to_string()
     }
 
     /// The image's manifest/config JSON from `kiln inspect`.
@@ -130,7 +169,9 @@ impl Kiln {
 
     /// Path of a blob in the store.
     pub fn blob(&self, digest: &str) -> PathBuf {
-        self.store().join("blobs/sha256").join(digest.trim_start_matches("sha256:"))
+        self.store()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
     }
 
     /// The single layer blob of an image.
@@ -143,8 +184,13 @@ impl Kiln {
 
     /// Tag names in the store, from `kiln images --format json`.
     pub fn names(&self) -> Vec<String> {
-        let v: serde_json::Value = serde_json::from_str(&self.ok(["images", "--format", "json"])).expect("json");
-        v.as_array().expect("array").iter().map(|i| i["name"].as_str().unwrap_or("").to_string()).collect()
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(["images", "--format", "json"])).expect("json");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|i| i["name"].as_str().unwrap_or("").to_string())
+            .collect()
     }
 }
 
@@ -156,13 +202,18 @@ pub fn busybox_tar(dir: &Path) -> PathBuf {
         .arg(&out)
         .status()
         .expect("run images/busybox/build.sh");
-    assert!(st.success(), "images/busybox/build.sh failed (apt-get install busybox-static)");
+    assert!(
+        st.success(),
+        "images/busybox/build.sh failed (apt-get install busybox-static)"
+    );
     out
 }
 
 /// Runs a command, asserting success; returns stdout.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({:?}):\nstdout: {}\nstderr: {}",
@@ -244,11 +295,18 @@ pub fn tree_of_dir(root: &Path) -> Tree {
 }
 
 fn walk(root: &Path, p: &Path, out: &mut Tree, groups: &mut BTreeMap<(u64, u64), usize>) {
-    let mut names: Vec<_> = fs::read_dir(p).expect("read_dir").map(|e| e.expect("entry").file_name()).collect();
+    let mut names: Vec<_> = fs::read_dir(p)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
     names.sort();
     for n in names {
         let path = p.join(&n);
-        let rel = path.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+        let rel = path
+            .strip_prefix(root)
+            .expect("prefix")
+            .to_string_lossy()
+            .into_owned();
         let md = fs::symlink_metadata(&path).expect("lstat");
         let ft = md.file_type();
         let mut xattrs = xattrs_of(&path);
@@ -287,8 +345,19 @@ fn walk(root: &Path, p: &Path, out: &mut Tree, groups: &mut BTreeMap<(u64, u64),
         } else {
             String::new()
         };
-        let link = if kind == 'l' { fs::read_link(&path).expect("readlink").to_string_lossy().into_owned() } else { String::new() };
-        let dev = if kind == 'c' || kind == 'b' { (libc_major(md.rdev()), libc_minor(md.rdev())) } else { (0, 0) };
+        let link = if kind == 'l' {
+            fs::read_link(&path)
+                .expect("readlink")
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            String::new()
+        };
+        let dev = if kind == 'c' || kind == 'b' {
+            (libc_major(md.rdev()), libc_minor(md.rdev()))
+        } else {
+            (0, 0)
+        };
         let hardlink_group = if kind != 'd' && md.nlink() > 1 {
             let next = groups.len() + 1;
             *groups.entry((md.dev(), md.ino())).or_insert(next)
@@ -297,7 +366,18 @@ fn walk(root: &Path, p: &Path, out: &mut Tree, groups: &mut BTreeMap<(u64, u64),
         };
         out.insert(
             rel,
-            Node { kind, mode: md.mode() & 0o7777, uid, gid, mtime: md.mtime(), sha256, link, dev, xattrs, hardlink_group },
+            Node {
+                kind,
+                mode: md.mode() & 0o7777,
+                uid,
+                gid,
+                mtime: md.mtime(),
+                sha256,
+                link,
+                dev,
+                xattrs,
+                hardlink_group,
+            },
         );
         if kind == 'd' {
             walk(root, &path, out, groups);
@@ -317,7 +397,10 @@ fn libc_minor(dev: u64) -> u32 {
 pub fn tree_of_tar(path: &Path) -> Tree {
     let f = fs::File::open(path).expect("open tar");
     let mut head = [0u8; 4];
-    let n = fs::File::open(path).expect("open").read(&mut head).expect("read");
+    let n = fs::File::open(path)
+        .expect("open")
+        .read(&mut head)
+        .expect("read");
     let r: Box<dyn Read> = match &head[..n] {
         [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(f)),
         [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::new(f).expect("zstd")),
@@ -329,7 +412,11 @@ pub fn tree_of_tar(path: &Path) -> Tree {
     for e in ar.entries().expect("entries") {
         let mut e = e.expect("entry");
         let raw = e.path().expect("path").to_string_lossy().into_owned();
-        let rel = raw.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/').to_string();
+        let rel = raw
+            .trim_start_matches("./")
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .to_string();
         if rel.is_empty() || rel == "." {
             continue;
         }
@@ -349,10 +436,21 @@ pub fn tree_of_tar(path: &Path) -> Tree {
             }
         }
         let t = h.entry_type();
-        let link = e.link_name().ok().flatten().map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+        let link = e
+            .link_name()
+            .ok()
+            .flatten()
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if t.is_hard_link() {
-            let target = link.trim_start_matches("./").trim_start_matches('/').to_string();
-            let mut node = out.get(&target).cloned().unwrap_or_else(|| panic!("hardlink {rel} to missing {target}"));
+            let target = link
+                .trim_start_matches("./")
+                .trim_start_matches('/')
+                .to_string();
+            let mut node = out
+                .get(&target)
+                .cloned()
+                .unwrap_or_else(|| panic!("hardlink {rel} to missing {target}"));
             let next = groups.len() + 1;
             let g = *groups.entry(target.clone()).or_insert(next);
             if let Some(t) = out.get_mut(&target) {
@@ -378,7 +476,10 @@ pub fn tree_of_tar(path: &Path) -> Tree {
             String::new()
         };
         let dev = if kind == 'c' || kind == 'b' {
-            (h.device_major().ok().flatten().unwrap_or(0), h.device_minor().ok().flatten().unwrap_or(0))
+            (
+                h.device_major().ok().flatten().unwrap_or(0),
+                h.device_minor().ok().flatten().unwrap_or(0),
+            )
         } else {
             (0, 0)
         };
@@ -416,7 +517,12 @@ pub fn assert_same_tree(want: &Tree, got: &Tree, what: &str) {
             diffs.push(format!("extra {p}"));
         }
     }
-    assert!(diffs.is_empty(), "{what}: {} difference(s):\n{}", diffs.len(), diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} difference(s):\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
     assert!(!want.is_empty(), "{what}: empty tree compared");
 }
 
@@ -444,8 +550,22 @@ impl TarMaker {
     }
 
     /// Appends an entry with a raw (unchecked) path, as hostile archives do.
-    pub fn raw(mut self, path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>) -> Self {
-        let mut h = Self::header(kind, if kind == tar::EntryType::Directory { 0o755 } else { 0o644 }, data.len() as u64);
+    pub fn raw(
+        mut self,
+        path: &str,
+        kind: tar::EntryType,
+        data: &[u8],
+        link: Option<&str>,
+    ) -> Self {
+        let mut h = Self::header(
+            kind,
+            if kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            },
+            data.len() as u64,
+        );
         let name = path.as_bytes();
         {
             let g = h.as_gnu_mut().expect("gnu header");
@@ -530,7 +650,12 @@ add('usr/big', data=bytes(range(256)) * 4096, mode=0o600)
 add('usr/empty', mode=0o444)
 t.close()
 "#;
-    let st = Command::new("python3").arg("-c").arg(script).arg(&out).status().expect("run python3");
+    let st = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&out)
+        .status()
+        .expect("run python3");
     assert!(st.success(), "python3 fixture writer failed");
     out
 }
