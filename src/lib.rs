@@ -25,6 +25,8 @@
 //! The library never prints: long operations report through a
 //! [`progress::ProgressFn`] callback and `tracing`.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod digest;
 pub mod import;
 pub mod progress;

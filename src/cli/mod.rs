@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Import a directory, tarball, docker-save or OCI archive as an image.
-    Import(import::ImportArgs),
+    Import(Box<import::ImportArgs>),
     /// List images.
     Images(images::ImagesArgs),
     /// Show an image's manifest and config as JSON.

@@ -480,7 +480,7 @@ impl Store {
                         "archive-",
                         self.root().join(".kiln/tmp"),
                     )
-                    .map_err(|e| ImportError::Write(e))?;
+                    .map_err(ImportError::Write)?;
                     let mut stream = stream;
                     copy_classified(&mut stream, tmp.as_file_mut(), &display, &dcount)?;
                     spooled = tmp;
@@ -614,10 +614,11 @@ impl Store {
         let config = build_config(
             opts,
             None,
-            &[info.diff_id.clone()],
+            std::slice::from_ref(&info.diff_id),
             &format!("kiln import ({kind})"),
         )?;
-        let (manifest_digest, config_digest) = self.write_image(&config, &[info.clone()], name)?;
+        let (manifest_digest, config_digest) =
+            self.write_image(&config, std::slice::from_ref(&info), name)?;
         Ok(ImportReport {
             name: name.to_string(),
             source_kind: kind.to_string(),

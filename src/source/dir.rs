@@ -26,7 +26,7 @@ pub type DirEntryFn<'a> = dyn FnMut(Entry, &mut dyn Read) -> Result<(), ImportEr
 pub fn walk(root: &Path, f: &mut DirEntryFn<'_>) -> Result<u64, ImportError> {
     let mut links: HashMap<(u64, u64), String> = HashMap::new();
     let mut skipped = 0;
-    visit(root, root, String::new(), &mut links, &mut skipped, f)?;
+    visit(root, String::new(), &mut links, &mut skipped, f)?;
     Ok(skipped)
 }
 
@@ -39,7 +39,6 @@ fn io_err(path: &Path, step: &'static str, e: io::Error) -> ImportError {
 }
 
 fn visit(
-    root: &Path,
     path: &Path,
     rel: String,
     links: &mut HashMap<(u64, u64), String>,
@@ -82,8 +81,13 @@ fn visit(
         };
         if key == ROOTLESS_XATTR {
             if let Some((uid, gid)) = decode_rootless(&value) {
-                e.uid = u64::from(uid);
-                e.gid = u64::from(gid);
+                // u32::MAX ("noop id") leaves that half of the owner as on disk.
+                if uid != u32::MAX {
+                    e.uid = u64::from(uid);
+                }
+                if gid != u32::MAX {
+                    e.gid = u64::from(gid);
+                }
             }
         }
         if !SKIP_XATTRS.contains(&key.as_str()) {
@@ -140,7 +144,7 @@ fn visit(
                 } else {
                     format!("{rel}/{s}")
                 };
-                visit(root, &path.join(&n), child_rel, links, skipped, f)?;
+                visit(&path.join(&n), child_rel, links, skipped, f)?;
             }
             Ok(())
         }

@@ -312,7 +312,14 @@ fn walk(root: &Path, p: &Path, out: &mut Tree, groups: &mut BTreeMap<(u64, u64),
         let mut xattrs = xattrs_of(&path);
         let (mut uid, mut gid) = (u64::from(md.uid()), u64::from(md.gid()));
         if let Some(v) = xattrs.remove("user.rootlesscontainers") {
-            (uid, gid) = decode_rootless(&v);
+            // u32::MAX means "unchanged": the on-disk owner stands.
+            let (u, g) = decode_rootless(&v);
+            if u != u64::from(u32::MAX) {
+                uid = u;
+            }
+            if g != u64::from(u32::MAX) {
+                gid = g;
+            }
         }
         xattrs.remove("security.selinux");
         let kind = if ft.is_dir() {

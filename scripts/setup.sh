@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what kiln's build, demo and tests need on a Debian 12 machine.
+# Run as root (or with sudo available). Idempotent.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(
+  # the image clients kiln must interoperate with
+  skopeo umoci podman crun uidmap catatonit
+  # example image and toolchain test input
+  busybox-static mmdebstrap
+  # compressors for input tests, tools the tests call
+  zstd xz-utils bzip2 pigz jq attr libcap2-bin python3 util-linux
+  # peers measured by the benchmarks
+  hyperfine bubblewrap
+)
+sudo=""
+[ "$(id -u)" = 0 ] || sudo=sudo
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null; then
+  echo "setup: no Rust toolchain found: install one with rustup (https://rustup.rs)" >&2
+  exit 1
+fi
+echo "setup: system packages installed; $(cargo --version)"

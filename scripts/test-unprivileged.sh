@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs kiln's integration tests as unprivileged users (kiln is rootless first):
+#   kiln-sub    has /etc/subuid and /etc/subgid ranges
+#   kiln-nosub  has none
+# The toolchain lives under /root (mode 0700), so the test binaries and kiln
+# are built here as root and copied to a world-readable temp dir first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "test-unprivileged: run as root (it creates users)" >&2; exit 1; }
+export PATH="$HOME/.cargo/bin:$PATH"
+
+for u in kiln-sub kiln-nosub; do
+  id -u "$u" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$u"
+done
+for f in /etc/subuid /etc/subgid; do
+  touch "$f"
+  grep -q '^kiln-sub:' "$f" || echo 'kiln-sub:300000:65536' >>"$f"
+  sed -i '/^kiln-nosub:/d' "$f"
+done
+
+dest=$(mktemp -d /tmp/kiln-unpriv.XXXXXX)
+trap 'rm -rf "$dest"' EXIT
+mkdir -p "$dest/bin" "$dest/repo"
+cargo build --release --quiet
+cp target/release/kiln "$dest/bin/kiln"
+mapfile -t exes < <(cargo test --release --no-run --message-format=json 2>/dev/null \
+  | jq -r 'select(.reason == "compiler-artifact" and .profile.test == true
+                  and (.target.kind | index("test"))) | .executable')
+[ "${#exes[@]}" -gt 0 ] || { echo "test-unprivileged: no integration test binaries found" >&2; exit 1; }
+for e in "${exes[@]}"; do cp "$e" "$dest/bin/"; done
+cp -r images scripts "$dest/repo/"
+chmod -R a+rX "$dest"
+
+failed=()
+for u in kiln-sub kiln-nosub; do
+  home=$(getent passwd "$u" | cut -d: -f6)
+  for e in "${exes[@]}"; do
+    exe="$dest/bin/$(basename "$e")"
+    echo "== $(basename "$e") as $u ($(grep -c "^$u:" /etc/subuid || true) subuid range(s))"
+    if ! (cd "$dest" && runuser -u "$u" -- env -i \
+        HOME="$home" USER="$u" LOGNAME="$u" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR=/tmp \
+        CI="${CI:-}" KILN_BIN="$dest/bin/kiln" KILN_TEST_DATA="$dest/repo" \
+        KILN_BUILDD_TAR="${KILN_BUILDD_TAR:-}" RUST_BACKTRACE=1 \
+        "$exe" --test-threads=2); then
+      failed+=("$(basename "$e") as $u")
+    fi
+  done
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "test-unprivileged: FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "test-unprivileged: all integration tests passed as kiln-sub and kiln-nosub"

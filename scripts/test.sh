@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# kiln's test suite, as CI runs it:
+#   1. cargo fmt --check and clippy -D warnings;
+#   2. unit, integration and doc tests as the calling user;
+#   3. when run as root: the integration tests again as two unprivileged users,
+#      one with /etc/subuid ranges and one without (scripts/test-unprivileged.sh).
+# The real-toolchain input (a Debian buildd rootfs tarball) is built once and
+# cached in /var/cache/kiln-ci (override with KILN_BUILDD_TAR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export KILN_BUILDD_TAR=${KILN_BUILDD_TAR:-/var/cache/kiln-ci/buildd.tar}
+scripts/make-buildd-tar.sh "$KILN_BUILDD_TAR"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --release --all-targets --quiet -- -D warnings
+echo "== build"
+cargo build --release --quiet
+echo "== tests as $(id -un)"
+cargo test --release
+if [ "$(id -u)" = 0 ] && [ "${KILN_SKIP_UNPRIVILEGED:-0}" != 1 ]; then
+  scripts/test-unprivileged.sh
+fi
+echo "== all tests passed"
