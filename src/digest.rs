@@ -33,6 +33,24 @@ pub fn of_bytes(data: &[u8]) -> Digest {
     finish(h)
 }
 
+/// SHA-256 of everything `r` yields, and its length.
+pub fn of_reader(mut r: impl Read) -> io::Result<(Digest, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok((finish(h), n)),
+            Ok(k) => {
+                h.update(&buf[..k]);
+                n += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A writer that hashes and counts every byte it passes on.
 pub struct HashWriter<W> {
     inner: W,

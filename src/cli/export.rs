@@ -39,3 +39,24 @@ pub fn run(cli: &Cli, a: &ExportArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `kiln digest FILE...`
+#[derive(Args, Debug)]
+pub struct DigestArgs {
+    /// Files to hash; `-` for stdin.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+pub fn digest(a: &DigestArgs) -> Result<i32> {
+    for f in &a.files {
+        let (d, _) = if f.as_os_str() == "-" {
+            kiln::digest::of_reader(std::io::stdin().lock())
+        } else {
+            kiln::digest::of_reader(std::fs::File::open(f).with_context(|| format!("open {}", f.display()))?)
+        }
+        .with_context(|| format!("read {}", f.display()))?;
+        println!("{d}  {}", f.display());
+    }
+    Ok(0)
+}

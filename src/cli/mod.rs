@@ -49,6 +49,8 @@ pub enum Command {
     Fsck(images::GcArgs),
     /// Write an image as an oci-archive or docker-archive tarball.
     Export(export::ExportArgs),
+    /// Print the OCI digest (sha256:...) of files, or of stdin with `-`.
+    Digest(export::DigestArgs),
 }
 
 /// Opens the store named by `--store` or the default location.
@@ -71,5 +73,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Gc(a) => images::gc(&cli, a),
         Command::Fsck(a) => images::fsck(&cli, a),
         Command::Export(a) => export::run(&cli, a),
+        Command::Digest(a) => export::digest(a),
     }
 }
