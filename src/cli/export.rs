@@ -53,7 +53,9 @@ pub fn digest(a: &DigestArgs) -> Result<i32> {
         let (d, _) = if f.as_os_str() == "-" {
             kiln::digest::of_reader(std::io::stdin().lock())
         } else {
-            kiln::digest::of_reader(std::fs::File::open(f).with_context(|| format!("open {}", f.display()))?)
+            kiln::digest::of_reader(
+                std::fs::File::open(f).with_context(|| format!("open {}", f.display()))?,
+            )
         }
         .with_context(|| format!("read {}", f.display()))?;
         println!("{d}  {}", f.display());
