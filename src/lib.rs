@@ -33,6 +33,7 @@ pub mod progress;
 pub mod source;
 pub mod store;
 mod sys;
+pub mod unpack;
 
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
 pub use progress::{Event, ProgressFn};

@@ -9,59 +9,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// Canonical hardlink groups: numbered by their smallest member path, so two
-/// trees with the same link structure compare equal.
-fn canon(mut t: Tree) -> Tree {
-    let mut first: std::collections::BTreeMap<usize, String> = Default::default();
-    for (p, n) in &t {
-        if n.hardlink_group != 0 {
-            first.entry(n.hardlink_group).or_insert_with(|| p.clone());
-        }
-    }
-    let mut order: Vec<&String> = first.values().collect();
-    order.sort();
-    let renum: std::collections::BTreeMap<usize, usize> = first
-        .iter()
-        .map(|(g, p)| (*g, order.iter().position(|q| *q == p).unwrap_or(0) + 1))
-        .collect();
-    for n in t.values_mut() {
-        if n.hardlink_group != 0 {
-            n.hardlink_group = renum[&n.hardlink_group];
-        }
-    }
-    t
-}
-
-/// What a rootless `umoci unpack --rootless` can reproduce: device nodes
-/// become empty files and security.* xattrs cannot be set.
-fn rootless_view(t: &Tree) -> Tree {
-    t.iter()
-        .map(|(p, n)| {
-            let mut n = n.clone();
-            if n.kind == 'c' || n.kind == 'b' {
-                n.kind = 'f';
-                n.dev = (0, 0);
-                n.sha256 =
-                    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into();
-            }
-            n.xattrs.retain(|k, _| !k.starts_with("security."));
-            (p.clone(), n)
-        })
-        .collect()
-}
-
-fn my_ids() -> (u64, u64) {
-    let status = fs::read_to_string("/proc/self/status").expect("status");
-    let field = |name: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(name)).expect("field");
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .expect("number")
-    };
-    (field("Uid:"), field("Gid:"))
-}
-
 fn umoci_unpack(k: &Kiln, name: &str, dest: &Path) -> Tree {
     require("umoci");
     let mut c = Command::new("umoci");
@@ -85,20 +32,9 @@ fn tarball_layer_and_umoci_unpack_match_the_input_exactly() {
     assert!(want.len() > 25, "fixture too small: {}", want.len());
     let layer = canon(tree_of_tar(&k.only_layer("fixture:1")));
     assert_same_tree(&want, &layer, "layer vs input tarball");
-    let mut got = umoci_unpack(&k, "fixture:1", &k.dir.path().join("bundle"));
-    if !is_root() {
-        // Rootless umoci leaves root-owned files owned by the caller, with no
-        // user.rootlesscontainers record (other owners get one).
-        let (uid, gid) = my_ids();
-        for n in got.values_mut() {
-            if n.uid == uid {
-                n.uid = 0;
-            }
-            if n.gid == gid {
-                n.gid = 0;
-            }
-        }
-    }
+    // Rootless umoci leaves root-owned files owned by the caller, with no
+    // user.rootlesscontainers record (other owners get one).
+    let got = caller_as_root(umoci_unpack(&k, "fixture:1", &k.dir.path().join("bundle")));
     let want_unpacked = if is_root() {
         want.clone()
     } else {

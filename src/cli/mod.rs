@@ -5,6 +5,7 @@ mod export;
 mod images;
 mod import;
 mod output;
+mod unpack;
 
 use std::path::PathBuf;
 
@@ -49,6 +50,8 @@ pub enum Command {
     Fsck(images::GcArgs),
     /// Write an image as an oci-archive or docker-archive tarball.
     Export(export::ExportArgs),
+    /// Unpack an image's layers into a directory (path-safe, whiteouts applied).
+    Unpack(unpack::UnpackArgs),
     /// Print the OCI digest (sha256:...) of files, or of stdin with `-`.
     Digest(export::DigestArgs),
 }
@@ -74,5 +77,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Fsck(a) => images::fsck(&cli, a),
         Command::Export(a) => export::run(&cli, a),
         Command::Digest(a) => export::digest(a),
+        Command::Unpack(a) => unpack::run(&cli, a),
     }
 }

@@ -43,6 +43,78 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The caller's real uid and gid.
+pub fn my_ids() -> (u64, u64) {
+    let status = fs::read_to_string("/proc/self/status").expect("status");
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).expect("field");
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("number")
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// In a rootless unpack, files owned by root are simply the caller's: map
+/// the caller's ids back to 0 so trees compare with the image.
+pub fn caller_as_root(mut t: Tree) -> Tree {
+    if is_root() {
+        return t;
+    }
+    let (uid, gid) = my_ids();
+    for n in t.values_mut() {
+        if n.uid == uid {
+            n.uid = 0;
+        }
+        if n.gid == gid {
+            n.gid = 0;
+        }
+    }
+    t
+}
+
+/// Canonical hardlink groups: numbered by their smallest member path, so two
+/// trees with the same link structure compare equal.
+pub fn canon(mut t: Tree) -> Tree {
+    let mut first: std::collections::BTreeMap<usize, String> = Default::default();
+    for (p, n) in &t {
+        if n.hardlink_group != 0 {
+            first.entry(n.hardlink_group).or_insert_with(|| p.clone());
+        }
+    }
+    let mut order: Vec<&String> = first.values().collect();
+    order.sort();
+    let renum: std::collections::BTreeMap<usize, usize> = first
+        .iter()
+        .map(|(g, p)| (*g, order.iter().position(|q| *q == p).unwrap_or(0) + 1))
+        .collect();
+    for n in t.values_mut() {
+        if n.hardlink_group != 0 {
+            n.hardlink_group = renum[&n.hardlink_group];
+        }
+    }
+    t
+}
+
+/// What a rootless `umoci unpack --rootless` can reproduce: device nodes
+/// become empty files and security.* xattrs cannot be set.
+pub fn rootless_view(t: &Tree) -> Tree {
+    t.iter()
+        .map(|(p, n)| {
+            let mut n = n.clone();
+            if n.kind == 'c' || n.kind == 'b' {
+                n.kind = 'f';
+                n.dev = (0, 0);
+                n.sha256 =
+                    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into();
+            }
+            n.xattrs.retain(|k, _| !k.starts_with("security."));
+            (p.clone(), n)
+        })
+        .collect()
+}
+
 /// A fresh temp directory.
 pub fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()
