@@ -181,3 +181,58 @@ fn symlinks_from_lower_layers_cannot_redirect_writes_to_the_host() {
     // The symlink itself was replaced by the file, not written through.
     assert!(dest.join("precious-link").is_file());
 }
+
+#[test]
+fn rootfs_cache_is_unpacked_once_under_concurrency_and_collected_by_gc() {
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    k.import(&tar, "bb", &[]);
+    k.ok(["tag", "bb", "bb-again"]);
+    // Six concurrent first uses of one chain (two names, same layers).
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            k.cmd()
+                .args([
+                    "rootfs",
+                    if i % 2 == 0 { "bb" } else { "bb-again" },
+                    "--format",
+                    "json",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let mut paths = std::collections::BTreeSet::new();
+    let mut unpacked = 0;
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        paths.insert(v["path"].as_str().expect("path").to_string());
+        if v["unpacked"] == true {
+            unpacked += 1;
+        }
+    }
+    assert_eq!(paths.len(), 1, "one cache entry per chain: {paths:?}");
+    assert_eq!(unpacked, 1, "exactly one process unpacks");
+    let root = Path::new(paths.iter().next().expect("path"));
+    assert_same_tree(
+        &caller_as_root(canon(tree_of_dir(root))),
+        &kiln_unpack(&k, "bb", &k.dir.path().join("fresh")),
+        "cached rootfs vs fresh unpack",
+    );
+    // Still referenced: gc keeps it; once the image is gone, gc removes it.
+    k.ok(["gc"]);
+    assert!(root.is_dir());
+    k.ok(["rm", "bb", "bb-again"]);
+    let gc: serde_json::Value =
+        serde_json::from_str(&k.ok(["gc", "--format", "json"])).expect("json");
+    assert_eq!(gc["rootfs_removed"], 1, "{gc}");
+    assert!(!root.exists());
+}

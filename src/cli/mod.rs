@@ -52,6 +52,9 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Unpack an image's layers into a directory (path-safe, whiteouts applied).
     Unpack(unpack::UnpackArgs),
+    /// Print the path of the image's cached, read-only root file system
+    /// (unpacked once per layer chain, shared by every run).
+    Rootfs(unpack::RootfsArgs),
     /// Print the OCI digest (sha256:...) of files, or of stdin with `-`.
     Digest(export::DigestArgs),
 }
@@ -78,5 +81,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Export(a) => export::run(&cli, a),
         Command::Digest(a) => export::digest(a),
         Command::Unpack(a) => unpack::run(&cli, a),
+        Command::Rootfs(a) => unpack::rootfs(&cli, a),
     }
 }

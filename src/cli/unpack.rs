@@ -51,3 +51,24 @@ pub fn run(cli: &Cli, a: &UnpackArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `kiln rootfs IMAGE`
+#[derive(Args, Debug)]
+pub struct RootfsArgs {
+    /// Image name or digest.
+    pub image: String,
+    /// Output format: the path, or a JSON report.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+pub fn rootfs(cli: &Cli, a: &RootfsArgs) -> Result<i32> {
+    let store = open_store(&cli.store)?;
+    let r = store.rootfs(&a.image)?;
+    if a.format == Format::Json {
+        print_json(&r)?;
+    } else {
+        println!("{}", r.path.display());
+    }
+    Ok(0)
+}

@@ -162,6 +162,8 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Stale temp files removed.
     pub temp_removed: u64,
+    /// Cached root file systems of images no longer in the store removed.
+    pub rootfs_removed: u64,
 }
 
 /// One problem found by [`Store::fsck`].
@@ -330,6 +332,11 @@ impl Store {
         let r = if exclusive { f.lock() } else { f.lock_shared() };
         r.map_err(|e| StoreError::io("lock", &path, e))?;
         Ok(StoreLock { _file: f })
+    }
+
+    /// An exclusive lock on `.kiln/locks/NAME`.
+    pub(crate) fn named_lock(&self, name: &str) -> Result<StoreLock, StoreError> {
+        self.lock(name, true)
     }
 
     /// Serializes index.json updates between processes.
@@ -604,6 +611,7 @@ impl Store {
             r.map_err(|err| StoreError::io("remove temp file", &p, err))?;
             report.temp_removed += 1;
         }
+        report.rootfs_removed = self.gc_rootfs()?;
         Ok(report)
     }
 

@@ -24,6 +24,10 @@ use rustix::fs::{
 };
 use rustix::io::Errno;
 
+mod cache;
+
+pub use cache::{chain_id, CachedRootfs};
+
 use crate::import::{Entry, EntryKind, ImportError};
 use crate::source::dir::{encode_rootless, ROOTLESS_XATTR};
 use crate::store::{Store, StoreError};
@@ -86,7 +90,7 @@ pub struct UnpackReport {
     pub xattrs_skipped: u64,
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 

@@ -1,0 +1,156 @@
+//! The unpacked-rootfs cache: one read-only tree per layer chain, shared by
+//! every run of every image that has that chain.
+//!
+//! ```text
+//! STORE/.kiln/rootfs/<chain-id hex>[-rootless]/     complete trees only (renamed into place)
+//! STORE/.kiln/rootfs/.tmp-*                        unpacks in progress (removed by gc)
+//! STORE/.kiln/locks/rootfs-<key>.lock              held while one process unpacks
+//! ```
+
+use std::fs;
+use std::path::PathBuf;
+
+use oci_spec::image::ImageConfiguration;
+use sha2::{Digest as _, Sha256};
+
+use super::{is_root, remove_tree, UnpackError, Unpacker};
+use crate::store::{Store, StoreError};
+
+/// The OCI ChainID of a config's layers: `ChainID(L0) = DiffID(L0)`,
+/// `ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))`.
+///
+/// ```
+/// let ids = ["sha256:aa".to_string(), "sha256:bb".to_string()];
+/// let one = kiln::unpack::chain_id(&ids[..1]);
+/// assert_eq!(one, "sha256:aa");
+/// assert!(kiln::unpack::chain_id(&ids).starts_with("sha256:"));
+/// ```
+pub fn chain_id(diff_ids: &[String]) -> String {
+    let mut chain = String::new();
+    for (i, d) in diff_ids.iter().enumerate() {
+        chain = if i == 0 {
+            d.clone()
+        } else {
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("{chain} {d}")))
+            )
+        };
+    }
+    chain
+}
+
+/// Where a cached root file system is, and whether this call unpacked it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CachedRootfs {
+    /// The read-only tree.
+    pub path: PathBuf,
+    /// The layer chain it holds.
+    pub chain_id: String,
+    /// True when this call unpacked it (false: it was cached, possibly by a
+    /// concurrent call this one waited for).
+    pub unpacked: bool,
+}
+
+fn cache_key(config: &ImageConfiguration, rootless: bool) -> String {
+    let chain = chain_id(config.rootfs().diff_ids());
+    let hex = chain.strip_prefix("sha256:").unwrap_or(&chain).to_string();
+    if rootless {
+        format!("{hex}-rootless")
+    } else {
+        hex
+    }
+}
+
+impl Store {
+    pub(crate) fn rootfs_dir(&self) -> PathBuf {
+        self.root().join(".kiln/rootfs")
+    }
+
+    /// Returns the cached root file system of image `name`, unpacking it
+    /// first if needed. Concurrent callers for the same chain wait on a lock
+    /// while one unpacks; the tree appears atomically (rename) when complete,
+    /// so a crash never leaves a half tree in the cache.
+    pub fn rootfs(&self, name: &str) -> Result<CachedRootfs, UnpackError> {
+        let img = self.resolve(name)?;
+        let rootless = !is_root();
+        let key = cache_key(&img.config, rootless);
+        let chain_id = chain_id(img.config.rootfs().diff_ids());
+        let dir = self.rootfs_dir();
+        let path = dir.join(&key);
+        if path.is_dir() {
+            return Ok(CachedRootfs {
+                path,
+                chain_id,
+                unpacked: false,
+            });
+        }
+        // Hold the writer lock (shared) so gc does not remove our temp tree.
+        let _w = self.writer_lock()?;
+        let _l = self.named_lock(&format!("rootfs-{key}.lock"))?;
+        if path.is_dir() {
+            return Ok(CachedRootfs {
+                path,
+                chain_id,
+                unpacked: false,
+            });
+        }
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("create directory", &dir, e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(&dir)
+            .map_err(|e| StoreError::io("create temp directory", &dir, e))?;
+        let tmp_path = tmp.keep();
+        let result = (|| {
+            let mut u = Unpacker::new(&tmp_path, rootless)
+                .map_err(|e| StoreError::io("open", &tmp_path, e))?;
+            for layer in img.manifest.layers() {
+                let r = self.layer_reader(layer)?;
+                u.apply_layer(r, layer.digest().as_ref())?;
+            }
+            u.finish()?;
+            fs::rename(&tmp_path, &path)
+                .map_err(|e| StoreError::io("rename rootfs into place", &path, e))?;
+            Ok::<(), UnpackError>(())
+        })();
+        if let Err(e) = result {
+            let _ = remove_tree(&tmp_path);
+            return Err(e);
+        }
+        Ok(CachedRootfs {
+            path,
+            chain_id,
+            unpacked: true,
+        })
+    }
+
+    /// Removes cached trees no image in the index uses, and abandoned temp
+    /// trees. Called by [`Store::gc`] with the gc lock held.
+    pub(crate) fn gc_rootfs(&self) -> Result<u64, StoreError> {
+        let dir = self.rootfs_dir();
+        if !dir.is_dir() {
+            return Ok(0);
+        }
+        let mut keep = std::collections::HashSet::new();
+        for d in self.read_index()?.manifests() {
+            if let Ok(img) = self.resolve(d.digest().as_ref()) {
+                keep.insert(cache_key(&img.config, false));
+                keep.insert(cache_key(&img.config, true));
+            }
+        }
+        let mut removed = 0;
+        for e in fs::read_dir(&dir)
+            .map_err(|e| StoreError::io("read directory", &dir, e))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                continue;
+            }
+            remove_tree(&e.path())
+                .map_err(|err| StoreError::io("remove cached rootfs", &e.path(), err))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
