@@ -30,7 +30,9 @@
 pub mod digest;
 pub mod import;
 pub mod progress;
+pub mod sandbox;
 pub mod source;
+pub mod spec;
 pub mod store;
 mod sys;
 pub mod unpack;

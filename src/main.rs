@@ -6,6 +6,13 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    // The sandbox helper: kiln re-executes itself to set up namespaces.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == kiln::sandbox::ns::HELPER_ARG)
+    {
+        kiln::sandbox::ns::helper_main();
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -5,6 +5,7 @@ mod export;
 mod images;
 mod import;
 mod output;
+mod run;
 mod unpack;
 
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run a command inside an image (rootless namespace sandbox).
+    Run(Box<run::RunArgs>),
     /// Import a directory, tarball, docker-save or OCI archive as an image.
     Import(Box<import::ImportArgs>),
     /// List images.
@@ -72,6 +75,7 @@ pub fn open_store(cli_store: &Option<PathBuf>) -> Result<Store> {
 pub fn run(cli: Cli) -> Result<i32> {
     match &cli.command {
         Command::Import(a) => import::run(&cli, a),
+        Command::Run(a) => run::run(&cli, a),
         Command::Images(a) => images::images(&cli, a),
         Command::Inspect(a) => images::inspect(&cli, a),
         Command::Tag(a) => images::tag(&cli, a),

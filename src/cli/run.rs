@@ -1,0 +1,114 @@
+//! `kiln run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use kiln::sandbox::Sandbox;
+use kiln::spec::{Network, RunSpec, Volume};
+
+use super::{open_store, Cli};
+
+/// `kiln run [OPTIONS] IMAGE [--] [CMD [ARGS...]]`
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Set KEY=VALUE, or pass KEY from the host environment (repeatable).
+    #[arg(short, long = "env", value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+    /// Read KEY=VALUE lines from a file (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
+    /// Working directory inside the sandbox (default: the image's, else /).
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Host name inside the sandbox.
+    #[arg(long, default_value = "kiln")]
+    pub hostname: String,
+    /// Network: none (only lo, the default) or host.
+    #[arg(long, default_value = "none", value_parser = parse_network)]
+    pub network: Network,
+    /// User to run as inside the sandbox, UID[:GID] (default 0:0).
+    #[arg(short, long, value_name = "UID[:GID]")]
+    pub user: Option<String>,
+    /// Kill the whole sandbox after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Mount the image read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Bind mount SRC:DST[:ro|rw] (repeatable).
+    #[arg(short, long = "volume", value_name = "SRC:DST[:ro|rw]")]
+    pub volume: Vec<String>,
+    /// Write the run's result as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json_status: Option<PathBuf>,
+    /// Image name or digest.
+    pub image: String,
+    /// Command and arguments (default: the image's Entrypoint and Cmd).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_network(s: &str) -> Result<Network, String> {
+    match s {
+        "none" => Ok(Network::None),
+        "host" => Ok(Network::Host),
+        o => Err(format!("unknown network {o:?} (none, host)")),
+    }
+}
+
+pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
+    let store = open_store(&cli.store)?;
+    let mut spec = RunSpec::new(a.image.clone());
+    spec.argv = (!a.command.is_empty()).then(|| a.command.clone());
+    for f in &a.env_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("read --env-file {}", f.display()))?;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            spec.env.push(line.to_string());
+        }
+    }
+    for e in &a.env {
+        if e.contains('=') {
+            spec.env.push(e.clone());
+        } else if let Ok(v) = std::env::var(e) {
+            spec.env.push(format!("{e}={v}"));
+        }
+    }
+    spec.workdir = a.workdir.clone();
+    spec.hostname = a.hostname.clone();
+    spec.network = a.network;
+    if let Some(u) = &a.user {
+        let (uid, gid) = match u.split_once(':') {
+            Some((u, g)) => (u.parse::<u32>(), g.parse::<u32>()),
+            None => (u.parse::<u32>(), u.parse::<u32>()),
+        };
+        let (Ok(uid), Ok(gid)) = (uid, gid) else {
+            bail!("--user {u:?}: expected numeric UID[:GID]")
+        };
+        spec.user = (uid, gid);
+    }
+    if let Some(t) = a.timeout {
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("--timeout must be a positive number of seconds");
+        }
+        spec.timeout = Some(Duration::from_secs_f64(t));
+    }
+    spec.read_only = a.read_only;
+    for v in &a.volume {
+        spec.volumes.push(v.parse::<Volume>()?);
+    }
+    spec.forward_signals = true;
+    let result = Sandbox::new(store).run(&spec)?;
+    if let Some(path) = &a.json_status {
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(result.exit_code)
+}

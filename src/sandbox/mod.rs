@@ -1,0 +1,108 @@
+//! Running commands inside an image.
+//!
+//! [`Sandbox::run`] takes a validated [`RunSpec`](crate::spec::RunSpec) and
+//! runs it in the namespace backend ([`ns`]): a user namespace (the caller
+//! maps to root), private mount, pid, ipc, uts, cgroup and (by default)
+//! network namespaces, an overlay over the image's cached root file system,
+//! and kiln's own init as PID 1. The VM backend is planned.
+
+pub mod ns;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::spec::{RunSpec, SpecError};
+use crate::store::{Store, StoreError};
+use crate::unpack::UnpackError;
+
+/// Errors that stop a run before or around the command (exit code 125).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The image could not be resolved.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The image could not be unpacked.
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
+    /// A host-side step failed.
+    #[error("run: {step}: {source}")]
+    Host {
+        /// What kiln was doing.
+        step: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host cannot run sandboxes, with the reason and the fix.
+    #[error("run: {0}")]
+    Unsupported(String),
+}
+
+impl RunError {
+    pub(crate) fn host(step: impl Into<String>, source: std::io::Error) -> RunError {
+        RunError::Host {
+            step: step.into(),
+            source,
+        }
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunResult {
+    /// The exit code, container convention: the command's own code; 124 on
+    /// timeout; 125 if kiln failed inside the sandbox; 126 not executable;
+    /// 127 not found; 128+N killed by signal N.
+    pub exit_code: i32,
+    /// The signal that killed the command, if any.
+    pub signal: Option<i32>,
+    /// Whether the timeout fired.
+    pub timed_out: bool,
+    /// Wall time of the run.
+    pub duration: Duration,
+    /// The manifest digest of the image that ran.
+    pub image_digest: String,
+}
+
+/// Runs commands in images of a store.
+///
+/// ```no_run
+/// use kiln::{sandbox::Sandbox, spec::RunSpec, Store};
+/// let store = Store::open("/tmp/kiln-store")?;
+/// let mut spec = RunSpec::new("busybox");
+/// spec.argv = Some(vec!["sh".into(), "-c".into(), "echo hello".into()]);
+/// let result = Sandbox::new(store).run(&spec)?;
+/// assert_eq!(result.exit_code, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Sandbox {
+    store: Store,
+    helper: Option<PathBuf>,
+}
+
+impl Sandbox {
+    /// A sandbox runner over `store`.
+    pub fn new(store: Store) -> Sandbox {
+        Sandbox {
+            store,
+            helper: None,
+        }
+    }
+
+    /// The `kiln` binary that sets the sandbox up (it re-executes itself as
+    /// `kiln __sandbox-init`). Default: this process's executable when it
+    /// is `kiln`, else `$KILN_HELPER`, else `kiln` on `PATH`.
+    pub fn with_helper(mut self, path: PathBuf) -> Sandbox {
+        self.helper = Some(path);
+        self
+    }
+
+    /// Runs `spec` to completion. Output goes to the caller's stdout/stderr.
+    pub fn run(&self, spec: &RunSpec) -> Result<RunResult, RunError> {
+        spec.validate()?;
+        ns::run(&self.store, self.helper.as_deref(), spec)
+    }
+}

@@ -1,0 +1,450 @@
+//! The namespace backend, inside: `kiln __sandbox-init` (stage 1) and the
+//! sandbox's PID 1. Runs in kiln's own single-threaded helper process.
+//!
+//! Any failure here prints `kiln: sandbox: STEP: ERROR` and exits 125.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::mount::{self as m, MountFlags, MountPropagationFlags, UnmountFlags};
+use rustix::process::{Pid, Signal, WaitOptions};
+use rustix::thread::UnshareFlags;
+
+use super::{InitConfig, CONFIG_ENV};
+use crate::spec::Network;
+use crate::sys;
+
+const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+fn die(step: &str, e: impl std::fmt::Display) -> ! {
+    eprintln!("kiln: sandbox: {step}: {e}");
+    sys::exit_now(125)
+}
+
+trait OrDie<T> {
+    fn or_die(self, step: &str) -> T;
+}
+
+impl<T, E: std::fmt::Display> OrDie<T> for Result<T, E> {
+    fn or_die(self, step: &str) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => die(step, e),
+        }
+    }
+}
+
+/// Entry point of `kiln __sandbox-init`. Never returns.
+pub fn helper_main() -> ! {
+    let json = std::env::var(CONFIG_ENV).or_die("read configuration");
+    let cfg: InitConfig = serde_json::from_str(&json).or_die("parse configuration");
+    sys::unblock_all_signals().or_die("unblock signals");
+    // PDEATHSIG was set before exec; if kiln already died, stop now.
+    if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+        die("start", "kiln exited before the sandbox started");
+    }
+    let mut flags = UnshareFlags::NEWUSER
+        | UnshareFlags::NEWNS
+        | UnshareFlags::NEWPID
+        | UnshareFlags::NEWIPC
+        | UnshareFlags::NEWUTS
+        | UnshareFlags::NEWCGROUP;
+    if cfg.network == Network::None {
+        flags |= UnshareFlags::NEWNET;
+    }
+    sys::unshare(flags).or_die("unshare(user, mount, pid, ipc, uts, cgroup, net)");
+    // kiln writes our uid/gid maps while we are stopped, then SIGCONTs us.
+    rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)
+        .or_die("stop for id mapping");
+    if !rustix::process::getuid().is_root() {
+        die("id mapping", "uid 0 is not mapped in the user namespace");
+    }
+    // The next child is PID 1 of the new pid namespace.
+    sys::sigmask(&[FORWARDED.as_slice(), &[libc::SIGCHLD]].concat(), true).or_die("block signals");
+    let init = sys::fork().or_die("fork init");
+    if init == 0 {
+        init_main(&cfg);
+    }
+    let init_pid = Pid::from_raw(init).unwrap_or_else(|| die("fork init", "bad pid"));
+    loop {
+        let sig = sys::sigwait(&[FORWARDED.as_slice(), &[libc::SIGCHLD]].concat())
+            .or_die("wait for signals");
+        if sig == libc::SIGCHLD {
+            if let Ok(Some((_, st))) = rustix::process::waitpid(Some(init_pid), WaitOptions::NOHANG)
+            {
+                if let Some(code) = st.exit_status() {
+                    sys::exit_now(code);
+                }
+                if let Some(s) = st.terminating_signal() {
+                    sys::exit_now(128 + s);
+                }
+            }
+        } else if let Some(s) = Signal::from_named_raw(sig) {
+            let _ = rustix::process::kill_process(init_pid, s);
+        }
+    }
+}
+
+/// PID 1: build the root, start the command, reap, forward signals.
+fn init_main(cfg: &InitConfig) -> ! {
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+        .or_die("set parent-death signal");
+    setup_root(cfg);
+    let cmd = sys::fork().or_die("fork command");
+    if cmd == 0 {
+        exec_command(cfg);
+    }
+    let cmd_pid = Pid::from_raw(cmd).unwrap_or_else(|| die("fork command", "bad pid"));
+    let mut code: Option<i32> = None;
+    loop {
+        // Reap everything; the command's status decides ours.
+        while let Ok(Some((pid, st))) = rustix::process::waitpid(None, WaitOptions::NOHANG) {
+            if pid == cmd_pid {
+                code = Some(match (st.exit_status(), st.terminating_signal()) {
+                    (Some(c), _) => c,
+                    (None, Some(s)) => 128 + s,
+                    _ => 125,
+                });
+            }
+        }
+        if let Some(c) = code {
+            // Kill whatever the command left behind in the pid namespace.
+            // SAFETY-free: kill(-1) from PID 1 signals every other process of the namespace.
+            let _ = rustix::process::kill_process_group(
+                Pid::from_raw(1).unwrap_or(cmd_pid),
+                Signal::KILL,
+            );
+            let _ = fs::read_dir("/proc").map(|d| {
+                for e in d.flatten() {
+                    if let Some(p) = e
+                        .file_name()
+                        .to_str()
+                        .and_then(|s| s.parse::<i32>().ok())
+                        .filter(|p| *p > 1)
+                    {
+                        if let Some(pid) = Pid::from_raw(p) {
+                            let _ = rustix::process::kill_process(pid, Signal::KILL);
+                        }
+                    }
+                }
+            });
+            sys::exit_now(c);
+        }
+        let sig = sys::sigwait(&[FORWARDED.as_slice(), &[libc::SIGCHLD]].concat())
+            .or_die("wait for signals");
+        if sig != libc::SIGCHLD {
+            if let Some(s) = Signal::from_named_raw(sig) {
+                let _ = rustix::process::kill_process(cmd_pid, s);
+            }
+        }
+    }
+}
+
+/// mount(2) with a string data argument.
+fn mnt(
+    src: &str,
+    target: impl AsRef<Path>,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<()> {
+    let data = CString::new(data).map_err(|_| io::Error::other("mount data contains NUL"))?;
+    m::mount(src, target.as_ref(), fstype, flags, Some(data.as_c_str())).map_err(Into::into)
+}
+
+fn mkdirs(p: &Path) {
+    fs::create_dir_all(p).or_die(&format!("create {}", p.display()));
+}
+
+fn setup_root(cfg: &InitConfig) {
+    // Nothing we mount may propagate back to the host.
+    m::mount_change(
+        "/",
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .or_die("make / private");
+    let root = &cfg.merged;
+    if cfg.read_only {
+        m::mount_bind_recursive(&cfg.lower, root).or_die("bind the image read-only");
+        m::mount_remount(root, MountFlags::BIND | MountFlags::RDONLY, "")
+            .or_die("remount the image read-only");
+    } else {
+        // Kernel overlayfs inside the user namespace (Linux >= 5.11): the
+        // shared read-only image below, this run's writes in `upper`.
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={},userxattr",
+            cfg.lower.display(),
+            cfg.upper.display(),
+            cfg.work.display()
+        );
+        mnt("overlay", root, "overlay", MountFlags::empty(), &data)
+            .or_die("mount overlayfs (needs Linux >= 5.11 with overlay in user namespaces)");
+    }
+    let at = |p: &str| root.join(p);
+    for d in ["proc", "dev", "tmp", "sys"] {
+        if !at(d).is_dir() && !cfg.read_only {
+            mkdirs(&at(d));
+        }
+    }
+    mnt(
+        "proc",
+        at("proc"),
+        "proc",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        "",
+    )
+    .or_die("mount /proc");
+    // A minimal /dev: device nodes cannot be created in a user namespace,
+    // so the host's harmless ones are bind-mounted (as bubblewrap does).
+    mnt(
+        "tmpfs",
+        at("dev"),
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::STRICTATIME,
+        "mode=0755,size=65536k",
+    )
+    .or_die("mount /dev");
+    for d in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = at("dev").join(d);
+        fs::write(&target, b"").or_die(&format!("create /dev/{d}"));
+        m::mount_bind(format!("/dev/{d}"), &target).or_die(&format!("bind /dev/{d}"));
+    }
+    mkdirs(&at("dev/pts"));
+    mnt(
+        "devpts",
+        at("dev/pts"),
+        "devpts",
+        MountFlags::NOSUID | MountFlags::NOEXEC,
+        "newinstance,ptmxmode=0666,mode=620",
+    )
+    .or_die("mount /dev/pts");
+    std::os::unix::fs::symlink("pts/ptmx", at("dev/ptmx")).or_die("link /dev/ptmx");
+    mkdirs(&at("dev/shm"));
+    mnt(
+        "tmpfs",
+        at("dev/shm"),
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        "mode=1777",
+    )
+    .or_die("mount /dev/shm");
+    for (l, t) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(t, at("dev").join(l)).or_die(&format!("link /dev/{l}"));
+    }
+    mnt(
+        "tmpfs",
+        at("tmp"),
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        "mode=1777",
+    )
+    .or_die("mount /tmp");
+    m::mount_bind_recursive("/sys", at("sys")).or_die("bind /sys");
+    m::mount_remount(
+        at("sys"),
+        MountFlags::BIND
+            | MountFlags::RDONLY
+            | MountFlags::NOSUID
+            | MountFlags::NODEV
+            | MountFlags::NOEXEC,
+        "",
+    )
+    .or_die("remount /sys read-only");
+    for v in &cfg.volumes {
+        bind_volume(root, v);
+    }
+    rustix::system::sethostname(cfg.hostname.as_bytes()).or_die("set host name");
+    if cfg.network == Network::None {
+        sys::loopback_up().or_die("bring lo up");
+    }
+    // pivot_root(".", ".") then detach the old root stacked on top (the
+    // bubblewrap/runc idiom): no directory for the old root is needed.
+    rustix::process::chdir(root).or_die("chdir to the new root");
+    rustix::process::pivot_root(".", ".").or_die("pivot_root");
+    m::unmount(".", UnmountFlags::DETACH).or_die("detach the old root");
+    rustix::process::chdir("/").or_die("chdir /");
+    mask_proc();
+}
+
+/// Hides /proc files that leak host information or allow host actions.
+fn mask_proc() {
+    for p in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/latency_stats",
+    ] {
+        if Path::new(p).exists() {
+            m::mount_bind("/dev/null", p).or_die(&format!("mask {p}"));
+        }
+    }
+    for p in [
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+        "/proc/irq",
+        "/proc/bus",
+        "/proc/fs",
+    ] {
+        if Path::new(p).exists() {
+            m::mount_bind(p, p).or_die(&format!("bind {p}"));
+            m::mount_remount(
+                p,
+                MountFlags::BIND
+                    | MountFlags::RDONLY
+                    | MountFlags::NOSUID
+                    | MountFlags::NODEV
+                    | MountFlags::NOEXEC,
+                "",
+            )
+            .or_die(&format!("make {p} read-only"));
+        }
+    }
+}
+
+/// Binds a host path at `v.target`, resolving the target inside the root
+/// (a symlink in the image cannot send the bind elsewhere on the host).
+fn bind_volume(root: &Path, v: &crate::spec::Volume) {
+    let rootfd = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .or_die("open root");
+    let rel = v.target.trim_start_matches('/');
+    let src_is_dir = v.source.is_dir();
+    // Create missing parents and the mount point inside the root.
+    let mut cur = String::new();
+    let comps: Vec<&str> = rel
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    for (i, c) in comps.iter().enumerate() {
+        let parent = rustix::fs::openat2(
+            &rootfd,
+            if cur.is_empty() { "." } else { cur.as_str() },
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT,
+        )
+        .or_die(&format!("resolve volume target {}", v.target));
+        let last = i + 1 == comps.len();
+        let exists = rustix::fs::statat(&parent, *c, rustix::fs::AtFlags::empty()).is_ok();
+        if !exists {
+            if last && !src_is_dir {
+                rustix::fs::openat(
+                    &parent,
+                    *c,
+                    OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                )
+                .or_die(&format!("create volume target {}", v.target));
+            } else {
+                rustix::fs::mkdirat(&parent, *c, Mode::from_raw_mode(0o755))
+                    .or_die(&format!("create volume target {}", v.target));
+            }
+        }
+        cur = if cur.is_empty() {
+            c.to_string()
+        } else {
+            format!("{cur}/{c}")
+        };
+    }
+    let target = rustix::fs::openat2(
+        &rootfd,
+        if cur.is_empty() { "." } else { cur.as_str() },
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT,
+    )
+    .or_die(&format!("resolve volume target {}", v.target));
+    let via = format!("/proc/self/fd/{}", target.as_raw_fd());
+    m::mount_bind_recursive(&v.source, via.as_str()).or_die(&format!(
+        "bind {} at {}",
+        v.source.display(),
+        v.target
+    ));
+    if v.read_only {
+        m::mount_remount(via.as_str(), MountFlags::BIND | MountFlags::RDONLY, "")
+            .or_die(&format!("make {} read-only", v.target));
+    }
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_else(|_| die("exec", format!("{s:?} contains a NUL byte")))
+}
+
+/// In the command's process: identity, privileges, then exec. Never returns.
+fn exec_command(cfg: &InitConfig) -> ! {
+    sys::unblock_all_signals().or_die("unblock signals");
+    let wd = Path::new(&cfg.workdir);
+    if !wd.is_dir() {
+        let _ = fs::create_dir_all(wd);
+    }
+    rustix::process::chdir(wd).or_die(&format!("chdir {}", cfg.workdir));
+    // Capabilities: empty the bounding set while we still hold CAP_SETPCAP,
+    // switch identity, then clear every other set.
+    sys::drop_bounding_set().or_die("drop the capability bounding set");
+    let (uid, gid) = cfg.user;
+    if !cfg.setgroups_denied {
+        rustix::thread::set_thread_groups(&[]).or_die("setgroups");
+    }
+    let g = rustix::fs::Gid::from_raw(gid);
+    let u = rustix::fs::Uid::from_raw(uid);
+    rustix::thread::set_thread_res_gid(g, g, g).or_die(&format!("setresgid {gid}"));
+    rustix::thread::set_thread_res_uid(u, u, u).or_die(&format!("setresuid {uid}"));
+    rustix::thread::clear_ambient_capability_set().or_die("clear ambient capabilities");
+    let empty = rustix::thread::CapabilitySet::empty();
+    rustix::thread::set_capabilities(
+        None,
+        rustix::thread::CapabilitySets {
+            effective: empty,
+            permitted: empty,
+            inheritable: empty,
+        },
+    )
+    .or_die("drop capabilities");
+    rustix::thread::set_no_new_privs(true).or_die("set no_new_privs");
+    let argv: Vec<CString> = cfg.argv.iter().map(|a| cstr(a)).collect();
+    let envp: Vec<CString> = cfg.env.iter().map(|a| cstr(a)).collect();
+    let prog = &cfg.argv[0];
+    let path = cfg
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    let candidates: Vec<String> = if prog.contains('/') {
+        vec![prog.clone()]
+    } else {
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d}/{prog}"))
+            .collect()
+    };
+    let mut last = io::Error::from_raw_os_error(libc::ENOENT);
+    let mut denied = None;
+    for c in &candidates {
+        let err = sys::execve(&cstr(c), &argv, &envp);
+        if err.raw_os_error() == Some(libc::EACCES) || err.raw_os_error() == Some(libc::ENOEXEC) {
+            denied = Some(err);
+        } else {
+            last = err;
+        }
+    }
+    let (code, err) = match denied {
+        Some(e) => (126, e),
+        None if last.raw_os_error() == Some(libc::ENOENT) => (127, last),
+        None => (126, last),
+    };
+    eprintln!("kiln: exec {prog}: {err}");
+    sys::exit_now(code)
+}

@@ -1,0 +1,371 @@
+//! The namespace backend, host side: prepare the run directory, start the
+//! helper, write its uid/gid maps, wait (with timeout and signal
+//! forwarding), clean up.
+//!
+//! Process tree of a run (compare bubblewrap, which forks itself the same way):
+//!
+//! ```text
+//! kiln (host)                      writes uid_map/gid_map, waits, cleans up
+//!  └─ kiln __sandbox-init          unshare(user, mnt, pid, ipc, uts, net, cgroup);
+//!      │                            SIGSTOP until the maps are written; relays exit
+//!      └─ init (PID 1)             mounts, pivot_root, reaps, forwards signals
+//!          └─ the command          caps dropped, no_new_privs
+//! ```
+//!
+//! Every process has PDEATHSIG=SIGKILL towards its parent, so SIGKILL of
+//! kiln takes the tree down; the pid namespace dies with its init and the
+//! mount namespace with its last process. The only host-visible state is the
+//! run directory (overlay upper), which carries a lock held by kiln: the next
+//! run or `kiln gc` removes directories whose lock is free.
+
+mod init;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use rustix::process::{Pid, Signal, WaitOptions};
+
+use super::{RunError, RunResult};
+use crate::spec::{Network, RunSpec};
+use crate::store::Store;
+
+pub use init::helper_main;
+
+/// Name of the hidden subcommand the helper runs as.
+pub const HELPER_ARG: &str = "__sandbox-init";
+/// Environment variable carrying the helper's configuration (JSON).
+const CONFIG_ENV: &str = "KILN_SANDBOX_CONFIG";
+
+/// What the helper needs, computed on the host.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct InitConfig {
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+    pub read_only: bool,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: String,
+    pub hostname: String,
+    pub network: Network,
+    pub user: (u32, u32),
+    pub volumes: Vec<crate::spec::Volume>,
+    /// setgroups(2) is denied in the user namespace (single-id mapping).
+    pub setgroups_denied: bool,
+}
+
+fn helper_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "kiln") {
+            return exe;
+        }
+    }
+    std::env::var_os("KILN_HELPER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("kiln"))
+}
+
+/// The image's command line, environment and working directory, with the
+/// spec's overrides.
+fn process_params(
+    spec: &RunSpec,
+    img: &crate::store::Image,
+) -> Result<(Vec<String>, Vec<String>, String), RunError> {
+    let cfg = img.config.config().clone().unwrap_or_default();
+    let argv = match &spec.argv {
+        Some(a) => a.clone(),
+        None => {
+            let mut a = cfg.entrypoint().clone().unwrap_or_default();
+            a.extend(cfg.cmd().clone().unwrap_or_default());
+            a
+        }
+    };
+    if argv.is_empty() {
+        return Err(RunError::Spec(crate::spec::SpecError::Invalid(format!(
+            "no command given and image {} has no Entrypoint or Cmd",
+            spec.image
+        ))));
+    }
+    let mut env: Vec<String> = cfg.env().clone().unwrap_or_default();
+    let mut set = |kv: String| {
+        let key = kv.split('=').next().unwrap_or("").to_string();
+        env.retain(|e| e.split('=').next() != Some(key.as_str()));
+        env.push(kv);
+    };
+    if !cfg
+        .env()
+        .as_ref()
+        .is_some_and(|e| e.iter().any(|x| x.starts_with("PATH=")))
+    {
+        set(crate::import::DEFAULT_PATH.to_string());
+    }
+    set(format!(
+        "HOME={}",
+        if spec.user.0 == 0 { "/root" } else { "/" }
+    ));
+    set(format!("HOSTNAME={}", spec.hostname));
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        set(format!("SOURCE_DATE_EPOCH={v}"));
+    }
+    for kv in &spec.env {
+        set(kv.clone());
+    }
+    let workdir = spec
+        .workdir
+        .clone()
+        .or_else(|| cfg.working_dir().clone().filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+    Ok((argv, env, workdir))
+}
+
+/// A run directory under the store with a lock held for the run's lifetime.
+struct RunDir {
+    path: PathBuf,
+    _lock: fs::File,
+}
+
+impl RunDir {
+    fn create(store: &Store) -> Result<RunDir, RunError> {
+        let runs = store.root().join(".kiln/runs");
+        fs::create_dir_all(&runs)
+            .map_err(|e| RunError::host(format!("create {}", runs.display()), e))?;
+        reap_dead_runs(&runs);
+        let dir = tempfile::Builder::new()
+            .prefix("run-")
+            .tempdir_in(&runs)
+            .map_err(|e| RunError::host("create run directory", e))?;
+        let path = dir.keep();
+        let lock = fs::File::create(path.join("lock"))
+            .map_err(|e| RunError::host("create run lock", e))?;
+        lock.try_lock()
+            .map_err(|e| RunError::host("lock run directory", io::Error::other(e.to_string())))?;
+        for d in ["upper", "work", "merged"] {
+            fs::create_dir(path.join(d))
+                .map_err(|e| RunError::host(format!("create run {d} directory"), e))?;
+        }
+        Ok(RunDir { path, _lock: lock })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = crate::unpack::remove_tree(&self.path);
+    }
+}
+
+/// Removes run directories whose owner died (their lock is free).
+pub fn reap_dead_runs(runs: &Path) -> u64 {
+    let mut n = 0;
+    let Ok(list) = fs::read_dir(runs) else {
+        return 0;
+    };
+    for e in list.flatten() {
+        let lock = e.path().join("lock");
+        let free = match fs::File::open(&lock) {
+            Ok(f) => f.try_lock().is_ok(),
+            // No lock file: a run that died before creating it.
+            Err(_) => true,
+        };
+        if free && crate::unpack::remove_tree(&e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+fn write_maps(pid: i32, helper_uses_single_map: bool) -> io::Result<()> {
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    if uid == 0 {
+        // Real root may map every id one to one: files owned by any user in
+        // the image keep their owner inside.
+        fs::write(proc.join("uid_map"), "0 0 4294967295\n")?;
+        fs::write(proc.join("gid_map"), "0 0 4294967295\n")?;
+    } else {
+        debug_assert!(helper_uses_single_map);
+        // An unprivileged user may map only itself, after denying setgroups.
+        fs::write(proc.join("setgroups"), "deny\n")?;
+        fs::write(proc.join("uid_map"), format!("0 {uid} 1\n"))?;
+        fs::write(proc.join("gid_map"), format!("0 {gid} 1\n"))?;
+    }
+    Ok(())
+}
+
+/// Explains why unprivileged user namespaces may be unavailable.
+fn userns_hint() -> String {
+    let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        return "unprivileged user namespaces are disabled (sysctl kernel.unprivileged_userns_clone=0)".into();
+    }
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        return "user namespaces are disabled (sysctl user.max_user_namespaces=0)".into();
+    }
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        return "AppArmor restricts unprivileged user namespaces (sysctl kernel.apparmor_restrict_unprivileged_userns=1)".into();
+    }
+    "the helper could not create its namespaces (see its message above)".into()
+}
+
+pub(crate) fn run(
+    store: &Store,
+    helper: Option<&Path>,
+    spec: &RunSpec,
+) -> Result<RunResult, RunError> {
+    let start = Instant::now();
+    let img = store.resolve(&spec.image)?;
+    let (argv, env, workdir) = process_params(spec, &img)?;
+    let rootfs = store.rootfs(&spec.image)?;
+    let rundir = RunDir::create(store)?;
+    let uid = rustix::process::getuid().as_raw();
+    let cfg = InitConfig {
+        lower: rootfs.path.clone(),
+        upper: rundir.path.join("upper"),
+        work: rundir.path.join("work"),
+        merged: rundir.path.join("merged"),
+        read_only: spec.read_only,
+        argv,
+        env,
+        workdir,
+        hostname: spec.hostname.clone(),
+        network: spec.network,
+        user: spec.user,
+        volumes: spec
+            .volumes
+            .iter()
+            .map(|v| crate::spec::Volume {
+                source: fs::canonicalize(&v.source).unwrap_or_else(|_| v.source.clone()),
+                ..v.clone()
+            })
+            .collect(),
+        setgroups_denied: uid != 0,
+    };
+    let json = serde_json::to_string(&cfg)
+        .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
+    let mut cmd = Command::new(helper_path(helper));
+    cmd.arg(HELPER_ARG).env_clear().env(CONFIG_ENV, json);
+    crate::sys::pre_exec_pdeathsig(&mut cmd);
+    // Forwarded signals are handled through a signalfd below; the helper
+    // unblocks everything itself.
+    let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    let sigfd = if spec.forward_signals {
+        crate::sys::sigmask(&sigs, true).map_err(|e| RunError::host("block signals", e))?;
+        Some(crate::sys::signalfd(&sigs).map_err(|e| RunError::host("signalfd", e))?)
+    } else {
+        None
+    };
+    let result = supervise(cmd, spec, sigfd.as_ref(), start, &img);
+    if spec.forward_signals {
+        let _ = crate::sys::sigmask(&sigs, false);
+    }
+    drop(rundir);
+    result
+}
+
+fn supervise(
+    mut cmd: Command,
+    spec: &RunSpec,
+    sigfd: Option<&std::os::fd::OwnedFd>,
+    start: Instant,
+    img: &crate::store::Image,
+) -> Result<RunResult, RunError> {
+    let child = cmd
+        .spawn()
+        .map_err(|e| RunError::host(format!("start sandbox helper {:?}", cmd.get_program()), e))?;
+    let raw = child.id() as i32;
+    let pid =
+        Pid::from_raw(raw).ok_or_else(|| RunError::host("spawn", io::Error::other("bad pid")))?;
+    // The helper stops itself once its namespaces exist.
+    match rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED) {
+        Ok(Some((_, st))) if st.stopped() => {}
+        Ok(Some((_, st))) => {
+            return Err(RunError::Unsupported(format!(
+                "the sandbox helper exited early (status {:?}): {}",
+                st.exit_status(),
+                userns_hint()
+            )))
+        }
+        Ok(None) => return Err(RunError::Unsupported("the sandbox helper vanished".into())),
+        Err(e) => return Err(RunError::host("wait for sandbox helper", e.into())),
+    }
+    if let Err(e) = write_maps(raw, rustix::process::getuid().as_raw() != 0) {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+        return Err(RunError::host("write uid_map/gid_map", e));
+    }
+    rustix::process::kill_process(pid, Signal::CONT)
+        .map_err(|e| RunError::host("resume sandbox helper", e.into()))?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(|e| RunError::host("pidfd_open", e.into()))?;
+    let deadline = spec.timeout.map(|t| start + t);
+    let mut timed_out = false;
+    loop {
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if timeout.is_some_and(|t| t.is_zero()) {
+            timed_out = true;
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+            break;
+        }
+        let mut fds = vec![rustix::event::PollFd::new(
+            &pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        if let Some(s) = sigfd {
+            fds.push(rustix::event::PollFd::new(s, rustix::event::PollFlags::IN));
+        }
+        let ts = timeout.map(|t| rustix::event::Timespec {
+            tv_sec: t.as_secs() as i64,
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        match rustix::event::poll(&mut fds, ts.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(RunError::host("poll", e.into())),
+        }
+        let exited = fds[0].revents().contains(rustix::event::PollFlags::IN);
+        if let Some(s) = sigfd {
+            while let Some(sig) = crate::sys::read_signalfd(s) {
+                if let Some(sig) = Signal::from_named_raw(sig) {
+                    let _ = rustix::process::kill_process(pid, sig);
+                }
+            }
+        }
+        if exited {
+            break;
+        }
+    }
+    let status = loop {
+        match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+            Ok(Some((_, st))) if st.exited() || st.signaled() => break st,
+            Ok(_) => continue,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(RunError::host("wait for sandbox", e.into())),
+        }
+    };
+    let (mut exit_code, mut signal) = match (status.exit_status(), status.terminating_signal()) {
+        (Some(c), _) => (c, None),
+        (None, Some(s)) => (128 + s, Some(s)),
+        _ => (125, None),
+    };
+    if (129..=192).contains(&exit_code) && signal.is_none() {
+        signal = Some(exit_code - 128);
+    }
+    if timed_out {
+        exit_code = 124;
+        signal = Some(libc::SIGKILL);
+    }
+    Ok(RunResult {
+        exit_code,
+        signal,
+        timed_out,
+        duration: start.elapsed(),
+        image_digest: img.descriptor.digest().to_string(),
+    })
+}
