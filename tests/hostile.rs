@@ -792,3 +792,40 @@ fn legit_gzip_tarball_imports_with_default_limits() {
     assert!(layer.len() > 32 << 20);
     assert!(k.ok(["fsck"]).contains("consistent"));
 }
+
+#[test]
+fn root_entry_that_is_not_a_directory_is_refused() {
+    // A "./" symlink would make the root a non-directory, and a hardlink to
+    // an unusable target must never fall back to naming the root.
+    let k = Kiln::new();
+    let tar = TarMaker::new()
+        .symlink("./", "/etc")
+        .file("passwd", b"x\n")
+        .finish();
+    refuse(
+        &k,
+        "root-symlink",
+        &tar,
+        &[],
+        &["root must be a directory"],
+        &[],
+    );
+    let tar = TarMaker::new()
+        .dir("./")
+        .file("a", b"a\n")
+        .hardlink("x", "../../../../etc/shadow")
+        .finish();
+    refuse(&k, "hardlink-dotdot", &tar, &[], &["hardlink"], &[]);
+}
+
+#[test]
+fn hardlink_to_a_child_of_a_replaced_directory_is_refused() {
+    let k = Kiln::new();
+    let tar = TarMaker::new()
+        .dir("d")
+        .file("d/shadow", b"s\n")
+        .symlink("d", "/etc")
+        .hardlink("h", "d/shadow")
+        .finish();
+    refuse(&k, "stale-child", &tar, &[], &["hardlink"], &[]);
+}

@@ -421,3 +421,76 @@ fn real_toolchain_tarball_imports_and_round_trips() {
     assert_eq!(k.import(tar, "buildd-again", &[]), d1);
     assert!(k.ok(["fsck"]).contains("consistent"));
 }
+
+#[test]
+fn a_symlink_to_a_directory_imports_the_directory() {
+    let k = Kiln::new();
+    let root = k.dir.path().join("real");
+    fs::create_dir_all(root.join("etc")).expect("mkdir");
+    fs::write(root.join("etc/hostname"), "kiln\n").expect("write");
+    std::os::unix::fs::symlink(&root, k.dir.path().join("current")).expect("symlink");
+    k.import(&k.dir.path().join("current"), "via-link", &[]);
+    let t = tree_of_tar(&k.only_layer("via-link"));
+    assert!(
+        t.contains_key("etc/hostname"),
+        "{:?}",
+        t.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn tar_content_that_looks_like_disk_image_magic_is_still_a_tarball() {
+    // Byte 1080 of the input is inside the first file's data: an ext2 magic
+    // there (or an MBR signature at 510) must not make kiln refuse a tar.
+    let mut data = vec![0u8; 2048];
+    data[1080 - 512] = 0x53;
+    data[1081 - 512] = 0xef;
+    let tar = TarMaker::new().file("blob", &data).finish();
+    let k = Kiln::new();
+    let p = k.dir.path().join("magic.tar");
+    fs::write(&p, tar).expect("write");
+    k.import(&p, "magic", &[]);
+    assert!(tree_of_tar(&k.only_layer("magic")).contains_key("blob"));
+}
+
+#[test]
+fn names_and_manifests_written_by_other_tools_are_kept() {
+    require("skopeo");
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    k.import(&tar, "bb", &[]);
+    let store = k.store().display().to_string();
+    // skopeo writes a bare ref name ("foo") into kiln's store.
+    sh(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &format!("oci:{store}:bb:latest"),
+        &format!("oci:{store}:foo"),
+    ]));
+    assert!(k.names().contains(&"foo".to_string()), "{:?}", k.names());
+    k.inspect("foo");
+    // A layout whose manifest has the Docker media type, imported verbatim:
+    // gc must keep its config and layers.
+    let layout = k.dir.path().join("v2s2");
+    sh(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        "--format",
+        "v2s2",
+        &format!("oci:{store}:bb:latest"),
+        &format!("oci:{}:d", layout.display()),
+    ]));
+    k.import(&layout, "docker-media", &[]);
+    let mt = k.inspect("docker-media")["manifest"]["mediaType"].clone();
+    assert_eq!(mt, "application/vnd.docker.distribution.manifest.v2+json");
+    k.ok(["rm", "bb", "foo"]);
+    k.ok(["gc"]);
+    assert!(k.ok(["fsck"]).contains("consistent"));
+    k.inspect("docker-media");
+    k.ok([
+        "export",
+        "docker-media",
+        "-o",
+        k.dir.path().join("dm.tar").to_str().expect("utf8"),
+    ]);
+}

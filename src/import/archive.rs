@@ -97,10 +97,7 @@ fn import_docker(
     let entry = match &opts.image {
         Some(want) => entries
             .iter()
-            .find(|e| {
-                e.repo_tags.iter().flatten().any(|t| tag_matches(t, want))
-                    || e.config.contains(want.as_str())
-            })
+            .find(|e| e.repo_tags.iter().flatten().any(|t| tag_matches(t, want)))
             .ok_or_else(|| {
                 bad(
                     display,
@@ -330,21 +327,17 @@ fn import_oci(
             .arch
             .clone()
             .unwrap_or_else(|| super::host_arch().to_string());
+        let os = opts.os.clone().unwrap_or_else(|| "linux".to_string());
         desc = nested
             .manifests()
             .iter()
             .find(|d| {
-                d.platform()
-                    .as_ref()
-                    .is_some_and(|p| p.architecture().to_string() == arch)
+                d.platform().as_ref().is_some_and(|p| {
+                    p.architecture().to_string() == arch && p.os().to_string() == os
+                })
             })
             .cloned()
-            .ok_or_else(|| {
-                bad(
-                    display,
-                    format!("no manifest for architecture {arch} in {member}"),
-                )
-            })?;
+            .ok_or_else(|| bad(display, format!("no manifest for {os}/{arch} in {member}")))?;
     }
     emit(
         &opts.progress,

@@ -89,10 +89,9 @@ impl<W: Write + Send + 'static> Encoder<W> {
             Compression::Zstd => {
                 let mut z = zstd::stream::write::Encoder::new(out, level)?;
                 z.include_checksum(false)?;
-                let n = workers();
-                if n > 1 {
-                    z.multithread(n as u32)?;
-                }
+                // Always in multi-threaded mode, even on one CPU: libzstd's
+                // single-threaded mode (0 workers) produces different bytes.
+                z.multithread(workers().max(1) as u32)?;
                 Encoder::Zstd(z)
             }
             Compression::None => Encoder::None(out),
@@ -205,23 +204,30 @@ impl<W: Write + Send + 'static> ParGzip<W> {
             },
         );
         let (tx, rx) = mpsc::sync_channel(1);
-        let broken =
-            || io::Error::other("gzip pipeline stopped (see the compressed writer's error)");
-        self.order
-            .as_ref()
-            .ok_or_else(broken)?
-            .send(rx)
-            .map_err(|_| broken())?;
-        self.jobs
-            .as_ref()
-            .ok_or_else(broken)?
-            .send(Job {
-                data,
-                last,
-                reply: tx,
-            })
-            .map_err(|_| broken())?;
-        Ok(())
+        let sent = match (&self.order, &self.jobs) {
+            (Some(order), Some(jobs)) => {
+                order.send(rx).is_ok()
+                    && jobs
+                        .send(Job {
+                            data,
+                            last,
+                            reply: tx,
+                        })
+                        .is_ok()
+            }
+            _ => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The writer thread stopped: report its error (e.g. disk full).
+        self.order = None;
+        self.jobs = None;
+        let err = match self.writer.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            _ => io::Error::other("gzip pipeline stopped"),
+        };
+        Err(err)
     }
 
     /// Compresses what is buffered, writes the trailer and returns `W`.

@@ -138,38 +138,61 @@ pub struct PathGuard {
 }
 
 impl PathGuard {
-    /// Checks `e` against the entries seen so far and records it.
-    pub fn check(&mut self, e: &Entry) -> Result<(), PathError> {
+    /// Checks `e` against the entries seen so far and records it. A
+    /// hardlink's target is normalized in place.
+    pub fn check(&mut self, e: &mut Entry) -> Result<(), PathError> {
+        if e.path.is_empty() && e.kind != EntryKind::Dir {
+            return Err(PathError::Invalid(
+                "./ (the root must be a directory)".into(),
+            ));
+        }
+        self.check_ancestors(&e.path)?;
+        if e.kind == EntryKind::Hardlink {
+            let raw = e.link.clone().unwrap_or_default();
+            let refuse = || PathError::HardlinkTarget {
+                path: e.path.clone(),
+                target: String::from_utf8_lossy(&raw).into_owned(),
+            };
+            let target = match normalize_path(&raw) {
+                Ok((t, _)) if !t.is_empty() => t,
+                _ => return Err(refuse()),
+            };
+            self.check_ancestors(&target).map_err(|_| refuse())?;
+            let k = match self.kinds.get(&target) {
+                Some(k) if *k != EntryKind::Dir => *k,
+                _ => return Err(refuse()),
+            };
+            e.link = Some(target.into_bytes());
+            // A hardlink is a file of the target's kind.
+            self.record(&e.path, k);
+            return Ok(());
+        }
+        self.record(&e.path, e.kind);
+        Ok(())
+    }
+
+    fn check_ancestors(&self, path: &str) -> Result<(), PathError> {
         let mut end = 0;
-        while let Some(i) = e.path[end..].find('/') {
-            let parent = &e.path[..end + i];
+        while let Some(i) = path[end..].find('/') {
+            let parent = &path[..end + i];
             if self.kinds.get(parent) == Some(&EntryKind::Symlink) {
                 return Err(PathError::ThroughSymlink {
-                    path: e.path.clone(),
+                    path: path.to_string(),
                     parent: parent.to_string(),
                 });
             }
             end += i + 1;
         }
-        if e.kind == EntryKind::Hardlink {
-            let raw = e.link.as_deref().unwrap_or_default();
-            let target = normalize_path(raw).map(|(p, _)| p).unwrap_or_default();
-            match self.kinds.get(&target) {
-                Some(k) if *k != EntryKind::Dir => {}
-                _ => {
-                    return Err(PathError::HardlinkTarget {
-                        path: e.path.clone(),
-                        target: String::from_utf8_lossy(raw).into_owned(),
-                    })
-                }
-            }
-            // A hardlink is a file of the target's kind.
-            let k = self.kinds.get(&target).copied().unwrap_or(EntryKind::File);
-            self.kinds.insert(e.path.clone(), k);
-            return Ok(());
-        }
-        self.kinds.insert(e.path.clone(), e.kind);
         Ok(())
+    }
+
+    fn record(&mut self, path: &str, kind: EntryKind) {
+        let was_dir = self.kinds.insert(path.to_string(), kind) == Some(EntryKind::Dir);
+        if was_dir && kind != EntryKind::Dir {
+            // The directory was replaced: what was under it is gone.
+            let prefix = format!("{path}/");
+            self.kinds.retain(|p, _| !p.starts_with(&prefix));
+        }
     }
 }
 
@@ -391,30 +414,54 @@ mod tests {
     #[test]
     fn guard_refuses_writes_through_symlinks_and_outside_hardlinks() {
         let mut g = PathGuard::default();
-        g.check(&entry("etc", EntryKind::Dir, None)).unwrap();
-        g.check(&entry("etc/passwd", EntryKind::File, None))
+        g.check(&mut entry("etc", EntryKind::Dir, None)).unwrap();
+        g.check(&mut entry("etc/passwd", EntryKind::File, None))
             .unwrap();
-        g.check(&entry("evil", EntryKind::Symlink, Some("/etc")))
+        g.check(&mut entry("evil", EntryKind::Symlink, Some("/etc")))
             .unwrap();
         assert!(matches!(
-            g.check(&entry("evil/shadow", EntryKind::File, None)),
+            g.check(&mut entry("evil/shadow", EntryKind::File, None)),
             Err(PathError::ThroughSymlink { .. })
         ));
-        g.check(&entry("pw", EntryKind::Hardlink, Some("etc/passwd")))
+        g.check(&mut entry("pw", EntryKind::Hardlink, Some("etc/passwd")))
             .unwrap();
-        g.check(&entry("pw2", EntryKind::Hardlink, Some("/etc/passwd")))
+        g.check(&mut entry("pw2", EntryKind::Hardlink, Some("/etc/passwd")))
             .unwrap();
         assert!(matches!(
-            g.check(&entry("out", EntryKind::Hardlink, Some("host/file"))),
+            g.check(&mut entry("out", EntryKind::Hardlink, Some("host/file"))),
             Err(PathError::HardlinkTarget { .. })
         ));
         assert!(matches!(
-            g.check(&entry("d", EntryKind::Hardlink, Some("etc"))),
+            g.check(&mut entry("d", EntryKind::Hardlink, Some("etc"))),
             Err(PathError::HardlinkTarget { .. })
         ));
+        // A directory replaced by a symlink forgets its children.
+        g.check(&mut entry("d2", EntryKind::Dir, None)).unwrap();
+        g.check(&mut entry("d2/shadow", EntryKind::File, None))
+            .unwrap();
+        g.check(&mut entry("d2", EntryKind::Symlink, Some("/etc")))
+            .unwrap();
+        assert!(g
+            .check(&mut entry("h", EntryKind::Hardlink, Some("d2/shadow")))
+            .is_err());
+        // The root must be a directory; a hardlink cannot name it.
+        assert!(g
+            .check(&mut entry("", EntryKind::Symlink, Some("/etc")))
+            .is_err());
+        assert!(g
+            .check(&mut entry("r", EntryKind::Hardlink, Some("./")))
+            .is_err());
+        assert!(g
+            .check(&mut entry(
+                "r",
+                EntryKind::Hardlink,
+                Some("../../etc/shadow")
+            ))
+            .is_err());
         // Replacing the symlink by a directory makes the path usable again.
-        g.check(&entry("evil", EntryKind::Dir, None)).unwrap();
-        g.check(&entry("evil/ok", EntryKind::File, None)).unwrap();
+        g.check(&mut entry("evil", EntryKind::Dir, None)).unwrap();
+        g.check(&mut entry("evil/ok", EntryKind::File, None))
+            .unwrap();
     }
 
     #[test]

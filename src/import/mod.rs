@@ -167,8 +167,9 @@ pub struct ImportOptions {
     pub compression: Compression,
     /// Compression level. Default 1 (gzip 0-9, zstd 1-19).
     pub level: Option<i32>,
-    /// Clamp every mtime to this and use it as the image's `created` time.
-    /// Default none: mtimes kept, no `created` (both reproducible).
+    /// Clamp every mtime to this and use it as the image's `created` time
+    /// (root file-system sources; image archives keep their layers and
+    /// config). Default none: mtimes kept, no `created` (both reproducible).
     pub source_date_epoch: Option<i64>,
     /// Image architecture (`amd64`, `arm64`, ...). Default: the host's.
     pub arch: Option<String>,
@@ -222,7 +223,6 @@ impl ImportOptions {
             || self.cmd.is_some()
             || self.entrypoint.is_some()
             || !self.labels.is_empty()
-            || self.source_date_epoch.is_some()
     }
 }
 
@@ -308,7 +308,7 @@ impl LayerBuilder {
         offset: u64,
     ) -> Result<(), ImportError> {
         self.guard
-            .check(&e)
+            .check(&mut e)
             .map_err(|reason| ImportError::UnsafeEntry {
                 source_name: self.source_name.clone(),
                 offset,
@@ -316,6 +316,19 @@ impl LayerBuilder {
             })?;
         if let Some(epoch) = self.epoch {
             e.mtime = e.mtime.min(epoch);
+        }
+        // One xattr policy for every source: host labels never enter a layer,
+        // and a rootless unpacker's owner record becomes the real owner.
+        e.xattrs.remove("security.selinux");
+        if let Some(v) = e.xattrs.remove(source::dir::ROOTLESS_XATTR) {
+            if let Some((uid, gid)) = source::dir::decode_rootless(&v) {
+                if uid != u32::MAX {
+                    e.uid = u64::from(uid);
+                }
+                if gid != u32::MAX {
+                    e.gid = u64::from(gid);
+                }
+            }
         }
         let written = self.tar.get_ref_count();
         if written.saturating_add(e.size) > self.max_bytes {
@@ -404,7 +417,12 @@ impl Store {
                     source: e,
                 })?;
                 if md.is_dir() {
-                    return self.import_dir(&p, &display, &name, opts);
+                    // Through a symlink to a directory: walk the directory itself.
+                    let real = std::fs::canonicalize(&p).map_err(|e| ImportError::Open {
+                        path: display.clone(),
+                        source: e,
+                    })?;
+                    return self.import_dir(&real, &display, &name, opts);
                 }
                 let f = File::open(&p).map_err(|e| ImportError::Open {
                     path: display.clone(),
@@ -429,13 +447,16 @@ impl Store {
                 what: "the input is empty".into(),
             });
         }
-        if let Some(what) = source::sniff_unsupported(&head) {
-            return Err(ImportError::Unsupported {
-                path: display,
-                what: format!("{what} (disk-image import is not implemented yet)"),
-            });
-        }
         let codec = source::sniff_codec(&head);
+        // Disk-image magic is only meaningful in raw, non-tar input.
+        if codec.is_none() && !source::tar_header_ok(&head) {
+            if let Some(what) = source::sniff_unsupported(&head) {
+                return Err(ImportError::Unsupported {
+                    path: display,
+                    what: format!("{what} (disk-image import is not implemented yet)"),
+                });
+            }
+        }
         let dec = source::decoder(codec, r)
             .map_err(|e| ImportError::from_read(&display, "start decompressor", 0, &e))?;
         // Every input is held to --max-size; compressed ones also to --max-ratio.

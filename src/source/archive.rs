@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::import::{normalize_path, ImportError};
@@ -142,9 +143,24 @@ impl FileSet {
         match self {
             FileSet::Dir(d) => {
                 let p = safe_join(d, name).ok_or_else(nf)?;
-                let f = File::open(p)?;
-                let len = f.metadata()?.len();
-                Ok((Box::new(io::BufReader::with_capacity(1 << 20, f)), len))
+                // Regular files only, never through a symlink, never blocking
+                // on a FIFO, and never more than the size seen at open.
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&p)?;
+                let md = f.metadata()?;
+                if !md.is_file() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{name} is not a regular file"),
+                    ));
+                }
+                let len = md.len();
+                Ok((
+                    Box::new(io::BufReader::with_capacity(1 << 20, f).take(len)),
+                    len,
+                ))
             }
             FileSet::Tar { path, files } => {
                 let (off, size) = *files.get(name).ok_or_else(nf)?;

@@ -435,8 +435,9 @@ impl Store {
                 path: self.blob_path(manifest.config().digest()),
                 reason: e.to_string(),
             })?;
+        let name = refs::ref_name(&desc).unwrap_or(name).to_string();
         Ok(Image {
-            name: name.to_string(),
+            name,
             descriptor: desc,
             manifest,
             config,
@@ -445,16 +446,32 @@ impl Store {
     }
 
     fn find_descriptor(&self, index: &ImageIndex, name: &str) -> Result<Descriptor, StoreError> {
-        let hexpart = name.strip_prefix("sha256:").unwrap_or(name);
-        let is_hex = hexpart.len() >= 12 && hexpart.bytes().all(|b| b.is_ascii_hexdigit());
-        if !is_hex || name.contains(':') && !name.starts_with("sha256:") {
-            let want = ImageName::parse(name)?;
-            return index
+        let by_name = |n: &str| {
+            index
                 .manifests()
                 .iter()
-                .find(|d| refs::ref_name(d) == Some(want.as_str()))
+                .find(|d| refs::ref_name(d) == Some(n))
                 .cloned()
-                .ok_or_else(|| StoreError::ImageNotFound(want.to_string()));
+        };
+        // An exact name first: kiln's NAME:TAG, or a bare ref name another
+        // tool wrote (skopeo's oci:STORE:foo writes "foo").
+        if let Ok(want) = ImageName::parse(name) {
+            if let Some(d) = by_name(want.as_str()) {
+                return Ok(d);
+            }
+        }
+        if let Some(d) = by_name(name) {
+            return Ok(d);
+        }
+        let hexpart = name.strip_prefix("sha256:").unwrap_or(name);
+        let is_hex = hexpart.len() >= 12 && hexpart.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_hex {
+            ImageName::parse(name)?;
+            return Err(StoreError::ImageNotFound(
+                ImageName::parse(name)
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|_| name.to_string()),
+            ));
         }
         let hits: BTreeMap<String, Descriptor> = index
             .manifests()
@@ -462,21 +479,10 @@ impl Store {
             .filter(|d| d.digest().digest().starts_with(hexpart))
             .map(|d| (d.digest().to_string(), d.clone()))
             .collect();
-        match hits.len() {
-            1 => Ok(hits
-                .into_values()
-                .next()
-                .ok_or_else(|| StoreError::ImageNotFound(name.into()))?),
-            0 => {
-                // A name made only of hex digits is still a valid image name.
-                let want = ImageName::parse(name)?;
-                index
-                    .manifests()
-                    .iter()
-                    .find(|d| refs::ref_name(d) == Some(want.as_str()))
-                    .cloned()
-                    .ok_or_else(|| StoreError::ImageNotFound(name.to_string()))
-            }
+        let mut it = hits.into_values();
+        match (it.next(), it.next()) {
+            (Some(d), None) => Ok(d),
+            (None, _) => Err(StoreError::ImageNotFound(name.to_string())),
             _ => Err(StoreError::InvalidName {
                 name: name.into(),
                 reason: "digest prefix is ambiguous",
@@ -492,7 +498,11 @@ impl Store {
             let Some(name) = refs::ref_name(d) else {
                 continue;
             };
-            let img = self.resolve(d.digest().as_ref())?;
+            // Entries other tools wrote (image indexes, artifacts) or that
+            // are broken are left to `fsck`; they do not hide the rest.
+            let Ok(img) = self.resolve(d.digest().as_ref()) else {
+                continue;
+            };
             let size = d.size()
                 + img.manifest.config().size()
                 + img.manifest.layers().iter().map(|l| l.size()).sum::<u64>();
@@ -519,26 +529,36 @@ impl Store {
     }
 
     /// Removes a tag. Blobs stay until [`Store::gc`].
-    pub fn remove(&self, name: &str) -> Result<ImageName, StoreError> {
+    pub fn remove(&self, name: &str) -> Result<String, StoreError> {
         let want = ImageName::parse(name)?;
         self.update_index(|index| {
-            let before = index.manifests().len();
+            // kiln's NAME:TAG, else a bare ref name another tool wrote.
+            let target = [want.as_str(), name]
+                .into_iter()
+                .find(|n| {
+                    index
+                        .manifests()
+                        .iter()
+                        .any(|d| refs::ref_name(d) == Some(*n))
+                })
+                .ok_or_else(|| StoreError::ImageNotFound(want.to_string()))?
+                .to_string();
             let kept: Vec<Descriptor> = index
                 .manifests()
                 .iter()
-                .filter(|d| refs::ref_name(d) != Some(want.as_str()))
+                .filter(|d| refs::ref_name(d) != Some(target.as_str()))
                 .cloned()
                 .collect();
-            if kept.len() == before {
-                return Err(StoreError::ImageNotFound(want.to_string()));
-            }
             index.set_manifests(kept);
-            Ok(())
-        })?;
-        Ok(want)
+            Ok(target)
+        })
     }
 
     /// Every blob reachable from index.json.
+    ///
+    /// Documents are followed by content, not media type, so manifests and
+    /// indexes written by other tools (Docker media types, artifacts) keep
+    /// their blobs; a referenced document that cannot be read aborts gc.
     fn reachable(&self) -> Result<BTreeSet<String>, StoreError> {
         let index = self.read_index()?;
         let mut seen = BTreeSet::new();
@@ -547,29 +567,30 @@ impl Store {
             if !seen.insert(d.digest().digest().to_string()) {
                 continue;
             }
-            match d.media_type() {
-                MediaType::ImageManifest => {
-                    let m: ImageManifest = serde_json::from_slice(&self.read_blob(d.digest())?)
-                        .map_err(|e| StoreError::BadDocument {
-                            what: "manifest",
-                            path: self.blob_path(d.digest()),
-                            reason: e.to_string(),
-                        })?;
-                    seen.insert(m.config().digest().digest().to_string());
-                    for l in m.layers() {
-                        seen.insert(l.digest().digest().to_string());
-                    }
+            let json_like = d.media_type().to_string().contains("json")
+                || matches!(
+                    d.media_type(),
+                    MediaType::ImageManifest | MediaType::ImageIndex
+                );
+            if !json_like || d.size() > MAX_JSON_SIZE {
+                continue;
+            }
+            let bytes = self.read_blob(d.digest())?;
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            let mut children: Vec<&serde_json::Value> = Vec::new();
+            children.extend(v.get("config"));
+            for key in ["layers", "manifests", "blobs"] {
+                if let Some(arr) = v.get(key).and_then(|x| x.as_array()) {
+                    children.extend(arr.iter());
                 }
-                MediaType::ImageIndex => {
-                    let i: ImageIndex = serde_json::from_slice(&self.read_blob(d.digest())?)
-                        .map_err(|e| StoreError::BadDocument {
-                            what: "index",
-                            path: self.blob_path(d.digest()),
-                            reason: e.to_string(),
-                        })?;
-                    todo.extend(i.manifests().iter().cloned());
+            }
+            children.extend(v.get("subject"));
+            for c in children {
+                if let Ok(child) = serde_json::from_value::<Descriptor>(c.clone()) {
+                    todo.push(child);
                 }
-                _ => {}
             }
         }
         Ok(seen)
@@ -673,15 +694,31 @@ fn empty_index() -> ImageIndex {
 
 /// Serializes an OCI document with sorted keys and no whitespace, so equal
 /// documents always give equal bytes (oci-spec uses HashMaps for labels).
+/// Keys are sorted explicitly, whatever serde_json features are enabled.
 pub fn canonical_json<T: Serialize>(doc: &T) -> Result<Vec<u8>, StoreError> {
-    let v = serde_json::to_value(doc).map_err(|e| StoreError::BadDocument {
+    let bad = |e: serde_json::Error| StoreError::BadDocument {
         what: "document being written",
         path: PathBuf::new(),
         reason: e.to_string(),
-    })?;
-    serde_json::to_vec(&v).map_err(|e| StoreError::BadDocument {
-        what: "document being written",
-        path: PathBuf::new(),
-        reason: e.to_string(),
-    })
+    };
+    let v = sort_keys(serde_json::to_value(doc).map_err(bad)?);
+    serde_json::to_vec(&v).map_err(bad)
+}
+
+fn sort_keys(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(String, Value)> = m.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sort_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
 }
