@@ -175,79 +175,13 @@ impl Unpacker {
 
     /// Opens a directory of the root, resolving symlinks and `..` inside it.
     fn open_dir(&self, path: &str) -> Result<OwnedFd, Errno> {
-        let p = if path.is_empty() { "." } else { path };
-        rfs::openat2(
-            &self.root,
-            p,
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        )
+        open_in_root(&self.root, path)
     }
 
-    /// Opens a directory, creating it and its missing parents (mode 0755).
-    ///
-    /// Missing directories are created where the path resolves *inside the
-    /// root*: symlinks met on the way are followed by hand (absolute ones
-    /// from the root, `..` never above it), like a chroot'ed `mkdir -p`.
+    /// Opens a directory, creating it and its missing parents (mode 0755),
+    /// resolved inside the root (see [`ensure_dir_in_root`]).
     fn ensure_dir(&mut self, path: &str) -> Result<OwnedFd, UnpackError> {
-        match self.open_dir(path) {
-            Ok(fd) => return Ok(fd),
-            Err(Errno::NOENT) => {}
-            Err(e) => return Err(self.err("open parent directory", path, e)),
-        }
-        let mut todo: std::collections::VecDeque<String> = path
-            .split('/')
-            .filter(|c| !c.is_empty())
-            .map(String::from)
-            .collect();
-        let mut done: Vec<String> = Vec::new();
-        let mut links = 0;
-        while let Some(c) = todo.pop_front() {
-            match c.as_str() {
-                "." => continue,
-                ".." => {
-                    done.pop();
-                    continue;
-                }
-                _ => {}
-            }
-            // `done` holds no symlinks, so this resolves without surprises.
-            let cur = self
-                .open_dir(&done.join("/"))
-                .map_err(|e| self.err("open parent directory", path, e))?;
-            match rfs::statat(&cur, c.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => match FileType::from_raw_mode(st.st_mode) {
-                    FileType::Directory => done.push(c),
-                    FileType::Symlink => {
-                        links += 1;
-                        if links > 40 {
-                            return Err(self.err("resolve parent directory", path, Errno::LOOP));
-                        }
-                        let target = rfs::readlinkat(&cur, c.as_str(), Vec::new())
-                            .map_err(|e| self.err("readlink", path, e))?;
-                        let target = target.to_string_lossy().into_owned();
-                        if target.starts_with('/') {
-                            done.clear();
-                        }
-                        for comp in target.split('/').filter(|x| !x.is_empty()).rev() {
-                            todo.push_front(comp.to_string());
-                        }
-                    }
-                    _ => return Err(self.err("create parent directory", path, Errno::NOTDIR)),
-                },
-                Err(Errno::NOENT) => {
-                    match rfs::mkdirat(&cur, c.as_str(), Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => return Err(self.err("create parent directory", path, e)),
-                    }
-                    done.push(c);
-                }
-                Err(e) => return Err(self.err("stat parent directory", path, e)),
-            }
-        }
-        self.open_dir(&done.join("/"))
-            .map_err(|e| self.err("open parent directory", path, e))
+        ensure_dir_in_root(&self.root, path).map_err(|(step, e)| self.err(step, path, e))
     }
 
     /// Applies one (uncompressed) layer tar stream.
@@ -541,6 +475,82 @@ fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
         }
         Ok(_) => rfs::unlinkat(dir, name, AtFlags::empty()).map_err(Into::into),
     }
+}
+
+/// Opens directory `path` of the tree at `root`, creating it and its
+/// missing parents (mode 0755).
+///
+/// Missing directories are created where the path resolves *inside the
+/// root*: symlinks met on the way are followed by hand (absolute ones
+/// from the root, `..` never above it), like a chroot'ed `mkdir -p`.
+pub fn ensure_dir_in_root(root: &OwnedFd, path: &str) -> Result<OwnedFd, (&'static str, Errno)> {
+    match open_in_root(root, path) {
+        Ok(fd) => return Ok(fd),
+        Err(Errno::NOENT) => {}
+        Err(e) => return Err(("open parent directory", e)),
+    }
+    let mut todo: std::collections::VecDeque<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.as_str() {
+            "." => continue,
+            ".." => {
+                done.pop();
+                continue;
+            }
+            _ => {}
+        }
+        // `done` holds no symlinks, so this resolves without surprises.
+        let cur = open_in_root(root, &done.join("/")).map_err(|e| ("open parent directory", e))?;
+        match rfs::statat(&cur, c.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => done.push(c),
+                FileType::Symlink => {
+                    links += 1;
+                    if links > 40 {
+                        return Err(("resolve parent directory", Errno::LOOP));
+                    }
+                    let target = rfs::readlinkat(&cur, c.as_str(), Vec::new())
+                        .map_err(|e| ("readlink", e))?;
+                    let target = target.to_string_lossy().into_owned();
+                    if target.starts_with('/') {
+                        done.clear();
+                    }
+                    for comp in target.split('/').filter(|x| !x.is_empty()).rev() {
+                        todo.push_front(comp.to_string());
+                    }
+                }
+                _ => return Err(("create parent directory", Errno::NOTDIR)),
+            },
+            Err(Errno::NOENT) => {
+                match rfs::mkdirat(&cur, c.as_str(), Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(("create parent directory", e)),
+                }
+                done.push(c);
+            }
+            Err(e) => return Err(("stat parent directory", e)),
+        }
+    }
+    open_in_root(root, &done.join("/")).map_err(|e| ("open parent directory", e))
+}
+
+/// Opens a directory of the tree at `root`, resolving symlinks and `..`
+/// inside it (`openat2(RESOLVE_IN_ROOT)`).
+pub fn open_in_root(root: &OwnedFd, path: &str) -> Result<OwnedFd, Errno> {
+    let p = if path.is_empty() { "." } else { path };
+    rfs::openat2(
+        root,
+        p,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
 }
 
 fn split(path: &str) -> (&str, &str) {

@@ -248,17 +248,13 @@ fn setup_root(cfg: &InitConfig) {
         "mode=1777",
     )
     .or_die("mount /tmp");
-    m::mount_bind_recursive("/sys", at("sys")).or_die("bind /sys");
-    m::mount_remount(
-        at("sys"),
-        MountFlags::BIND
-            | MountFlags::RDONLY
-            | MountFlags::NOSUID
-            | MountFlags::NODEV
-            | MountFlags::NOEXEC,
-        "",
-    )
-    .or_die("remount /sys read-only");
+    // A fresh sysfs shows this sandbox's network namespace; with the host's
+    // network (not ours to mount sysfs for) bind the host's, read-only.
+    let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    if cfg.network != Network::None || mnt("sysfs", at("sys"), "sysfs", ro, "").is_err() {
+        m::mount_bind_recursive("/sys", at("sys")).or_die("bind /sys");
+        m::mount_remount(at("sys"), MountFlags::BIND | ro, "").or_die("remount /sys read-only");
+    }
     for v in &cfg.volumes {
         bind_volume(root, v);
     }
@@ -314,68 +310,58 @@ fn mask_proc() {
 /// Binds a host path at `v.target`, resolving the target inside the root
 /// (a symlink in the image cannot send the bind elsewhere on the host).
 fn bind_volume(root: &Path, v: &crate::spec::Volume) {
+    let step = format!("volume {}", v.target);
     let rootfd = rustix::fs::open(
         root,
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )
     .or_die("open root");
-    let rel = v.target.trim_start_matches('/');
-    let src_is_dir = v.source.is_dir();
-    // Create missing parents and the mount point inside the root.
-    let mut cur = String::new();
-    let comps: Vec<&str> = rel
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
-    for (i, c) in comps.iter().enumerate() {
-        let parent = rustix::fs::openat2(
+    let rel = v.target.trim_matches('/');
+    let (parent, leaf) = rel.rsplit_once('/').unwrap_or(("", rel));
+    let pfd = crate::unpack::ensure_dir_in_root(&rootfd, parent)
+        .map_err(|(s, e)| format!("{s}: {e}"))
+        .or_die(&step);
+    if !leaf.is_empty() && rustix::fs::statat(&pfd, leaf, rustix::fs::AtFlags::empty()).is_err() {
+        if v.source.is_dir() {
+            crate::unpack::ensure_dir_in_root(&pfd, leaf)
+                .map_err(|(s, e)| format!("{s}: {e}"))
+                .or_die(&step);
+        } else {
+            rustix::fs::openat(
+                &pfd,
+                leaf,
+                OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::from_raw_mode(0o644),
+            )
+            .or_die(&step);
+        }
+    }
+    let resolve = || {
+        rustix::fs::openat2(
             &rootfd,
-            if cur.is_empty() { "." } else { cur.as_str() },
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            if rel.is_empty() { "." } else { rel },
+            OFlags::PATH | OFlags::CLOEXEC,
             Mode::empty(),
             ResolveFlags::IN_ROOT,
         )
-        .or_die(&format!("resolve volume target {}", v.target));
-        let last = i + 1 == comps.len();
-        let exists = rustix::fs::statat(&parent, *c, rustix::fs::AtFlags::empty()).is_ok();
-        if !exists {
-            if last && !src_is_dir {
-                rustix::fs::openat(
-                    &parent,
-                    *c,
-                    OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o644),
-                )
-                .or_die(&format!("create volume target {}", v.target));
-            } else {
-                rustix::fs::mkdirat(&parent, *c, Mode::from_raw_mode(0o755))
-                    .or_die(&format!("create volume target {}", v.target));
-            }
-        }
-        cur = if cur.is_empty() {
-            c.to_string()
-        } else {
-            format!("{cur}/{c}")
-        };
-    }
-    let target = rustix::fs::openat2(
-        &rootfd,
-        if cur.is_empty() { "." } else { cur.as_str() },
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT,
+        .or_die(&format!("resolve {step}"))
+    };
+    let target = resolve();
+    m::mount_bind_recursive(
+        &v.source,
+        format!("/proc/self/fd/{}", target.as_raw_fd()).as_str(),
     )
-    .or_die(&format!("resolve volume target {}", v.target));
-    let via = format!("/proc/self/fd/{}", target.as_raw_fd());
-    m::mount_bind_recursive(&v.source, via.as_str()).or_die(&format!(
-        "bind {} at {}",
-        v.source.display(),
-        v.target
-    ));
+    .or_die(&format!("bind {} at {}", v.source.display(), v.target));
     if v.read_only {
-        m::mount_remount(via.as_str(), MountFlags::BIND | MountFlags::RDONLY, "")
-            .or_die(&format!("make {} read-only", v.target));
+        // Re-resolve: the new fd refers to the mount just made.
+        let mounted = resolve();
+        m::mount_remount(
+            format!("/proc/self/fd/{}", mounted.as_raw_fd()).as_str(),
+            MountFlags::BIND | MountFlags::RDONLY,
+            "",
+        )
+        .or_die(&format!("make {} read-only", v.target));
     }
 }
 

@@ -160,7 +160,9 @@ impl Drop for RunDir {
     }
 }
 
-/// Removes run directories whose owner died (their lock is free).
+/// Removes run directories whose owner died (their lock is free). A
+/// directory without a lock file yet is left alone for a minute: its run may
+/// be creating it right now.
 pub fn reap_dead_runs(runs: &Path) -> u64 {
     let mut n = 0;
     let Ok(list) = fs::read_dir(runs) else {
@@ -170,8 +172,12 @@ pub fn reap_dead_runs(runs: &Path) -> u64 {
         let lock = e.path().join("lock");
         let free = match fs::File::open(&lock) {
             Ok(f) => f.try_lock().is_ok(),
-            // No lock file: a run that died before creating it.
-            Err(_) => true,
+            Err(_) => e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(60)),
         };
         if free && crate::unpack::remove_tree(&e.path()).is_ok() {
             n += 1;

@@ -1,0 +1,435 @@
+//! `kiln run`: the rootless namespace sandbox, checked from inside and from
+//! the host. Every test runs as root and as unprivileged users in CI.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn with_busybox() -> Kiln {
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    k.import(&tar, "bb", &[]);
+    k
+}
+
+/// Runs `sh -c SCRIPT` in image bb with extra kiln flags; returns (code, stdout, stderr).
+fn run_sh(k: &Kiln, flags: &[&str], script: &str) -> (i32, String, String) {
+    let mut args: Vec<&str> = vec!["run"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["bb", "sh", "-c", script]);
+    let out = k.run(&args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?")
+}
+
+#[test]
+fn inside_the_sandbox_privileges_are_gone() {
+    let k = with_busybox();
+    let (code, out, err) = run_sh(&k, &[], "cat /proc/self/status");
+    assert_eq!(code, 0, "{err}");
+    for cap in ["CapEff:", "CapPrm:", "CapBnd:", "CapInh:", "CapAmb:"] {
+        assert_eq!(
+            status_field(&out, cap),
+            "0000000000000000",
+            "{cap} in\n{out}"
+        );
+    }
+    assert_eq!(status_field(&out, "NoNewPrivs:"), "1");
+    // mount, unshare and module loading are refused.
+    let (code, _, _) = run_sh(&k, &[], "mount -t tmpfs none /mnt");
+    assert_ne!(code, 0, "mount succeeded inside the sandbox");
+    let (code, _, _) = run_sh(&k, &[], "unshare -r true || unshare -m true");
+    assert_ne!(code, 0, "unshare succeeded inside the sandbox");
+    let (code, _, _) = run_sh(&k, &[], "insmod /nonexistent.ko; modprobe dummy");
+    assert_ne!(code, 0, "module loading succeeded");
+}
+
+#[test]
+fn namespaces_hostname_network_and_pid_1() {
+    let k = with_busybox();
+    let (code, out, err) = run_sh(
+        &k,
+        &[],
+        "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; echo $$; ls /sys/class/net; id -u",
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "kiln", "{out}");
+    assert!(
+        lines[1].contains("__sandbox-init"),
+        "PID 1 is not kiln's init: {out}"
+    );
+    assert_ne!(lines[2], "1", "the command must not be PID 1");
+    assert_eq!(lines[3], "lo", "--network none must leave only lo: {out}");
+    assert_eq!(lines[4], "0");
+    let (code, out, _) = run_sh(
+        &k,
+        &["--hostname", "builder-7"],
+        "hostname; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags",
+    );
+    assert_eq!(code, 0);
+    assert!(out.starts_with("builder-7\n"), "{out}");
+    // lo is up (IFF_UP = 0x1).
+    let flags = out.lines().nth(2).unwrap_or("0x0");
+    assert_eq!(
+        u32::from_str_radix(flags.trim_start_matches("0x"), 16).unwrap_or(0) & 1,
+        1,
+        "{out}"
+    );
+    // --network host shares the host's interfaces.
+    let host_ifaces = fs::read_dir("/sys/class/net").expect("read").count();
+    let (code, out, _) = run_sh(&k, &["--network", "host"], "ls /sys/class/net | wc -l");
+    assert_eq!(code, 0);
+    assert_eq!(out.trim().parse::<usize>().unwrap_or(0), host_ifaces);
+}
+
+#[test]
+fn host_files_stay_invisible_and_binds_respect_ro() {
+    let k = with_busybox();
+    let secret = k.dir.path().join("host-secret");
+    fs::write(&secret, "secret\n").expect("write");
+    let (code, out, _) = run_sh(
+        &k,
+        &[],
+        &format!(
+            "cat {} 2>&1; ls /root /home 2>&1; echo done",
+            secret.display()
+        ),
+    );
+    assert_eq!(code, 0);
+    assert!(!out.contains("secret\n"), "host file visible: {out}");
+    let ro = k.dir.path().join("ro");
+    let rw = k.dir.path().join("rw");
+    fs::create_dir(&ro).expect("mkdir");
+    fs::create_dir(&rw).expect("mkdir");
+    fs::write(ro.join("input"), "in\n").expect("write");
+    let flags = [
+        "-v".to_string(),
+        format!("{}:/src:ro", ro.display()),
+        "-v".to_string(),
+        format!("{}:/out", rw.display()),
+        "-w".to_string(),
+        "/out".to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, out, err) = run_sh(
+        &k,
+        &flags,
+        "cat /src/input; touch /src/x 2>&1 && echo WROTE-RO; pwd; cp /src/input result",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("in\n") && !out.contains("WROTE-RO") && out.contains("/out"),
+        "{out}"
+    );
+    assert!(!ro.join("x").exists());
+    assert_eq!(
+        fs::read_to_string(rw.join("result")).expect("result"),
+        "in\n"
+    );
+    // --read-only root.
+    let (code, out, _) = run_sh(
+        &k,
+        &["--read-only"],
+        "touch /newfile 2>&1 && echo WROTE; echo ok > /tmp/t && cat /tmp/t",
+    );
+    assert_eq!(code, 0);
+    assert!(!out.contains("WROTE") && out.contains("ok"), "{out}");
+    // Writes to the root go to the run's overlay, never to the image.
+    let (code, _, _) = run_sh(&k, &[], "echo changed > /etc/hostname && rm /bin/ls");
+    assert_eq!(code, 0);
+    let (_, out, _) = run_sh(&k, &[], "cat /etc/hostname; ls /bin/ls");
+    assert!(
+        out.contains("kiln\n") && out.contains("/bin/ls"),
+        "a run's writes leaked into the image: {out}"
+    );
+}
+
+#[test]
+fn symlinks_in_the_image_cannot_redirect_binds_or_writes_to_the_host() {
+    let k = Kiln::new();
+    let host_dir = k.dir.path().join("host-target");
+    fs::create_dir(&host_dir).expect("mkdir");
+    let bb = busybox_tar(k.dir.path());
+    k.import(&bb, "bb", &[]);
+    // An image layer with absolute symlinks to a host path.
+    let extra = TarMaker::new()
+        .symlink("evil", host_dir.to_str().expect("utf8"))
+        .symlink("evil-file", &format!("{}/f", host_dir.display()))
+        .finish();
+    let et = k.dir.path().join("evil.tar");
+    fs::write(&et, extra).expect("write");
+    k.import(&et, "evil-only", &[]);
+    // Stack it on busybox with umoci so the image has both layers.
+    require("skopeo");
+    let layout = k.dir.path().join("layout");
+    sh(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &format!("oci:{}:bb:latest", k.store().display()),
+        &format!("oci:{}:x", layout.display()),
+    ]));
+    sh(Command::new("umoci")
+        .args([
+            "raw",
+            "add-layer",
+            "--image",
+            &format!("{}:x", layout.display()),
+        ])
+        .arg(&et));
+    k.import(&layout, "bb", &[]);
+    let src = k.dir.path().join("vol");
+    fs::create_dir(&src).expect("mkdir");
+    let flags = ["-v".to_string(), format!("{}:/evil/mnt", src.display())];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (code, _, err) = run_sh(
+        &k,
+        &flags,
+        "echo via-bind > /evil/mnt/a; echo via-link > /evil-file; echo more > /evil/b",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        fs::read_to_string(src.join("a")).expect("bind target"),
+        "via-bind\n"
+    );
+    let leaked: Vec<_> = fs::read_dir(&host_dir)
+        .expect("read")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "writes escaped to the host through image symlinks: {leaked:?}"
+    );
+}
+
+#[test]
+fn exit_codes_follow_the_container_convention() {
+    let k = with_busybox();
+    for (script, want) in [
+        ("exit 0", 0),
+        ("exit 1", 1),
+        ("exit 42", 42),
+        ("kill -9 $$", 137),
+        ("kill -15 $$", 143),
+    ] {
+        let (code, _, err) = run_sh(&k, &[], script);
+        assert_eq!(code, want, "{script}: {err}");
+    }
+    let (code, _, _) = run_sh(&k, &["--timeout", "0.5"], "sleep 30");
+    assert_eq!(code, 124);
+    let out = k.run(["run", "bb", "/no/such/program"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
+    let out = k.run(["run", "bb", "no-such-command-on-path"]);
+    assert_eq!(out.status.code(), Some(127));
+    let out = k.run(["run", "bb", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(126));
+    // kiln's own failures are 125.
+    let out = k.run(["run", "no-such-image", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    // --json-status records the result.
+    let status = k.dir.path().join("status.json");
+    let out = k.run([
+        "run",
+        "--json-status",
+        status.to_str().expect("utf8"),
+        "bb",
+        "sh",
+        "-c",
+        "exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(&status).expect("status")).expect("json");
+    assert_eq!(v["exit_code"], 5);
+    assert!(v["image_digest"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("sha256:")));
+}
+
+#[test]
+fn sigterm_to_kiln_reaches_the_commands_trap() {
+    let k = with_busybox();
+    let mut child = k
+        .cmd()
+        .args([
+            "run",
+            "bb",
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    sh(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let st = child.wait().expect("wait");
+    assert_eq!(st.code(), Some(7), "output after TERM: {rest:?}");
+    assert!(rest.iter().any(|l| l == "got-term"), "{rest:?}");
+}
+
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").expect("proc").flatten() {
+        if let Ok(c) = fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(marker) {
+                out.push(format!("{}: {c}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+fn mounts() -> Vec<String> {
+    let mut m: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .map(|l| l.split(' ').skip(4).take(1).collect())
+        .collect();
+    m.sort();
+    m
+}
+
+fn loop_devices() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir("/sys/block")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name().to_string_lossy().starts_with("loop")
+                        && e.path().join("loop/backing_file").exists()
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
+    let k = with_busybox();
+    k.ok(["run", "bb", "true"]); // unpack once
+    let mounts_before = mounts();
+    let loops_before = loop_devices();
+    let marker = format!("sleep 31{}", std::process::id() % 1000);
+    let started = Instant::now();
+    for i in 0..200 {
+        match i % 20 {
+            // SIGKILL kiln mid-run: the helper, init and command must die with it.
+            0 => {
+                let mut c = k
+                    .cmd()
+                    .args(["run", "bb", "sh", "-c", &format!("echo up; {marker}")])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("spawn");
+                let mut line = String::new();
+                BufReader::new(c.stdout.take().expect("stdout"))
+                    .read_line(&mut line)
+                    .expect("read");
+                assert_eq!(line, "up\n");
+                c.kill().expect("SIGKILL kiln");
+                c.wait().expect("wait");
+            }
+            // Runs that time out.
+            1 => {
+                let out = k.run(["run", "--timeout", "0.2", "bb", "sh", "-c", &marker]);
+                assert_eq!(out.status.code(), Some(124));
+            }
+            _ => {
+                let out = k.run(["run", "bb", "sh", "-c", "echo x > /tmp/x; echo y > /y"]);
+                assert_eq!(
+                    out.status.code(),
+                    Some(0),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+    // Killed sandboxes die asynchronously (PDEATHSIG chain); give them a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_with(&marker).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        processes_with(&marker),
+        Vec::<String>::new(),
+        "processes survived"
+    );
+    assert!(processes_with("__sandbox-init")
+        .iter()
+        .all(|p| !p.contains(&k.store().display().to_string())));
+    assert_eq!(mounts(), mounts_before, "host mounts changed");
+    assert_eq!(loop_devices(), loops_before, "loop devices changed");
+    // The next run reaps the run directories SIGKILLed runs left.
+    k.ok(["run", "bb", "true"]);
+    let runs: Vec<_> = fs::read_dir(k.store().join(".kiln/runs"))
+        .expect("runs")
+        .collect();
+    assert!(runs.is_empty(), "run directories left: {runs:?}");
+    eprintln!("200 runs in {:?}", started.elapsed());
+}
+
+#[test]
+fn sixteen_concurrent_runs_with_a_first_time_unpack() {
+    let k = with_busybox();
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            k.cmd()
+                .args([
+                    "run",
+                    "bb",
+                    "sh",
+                    "-c",
+                    &format!("echo {i} > /tmp/me; cat /tmp/me; ls /bin/busybox >/dev/null"),
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "run {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"));
+    }
+    let caches: Vec<_> = fs::read_dir(k.store().join(".kiln/rootfs"))
+        .expect("rootfs")
+        .flatten()
+        .collect();
+    assert_eq!(caches.len(), 1, "the image was unpacked more than once");
+    assert!(Path::new(&k.store().join(".kiln/runs"))
+        .read_dir()
+        .expect("runs")
+        .next()
+        .is_none());
+}
