@@ -85,6 +85,15 @@ pub struct RunSpec {
     pub read_only: bool,
     /// Bind mounts. Default none.
     pub volumes: Vec<Volume>,
+    /// Install the default seccomp filter (kexec, modules, bpf,
+    /// perf_event_open, keyrings, userfaultfd, clock and swap changes,
+    /// reboot, mount, nested user namespaces... fail with EPERM). Default true.
+    pub seccomp: bool,
+    /// Allow nested user namespaces (unshare, setns, clone(CLONE_NEWUSER)).
+    /// Default false.
+    pub allow_userns: bool,
+    /// Pass the caller's stdin to the command. Default false (/dev/null).
+    pub stdin: bool,
     /// Forward SIGINT/SIGTERM/SIGHUP/SIGQUIT received by the calling thread
     /// to the command (blocks them in the caller during the run). Default false.
     pub forward_signals: bool,
@@ -104,6 +113,9 @@ impl RunSpec {
             timeout: None,
             read_only: false,
             volumes: Vec::new(),
+            seccomp: true,
+            allow_userns: false,
+            stdin: false,
             forward_signals: false,
         }
     }

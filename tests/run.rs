@@ -433,3 +433,55 @@ fn sixteen_concurrent_runs_with_a_first_time_unpack() {
         .next()
         .is_none());
 }
+
+#[test]
+fn seccomp_filter_is_on_by_default_and_blocks_nested_user_namespaces() {
+    let k = with_busybox();
+    let (code, out, _) = run_sh(&k, &[], "grep Seccomp: /proc/self/status");
+    assert_eq!(code, 0);
+    assert_eq!(status_field(&out, "Seccomp:"), "2", "{out}");
+    let (code, _, err) = run_sh(&k, &[], "unshare -U true");
+    assert_ne!(code, 0, "nested user namespace allowed by default");
+    assert!(err.contains("not permitted"), "{err}");
+    // The filter, not missing privileges, is what said no: allowing nested
+    // user namespaces makes the same call work.
+    let (code, _, err) = run_sh(&k, &["--allow-userns"], "unshare -U true");
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run_sh(
+        &k,
+        &["--seccomp", "unconfined"],
+        "grep Seccomp: /proc/self/status",
+    );
+    assert_eq!(code, 0);
+    assert_eq!(status_field(&out, "Seccomp:"), "0");
+}
+
+#[test]
+fn stdin_is_closed_unless_interactive() {
+    let k = with_busybox();
+    let mut c = k
+        .cmd()
+        .args(["run", "bb", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Without -i the command reads /dev/null and ends at once, whatever we send.
+    let out = c.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+    let mut c = k
+        .cmd()
+        .args(["run", "-i", "bb", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = c.stdin.take().expect("stdin");
+        stdin.write_all(b"through stdin\n").expect("write");
+    }
+    let out = c.wait_with_output().expect("wait");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
+}

@@ -41,6 +41,15 @@ pub struct RunArgs {
     /// Bind mount SRC:DST[:ro|rw] (repeatable).
     #[arg(short, long = "volume", value_name = "SRC:DST[:ro|rw]")]
     pub volume: Vec<String>,
+    /// Seccomp profile: default, or unconfined to turn filtering off.
+    #[arg(long, default_value = "default", value_parser = ["default", "unconfined"])]
+    pub seccomp: String,
+    /// Allow nested user namespaces inside the sandbox.
+    #[arg(long)]
+    pub allow_userns: bool,
+    /// Pass stdin to the command (default: /dev/null).
+    #[arg(short, long)]
+    pub interactive: bool,
     /// Write the run's result as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json_status: Option<PathBuf>,
@@ -104,6 +113,9 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     for v in &a.volume {
         spec.volumes.push(v.parse::<Volume>()?);
     }
+    spec.seccomp = a.seccomp == "default";
+    spec.allow_userns = a.allow_userns;
+    spec.stdin = a.interactive;
     spec.forward_signals = true;
     let result = Sandbox::new(store).run(&spec)?;
     if let Some(path) = &a.json_status {

@@ -400,6 +400,12 @@ fn exec_command(cfg: &InitConfig) -> ! {
     )
     .or_die("drop capabilities");
     rustix::thread::set_no_new_privs(true).or_die("set no_new_privs");
+    if cfg.seccomp {
+        // Compiled before the last step so a failure is still reported;
+        // installed last, right before exec.
+        let progs = super::seccomp::filters(cfg.allow_userns).or_die("build the seccomp filter");
+        super::seccomp::apply(&progs).or_die("install the seccomp filter");
+    }
     let argv: Vec<CString> = cfg.argv.iter().map(|a| cstr(a)).collect();
     let envp: Vec<CString> = cfg.env.iter().map(|a| cstr(a)).collect();
     let prog = &cfg.argv[0];

@@ -19,6 +19,7 @@
 //! run or `kiln gc` removes directories whose lock is free.
 
 mod init;
+mod seccomp;
 
 use std::fs;
 use std::io;
@@ -56,6 +57,8 @@ pub(crate) struct InitConfig {
     pub volumes: Vec<crate::spec::Volume>,
     /// setgroups(2) is denied in the user namespace (single-id mapping).
     pub setgroups_denied: bool,
+    pub seccomp: bool,
+    pub allow_userns: bool,
 }
 
 fn helper_path(explicit: Option<&Path>) -> PathBuf {
@@ -252,11 +255,16 @@ pub(crate) fn run(
             })
             .collect(),
         setgroups_denied: uid != 0,
+        seccomp: spec.seccomp,
+        allow_userns: spec.allow_userns,
     };
     let json = serde_json::to_string(&cfg)
         .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
     let mut cmd = Command::new(helper_path(helper));
     cmd.arg(HELPER_ARG).env_clear().env(CONFIG_ENV, json);
+    if !spec.stdin {
+        cmd.stdin(std::process::Stdio::null());
+    }
     crate::sys::pre_exec_pdeathsig(&mut cmd);
     // Forwarded signals are handled through a signalfd below; the helper
     // unblocks everything itself.
