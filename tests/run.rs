@@ -459,7 +459,7 @@ fn seccomp_filter_is_on_by_default_and_blocks_nested_user_namespaces() {
 #[test]
 fn stdin_is_closed_unless_interactive() {
     let k = with_busybox();
-    let mut c = k
+    let c = k
         .cmd()
         .args(["run", "bb", "cat"])
         .stdin(Stdio::piped())
