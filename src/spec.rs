@@ -94,6 +94,12 @@ pub struct RunSpec {
     pub allow_userns: bool,
     /// Pass the caller's stdin to the command. Default false (/dev/null).
     pub stdin: bool,
+    /// After a successful run (exit code 0), store the run's changes as a new
+    /// layer on top of the image, tagged with this name. Default none.
+    pub commit: Option<String>,
+    /// Clamp committed mtimes to this and set the new image's `created`.
+    /// Default none.
+    pub source_date_epoch: Option<i64>,
     /// Forward SIGINT/SIGTERM/SIGHUP/SIGQUIT received by the calling thread
     /// to the command (blocks them in the caller during the run). Default false.
     pub forward_signals: bool,
@@ -116,6 +122,8 @@ impl RunSpec {
             seccomp: true,
             allow_userns: false,
             stdin: false,
+            commit: None,
+            source_date_epoch: None,
             forward_signals: false,
         }
     }
@@ -163,6 +171,12 @@ impl RunSpec {
                     v.source.display()
                 ));
             }
+        }
+        if self.commit.is_some() && self.read_only {
+            return bad("--commit needs a writable root (not --read-only)".into());
+        }
+        if let Some(c) = &self.commit {
+            crate::store::ImageName::parse(c).map_err(|e| SpecError::Invalid(e.to_string()))?;
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout must be positive".into());

@@ -485,3 +485,99 @@ fn stdin_is_closed_unless_interactive() {
     let out = c.wait_with_output().expect("wait");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "through stdin\n");
 }
+
+#[test]
+fn commit_round_trip_adds_changes_and_deletes() {
+    let k = with_busybox();
+    let script = "echo new > /etc/added && echo changed > /etc/hostname && rm /etc/group && rm -rf /var/tmp \
+                  && rm -rf /home && mkdir /home && echo f > /home/fresh && mkdir -p /opt/tool && ln /etc/added /opt/tool/link";
+    let (code, _, err) = run_sh(
+        &k,
+        &["--commit", "bb-plus:1", "--source-date-epoch", "1700000000"],
+        script,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("committed bb-plus:1"), "{err}");
+    let v = k.inspect("bb-plus:1");
+    assert_eq!(v["manifest"]["layers"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        v["config"]["rootfs"]["diff_ids"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(v["config"]["created"], "2023-11-14T22:13:20Z");
+    // The new layer, as OCI: whiteouts, an opaque directory, root-owned files.
+    let top = k.blob(
+        v["manifest"]["layers"][1]["digest"]
+            .as_str()
+            .expect("digest"),
+    );
+    let layer = tree_of_tar(&top);
+    for p in [
+        "etc/added",
+        "etc/.wh.group",
+        "var/.wh.tmp",
+        "home/.wh..wh..opq",
+        "home/fresh",
+        "opt/tool/link",
+    ] {
+        assert!(
+            layer.contains_key(p),
+            "{p} missing from the committed layer: {:?}",
+            layer.keys().collect::<Vec<_>>()
+        );
+    }
+    assert!(
+        layer.values().all(|n| n.uid == 0 && n.gid == 0),
+        "owners not mapped to root"
+    );
+    assert!(
+        layer.values().all(|n| n.mtime <= 1_700_000_000),
+        "mtimes not clamped"
+    );
+    assert_ne!(layer["opt/tool/link"].hardlink_group, 0, "hardlink lost");
+    // The new image runs with the changes...
+    let out = k.run([
+        "run",
+        "bb-plus:1",
+        "sh",
+        "-c",
+        "cat /etc/added /etc/hostname /home/fresh; ls /etc/group /var/tmp 2>&1; ls /home",
+    ]);
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(s.starts_with("new\nchanged\nf\n"), "{s}");
+    assert!(
+        s.contains("/etc/group: No such file") && s.contains("/var/tmp: No such file"),
+        "{s}"
+    );
+    assert!(
+        s.ends_with("fresh\n"),
+        "opaque /home still shows lower files: {s}"
+    );
+    // ...and umoci agrees.
+    require("umoci");
+    let bundle = k.dir.path().join("bundle");
+    let mut c = Command::new("umoci");
+    c.arg("unpack");
+    if !is_root() {
+        c.arg("--rootless");
+    }
+    sh(c.arg("--image")
+        .arg(format!("{}:bb-plus:1", k.store().display()))
+        .arg(&bundle));
+    let root = bundle.join("rootfs");
+    assert_eq!(
+        fs::read_to_string(root.join("etc/added")).expect("added"),
+        "new\n"
+    );
+    assert!(!root.join("etc/group").exists() && !root.join("var/tmp").exists());
+    let home: Vec<_> = fs::read_dir(root.join("home"))
+        .expect("home")
+        .map(|e| e.expect("e").file_name())
+        .collect();
+    assert_eq!(home, vec![std::ffi::OsString::from("fresh")]);
+    // A failed command commits nothing.
+    let (code, _, err) = run_sh(&k, &["--commit", "never"], "touch /x; exit 3");
+    assert_eq!(code, 3);
+    assert!(err.contains("not committed"), "{err}");
+    assert!(!k.names().contains(&"never:latest".to_string()));
+}

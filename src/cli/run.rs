@@ -50,6 +50,12 @@ pub struct RunArgs {
     /// Pass stdin to the command (default: /dev/null).
     #[arg(short, long)]
     pub interactive: bool,
+    /// After exit code 0, store the run's changes as a new image NAME[:TAG].
+    #[arg(long, value_name = "NAME[:TAG]")]
+    pub commit: Option<String>,
+    /// Clamp committed mtimes and set the new image's created time.
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
+    pub source_date_epoch: Option<i64>,
     /// Write the run's result as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json_status: Option<PathBuf>,
@@ -116,11 +122,24 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     spec.seccomp = a.seccomp == "default";
     spec.allow_userns = a.allow_userns;
     spec.stdin = a.interactive;
+    spec.commit = a.commit.clone();
+    spec.source_date_epoch = a.source_date_epoch;
     spec.forward_signals = true;
     let result = Sandbox::new(store).run(&spec)?;
     if let Some(path) = &a.json_status {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
             .with_context(|| format!("write {}", path.display()))?;
+    }
+    if let Some(c) = &result.committed {
+        eprintln!(
+            "kiln: committed {} {} ({} entries)",
+            c.name, c.manifest_digest, c.entries
+        );
+    } else if a.commit.is_some() {
+        eprintln!(
+            "kiln: not committed: the command exited with {}",
+            result.exit_code
+        );
     }
     Ok(result.exit_code)
 }

@@ -23,6 +23,7 @@ use oci_spec::image::{
 use serde::Serialize;
 
 pub use compress::{Compression, Encoder, ParGzip};
+
 pub use entry::{normalize_path, Entry, EntryKind, PathError, PathGuard, TarWriter};
 
 use crate::digest::HashWriter;

@@ -6,7 +6,10 @@
 //! network namespaces, an overlay over the image's cached root file system,
 //! and kiln's own init as PID 1. The VM backend is planned.
 
+mod commit;
 pub mod ns;
+
+pub use commit::CommitReport;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +30,9 @@ pub enum RunError {
     /// The image could not be unpacked.
     #[error(transparent)]
     Unpack(#[from] UnpackError),
+    /// The run's changes could not be committed.
+    #[error("run --commit: {0}")]
+    Commit(#[from] crate::import::ImportError),
     /// A host-side step failed.
     #[error("run: {step}: {source}")]
     Host {
@@ -65,6 +71,8 @@ pub struct RunResult {
     pub duration: Duration,
     /// The manifest digest of the image that ran.
     pub image_digest: String,
+    /// The image `--commit` made (only after exit code 0).
+    pub committed: Option<CommitReport>,
 }
 
 /// Runs commands in images of a store.

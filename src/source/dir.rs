@@ -97,7 +97,9 @@ fn visit(
     if matches!(kind, EntryKind::Char | EntryKind::Block) {
         (e.dev_major, e.dev_minor) = sys::dev_major_minor(md.rdev());
     }
-    if kind != EntryKind::Dir && kind != EntryKind::Symlink && md.nlink() > 1 {
+    // Device nodes are never linked: overlayfs whiteouts (0/0 devices) share
+    // one inode, and each must stay a node of its own.
+    if matches!(kind, EntryKind::File | EntryKind::Fifo) && md.nlink() > 1 {
         let key = (md.dev(), md.ino());
         if let Some(first) = links.get(&key) {
             e.kind = EntryKind::Hardlink;

@@ -145,10 +145,14 @@ impl RunDir {
             .tempdir_in(&runs)
             .map_err(|e| RunError::host("create run directory", e))?;
         let path = dir.keep();
-        let lock = fs::File::create(path.join("lock"))
+        // Lock first, then give the lock file the name reapers look for, so
+        // no reaper can ever see an unlocked "lock" of a live run.
+        let lock = fs::File::create(path.join("lock.new"))
             .map_err(|e| RunError::host("create run lock", e))?;
         lock.try_lock()
             .map_err(|e| RunError::host("lock run directory", io::Error::other(e.to_string())))?;
+        fs::rename(path.join("lock.new"), path.join("lock"))
+            .map_err(|e| RunError::host("create run lock", e))?;
         for d in ["upper", "work", "merged"] {
             fs::create_dir(path.join(d))
                 .map_err(|e| RunError::host(format!("create run {d} directory"), e))?;
@@ -279,8 +283,26 @@ pub(crate) fn run(
     if spec.forward_signals {
         let _ = crate::sys::sigmask(&sigs, false);
     }
+    let mut result = result?;
+    if let (Some(name), 0) = (&spec.commit, result.exit_code) {
+        let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
+        result.committed = Some(super::commit::commit(
+            store,
+            &img,
+            &rundir.path.join("upper"),
+            name,
+            &created_by,
+            spec.source_date_epoch,
+        )?);
+    }
     drop(rundir);
-    result
+    Ok(result)
+}
+
+fn cfg_argv_display(argv: &Option<Vec<String>>) -> String {
+    argv.as_ref()
+        .map(|a| a.join(" "))
+        .unwrap_or_else(|| "(image command)".into())
 }
 
 fn supervise(
@@ -381,5 +403,6 @@ fn supervise(
         timed_out,
         duration: start.elapsed(),
         image_digest: img.descriptor.digest().to_string(),
+        committed: None,
     })
 }

@@ -1,0 +1,143 @@
+//! `--commit`: a run's overlay upper directory becomes a new OCI layer on
+//! top of the image, and a new image in the store.
+//!
+//! Overlay's on-disk format is translated to OCI's: a whiteout (a 0/0
+//! character device) becomes `.wh.NAME`, an opaque directory (xattr
+//! `user.overlay.opaque=y`, or `trusted.` when not in a user namespace)
+//! gets a `.wh..wh..opq` entry, overlay's own xattrs are dropped, and the
+//! caller's ids (root inside a rootless run) become 0. Entries are sorted and
+//! normalized as imports are, so the same changes give the same digest.
+
+use std::io;
+use std::path::Path;
+
+use oci_spec::image::{HistoryBuilder, ImageConfiguration};
+
+use crate::import::{rfc3339, Entry, EntryKind, ImportError, ImportOptions, LayerBuilder};
+use crate::store::{ImageName, Store};
+
+/// What a commit produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CommitReport {
+    /// The new image's name.
+    pub name: String,
+    /// Its manifest digest.
+    pub manifest_digest: String,
+    /// The new layer's digest.
+    pub layer_digest: String,
+    /// Entries in the new layer (whiteouts included).
+    pub entries: u64,
+}
+
+fn is_overlay_xattr(k: &str) -> bool {
+    k.starts_with("user.overlay.") || k.starts_with("trusted.overlay.")
+}
+
+/// Turns `upper` into a layer on top of `base` and tags it `name`.
+pub(crate) fn commit(
+    store: &Store,
+    base: &crate::store::Image,
+    upper: &Path,
+    name: &str,
+    created_by: &str,
+    epoch: Option<i64>,
+) -> Result<CommitReport, ImportError> {
+    let name = ImageName::parse(name)?;
+    let _w = store.writer_lock()?;
+    let mut opts = ImportOptions::new(name.to_string());
+    opts.source_date_epoch = epoch;
+    let display = format!("run upper dir {}", upper.display());
+    let mut layer = LayerBuilder::new(store, &opts, &display)?;
+    let (my_uid, my_gid) = (
+        u64::from(rustix::process::getuid().as_raw()),
+        u64::from(rustix::process::getgid().as_raw()),
+    );
+    let rootless = my_uid != 0;
+    crate::source::dir::walk(upper, &mut |mut e: Entry, data: &mut dyn io::Read| {
+        if e.path.is_empty() {
+            return Ok(()); // the upper dir itself is not part of the image
+        }
+        if rootless {
+            // Root in the sandbox is the caller on the host.
+            if e.uid == my_uid {
+                e.uid = 0;
+            }
+            if e.gid == my_gid {
+                e.gid = 0;
+            }
+        }
+        if e.kind == EntryKind::Char && (e.dev_major, e.dev_minor) == (0, 0) {
+            let (parent, base) = e
+                .path
+                .rsplit_once('/')
+                .map_or(("", e.path.as_str()), |(p, b)| (p, b));
+            let mut w = Entry::new(
+                if parent.is_empty() {
+                    format!(".wh.{base}")
+                } else {
+                    format!("{parent}/.wh.{base}")
+                },
+                EntryKind::File,
+            );
+            w.mode = 0o644;
+            w.mtime = e.mtime;
+            return layer.add(w, &mut io::empty(), 0);
+        }
+        let opaque = e.kind == EntryKind::Dir
+            && e.xattrs
+                .iter()
+                .any(|(k, v)| k.ends_with("overlay.opaque") && v.as_slice() == b"y");
+        e.xattrs.retain(|k, _| !is_overlay_xattr(k));
+        let path = e.path.clone();
+        let mtime = e.mtime;
+        layer.add(e, data, 0)?;
+        if opaque {
+            let mut o = Entry::new(format!("{path}/.wh..wh..opq"), EntryKind::File);
+            o.mode = 0o644;
+            o.mtime = mtime;
+            layer.add(o, &mut io::empty(), 0)?;
+        }
+        Ok(())
+    })?;
+    let (info, entries) = layer.finish(store)?;
+    // The base config, one more diff_id and a history entry.
+    let mut cfg: ImageConfiguration = base.config.clone();
+    let mut rootfs = cfg.rootfs().clone();
+    let mut ids = rootfs.diff_ids().clone();
+    ids.push(info.diff_id.clone());
+    rootfs.set_diff_ids(ids);
+    cfg.set_rootfs(rootfs);
+    let mut h = HistoryBuilder::default()
+        .created_by(created_by.to_string())
+        .comment("kiln run --commit".to_string());
+    if let Some(t) = epoch {
+        h = h.created(rfc3339(t));
+        cfg.set_created(Some(rfc3339(t)));
+    }
+    let mut history = cfg.history().clone().unwrap_or_default();
+    history.push(h.build().map_err(|e| ImportError::Archive {
+        path: name.to_string(),
+        reason: e.to_string(),
+    })?);
+    cfg.set_history(Some(history));
+    let config_bytes = crate::store::canonical_json(&cfg)?;
+    let mut layers: Vec<crate::import::LayerInfo> = base
+        .manifest
+        .layers()
+        .iter()
+        .map(|l| crate::import::LayerInfo {
+            digest: l.digest().to_string(),
+            diff_id: String::new(),
+            size: l.size(),
+            media_type: l.media_type().to_string(),
+        })
+        .collect();
+    layers.push(info.clone());
+    let (manifest_digest, _) = store.write_image(&config_bytes, &layers, &name)?;
+    Ok(CommitReport {
+        name: name.to_string(),
+        manifest_digest,
+        layer_digest: info.digest,
+        entries,
+    })
+}
