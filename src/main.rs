@@ -21,19 +21,23 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // EnvFilter compiles regexes (about a millisecond): only pay for it
+    // when KILN_LOG asks for filtering; -v levels use a plain level filter.
     let level = match cli.verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        2 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match std::env::var("KILN_LOG") {
+        Ok(f) if !f.is_empty() => builder
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .init(),
+        _ => builder.with_max_level(level).init(),
+    }
     match cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
