@@ -42,6 +42,26 @@ umoci unpack --rootless --image "$KILN_HOME:kiln/busybox:demo" "$work/bundle" >/
 ls "$work/bundle/rootfs" | tr '\n' ' '; echo
 "$work/bundle/rootfs/bin/busybox" echo "busybox from the unpacked image runs"
 
+step "kiln run: a build step in the rootless sandbox (no network, caps dropped, seccomp)"
+mkdir -p "$work/src"
+printf 'kiln\nbuilds\nimages\nrootless\n' >"$work/src/words.txt"
+"$kiln" run -v "$work/src:/src:ro" -v "$work:/out" -w /src kiln/busybox:demo -- \
+  sh -c 'echo "inside: $(id -un)@$(hostname), pid $$, net: $(ls /sys/class/net)"; sort words.txt | tr a-z A-Z | tee /out/result.txt; grep -E "CapEff|NoNewPrivs|Seccomp:" /proc/self/status'
+echo "on the host: $(tr '\n' ' ' <"$work/result.txt")"
+
+step "kiln run --commit: bake the step's changes into a new image"
+"$kiln" run --commit kiln/busybox:baked kiln/busybox:demo -- \
+  sh -c 'mkdir -p /opt/tool && echo "#!/bin/sh" > /opt/tool/hello && echo "echo hello from the baked image" >> /opt/tool/hello && chmod +x /opt/tool/hello && rm /etc/os-release'
+"$kiln" run kiln/busybox:baked /opt/tool/hello
+"$kiln" run kiln/busybox:baked -- sh -c 'ls /etc/os-release 2>&1 || true'
+"$kiln" images
+
+step "exit codes: 124 on timeout, 127 not found"
+set +e
+"$kiln" run --timeout 1 kiln/busybox:demo sleep 30; echo "timeout -> $?"
+"$kiln" run kiln/busybox:demo no-such-tool 2>/dev/null; echo "not found -> $?"
+set -e
+
 step "kiln export (oci-archive and docker-archive), fsck, gc"
 "$kiln" export kiln/busybox:demo -o "$work/busybox-oci.tar"
 "$kiln" export kiln/busybox:demo -o "$work/busybox-docker.tar" --format docker-archive
