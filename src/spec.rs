@@ -47,6 +47,140 @@ impl std::str::FromStr for Volume {
     }
 }
 
+/// Linux capability names, by number (`CAP_CHOWN` is 0).
+pub const CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// The number of a capability named `CAP_X`, `X` or `x`.
+///
+/// ```
+/// assert_eq!(kiln::spec::capability("CAP_SYS_CHROOT"), Some(18));
+/// assert_eq!(kiln::spec::capability("net_raw"), Some(13));
+/// assert_eq!(kiln::spec::capability("CAP_NOPE"), None);
+/// ```
+pub fn capability(name: &str) -> Option<u32> {
+    let up = name.to_ascii_uppercase();
+    let bare = up.strip_prefix("CAP_").unwrap_or(&up);
+    CAPABILITIES
+        .iter()
+        .position(|c| *c == bare)
+        .map(|i| i as u32)
+}
+
+/// Resource limits `--ulimit` accepts, with their `RLIMIT_*` numbers.
+pub const RLIMITS: &[(&str, u32)] = &[
+    ("cpu", 0),
+    ("fsize", 1),
+    ("data", 2),
+    ("stack", 3),
+    ("core", 4),
+    ("rss", 5),
+    ("nproc", 6),
+    ("nofile", 7),
+    ("memlock", 8),
+    ("as", 9),
+    ("locks", 10),
+    ("sigpending", 11),
+    ("msgqueue", 12),
+    ("nice", 13),
+    ("rtprio", 14),
+];
+
+/// A resource limit for the command.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ulimit {
+    /// The `RLIMIT_*` number.
+    pub resource: u32,
+    /// Its name (`nofile`, ...).
+    pub name: String,
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+impl std::str::FromStr for Ulimit {
+    type Err = SpecError;
+    /// Parses `NAME=SOFT[:HARD]` (`unlimited` allowed).
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let bad = || {
+            SpecError::Invalid(format!(
+                "ulimit {s:?}: expected NAME=SOFT[:HARD], NAME one of {}",
+                RLIMITS.iter().map(|r| r.0).collect::<Vec<_>>().join(" ")
+            ))
+        };
+        let (name, vals) = s.split_once('=').ok_or_else(bad)?;
+        let resource = RLIMITS
+            .iter()
+            .find(|r| r.0 == name)
+            .map(|r| r.1)
+            .ok_or_else(bad)?;
+        let num = |v: &str| {
+            if v == "unlimited" {
+                Ok(u64::MAX)
+            } else {
+                v.parse::<u64>().map_err(|_| bad())
+            }
+        };
+        let (soft, hard) = match vals.split_once(':') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(vals)?, num(vals)?),
+        };
+        if soft > hard {
+            return Err(SpecError::Invalid(format!(
+                "ulimit {s:?}: soft limit above hard limit"
+            )));
+        }
+        Ok(Ulimit {
+            resource,
+            name: name.to_string(),
+            soft,
+            hard,
+        })
+    }
+}
+
 /// Errors of an invalid run spec.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -100,6 +234,17 @@ pub struct RunSpec {
     /// Clamp committed mtimes to this and set the new image's `created`.
     /// Default none.
     pub source_date_epoch: Option<i64>,
+    /// Capabilities the command keeps (numbers, see [`capability`]).
+    /// Default none: every capability is dropped.
+    pub cap_add: Vec<u32>,
+    /// Resource limits, never above the caller's current hard limits.
+    /// Default none.
+    pub ulimits: Vec<Ulimit>,
+    /// Memory limit in bytes (cgroup v2 `memory.max`), applied when the caller
+    /// has a delegated cgroup; otherwise the run goes on with a warning.
+    pub memory: Option<u64>,
+    /// Maximum number of processes (cgroup v2 `pids.max`), same rules.
+    pub pids_limit: Option<u64>,
     /// Forward SIGINT/SIGTERM/SIGHUP/SIGQUIT received by the calling thread
     /// to the command (blocks them in the caller during the run). Default false.
     pub forward_signals: bool,
@@ -124,6 +269,10 @@ impl RunSpec {
             stdin: false,
             commit: None,
             source_date_epoch: None,
+            cap_add: Vec::new(),
+            ulimits: Vec::new(),
+            memory: None,
+            pids_limit: None,
             forward_signals: false,
         }
     }
@@ -178,9 +327,46 @@ impl RunSpec {
         if let Some(c) = &self.commit {
             crate::store::ImageName::parse(c).map_err(|e| SpecError::Invalid(e.to_string()))?;
         }
+        for u in &self.ulimits {
+            let (cur_soft, cur_hard) = current_rlimit(u.resource);
+            let _ = cur_soft;
+            if u.hard > cur_hard {
+                return bad(format!(
+                    "--ulimit {}={}:{}: the hard limit is above the current hard limit {} (raising it needs CAP_SYS_RESOURCE on the host)",
+                    u.name, u.soft, u.hard, cur_hard
+                ));
+            }
+        }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout must be positive".into());
         }
         Ok(())
+    }
+}
+
+/// The calling process's (soft, hard) limit for an `RLIMIT_*` number.
+pub fn current_rlimit(resource: u32) -> (u64, u64) {
+    let r = rustix::process::getrlimit(rlimit_resource(resource));
+    (r.current.unwrap_or(u64::MAX), r.maximum.unwrap_or(u64::MAX))
+}
+
+pub(crate) fn rlimit_resource(n: u32) -> rustix::process::Resource {
+    use rustix::process::Resource as R;
+    match n {
+        0 => R::Cpu,
+        1 => R::Fsize,
+        2 => R::Data,
+        3 => R::Stack,
+        4 => R::Core,
+        5 => R::Rss,
+        6 => R::Nproc,
+        7 => R::Nofile,
+        8 => R::Memlock,
+        9 => R::As,
+        10 => R::Locks,
+        11 => R::Sigpending,
+        12 => R::Msgqueue,
+        13 => R::Nice,
+        _ => R::Rtprio,
     }
 }

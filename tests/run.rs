@@ -581,3 +581,69 @@ fn commit_round_trip_adds_changes_and_deletes() {
     assert!(err.contains("not committed"), "{err}");
     assert!(!k.names().contains(&"never:latest".to_string()));
 }
+
+#[test]
+fn cap_add_keeps_one_capability() {
+    let k = with_busybox();
+    let (code, _, _) = run_sh(&k, &[], "chroot / true");
+    assert_ne!(code, 0, "chroot worked without CAP_SYS_CHROOT");
+    let (code, out, err) = run_sh(
+        &k,
+        &["--cap-add", "CAP_SYS_CHROOT"],
+        "chroot / true && grep CapEff /proc/self/status",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(status_field(&out, "CapEff:"), "0000000000040000");
+    let err = k.fails(["run", "--cap-add", "CAP_NOPE", "bb", "true"]);
+    assert!(err.contains("unknown capability"), "{err}");
+}
+
+#[test]
+fn user_flag_and_ulimits() {
+    let k = with_busybox();
+    let (code, out, err) = run_sh(&k, &["--user", "1000:1000"], "id -u; id -g");
+    if is_root() {
+        // Real root maps every id, so any user exists inside.
+        assert_eq!((code, out.as_str()), (0, "1000\n1000\n"), "{err}");
+    } else {
+        // An unprivileged caller maps only itself (as root): a clear error.
+        assert_eq!(code, 125);
+        assert!(err.contains("not mapped"), "{err}");
+    }
+    let (code, out, err) = run_sh(&k, &["--ulimit", "nofile=100:200"], "ulimit -n; ulimit -Hn");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "100\n200\n");
+    let hard = fs::read_to_string("/proc/self/limits")
+        .expect("limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .expect("nofile hard");
+    let too_high = hard.parse::<u64>().map(|h| h + 1).unwrap_or(u64::MAX);
+    let err = k.fails([
+        "run",
+        "--ulimit",
+        &format!("nofile=100:{too_high}"),
+        "bb",
+        "true",
+    ]);
+    assert!(
+        err.contains("above the current hard limit") && err.contains("CAP_SYS_RESOURCE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cgroup_limits_degrade_to_one_warning() {
+    // These hosts delegate no cgroup v2 controller: the run goes on and says so.
+    let k = with_busybox();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--memory", "100000000", "--pids-limit", "64"],
+        "echo ran",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "ran\n");
+    assert_eq!(err.matches("warning").count(), 1, "{err}");
+    assert!(err.contains("--memory/--pids-limit ignored"), "{err}");
+}

@@ -56,6 +56,19 @@ pub struct RunArgs {
     /// Clamp committed mtimes and set the new image's created time.
     #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
     pub source_date_epoch: Option<i64>,
+    /// Keep a capability (CAP_NAME or NAME; repeatable).
+    #[arg(long, value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Resource limit NAME=SOFT[:HARD], e.g. nofile=1024 (repeatable; never
+    /// above the current hard limit).
+    #[arg(long, value_name = "NAME=SOFT[:HARD]")]
+    pub ulimit: Vec<String>,
+    /// Memory limit in bytes (needs a delegated cgroup v2; else a warning).
+    #[arg(long, value_name = "BYTES")]
+    pub memory: Option<u64>,
+    /// Process limit (needs a delegated cgroup v2; else a warning).
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
     /// Write the run's result as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json_status: Option<PathBuf>,
@@ -122,6 +135,17 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     spec.seccomp = a.seccomp == "default";
     spec.allow_userns = a.allow_userns;
     spec.stdin = a.interactive;
+    for c in &a.cap_add {
+        let Some(n) = kiln::spec::capability(c) else {
+            bail!("--cap-add {c:?}: unknown capability")
+        };
+        spec.cap_add.push(n);
+    }
+    for u in &a.ulimit {
+        spec.ulimits.push(u.parse()?);
+    }
+    spec.memory = a.memory;
+    spec.pids_limit = a.pids_limit;
     spec.commit = a.commit.clone();
     spec.source_date_epoch = a.source_date_epoch;
     spec.forward_signals = true;
@@ -129,6 +153,9 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     if let Some(path) = &a.json_status {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)
             .with_context(|| format!("write {}", path.display()))?;
+    }
+    for w in &result.warnings {
+        eprintln!("kiln: warning: {w}");
     }
     if let Some(c) = &result.committed {
         eprintln!(

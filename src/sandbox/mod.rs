@@ -73,6 +73,9 @@ pub struct RunResult {
     pub image_digest: String,
     /// The image `--commit` made (only after exit code 0).
     pub committed: Option<CommitReport>,
+    /// Things the caller asked for that this host could not do (for example
+    /// cgroup limits without a delegated cgroup).
+    pub warnings: Vec<String>,
 }
 
 /// Runs commands in images of a store.

@@ -97,10 +97,13 @@ pub fn fork() -> io::Result<i32> {
     }
 }
 
-/// Drops every capability from the bounding set (`PR_CAPBSET_DROP` for each
-/// capability number the kernel knows).
-pub fn drop_bounding_set() -> io::Result<()> {
+/// Drops every capability not in `keep` (a bit mask) from the bounding set
+/// (`PR_CAPBSET_DROP` for each capability number the kernel knows).
+pub fn drop_bounding_set(keep: u64) -> io::Result<()> {
     for cap in 0..64 {
+        if keep & (1u64 << cap) != 0 {
+            continue;
+        }
         // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes integers only.
         let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
         if r != 0 {
@@ -282,4 +285,31 @@ pub fn unshare(flags: rustix::thread::UnshareFlags) -> io::Result<()> {
     // break other threads' assumptions about shared fd tables; kiln's helper
     // is single-threaded and only unshares namespaces.
     unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(Into::into)
+}
+
+/// Keeps permitted capabilities across a setuid away from 0 (`PR_SET_KEEPCAPS`).
+pub fn set_keepcaps() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_KEEPCAPS, 1) takes integers only.
+    if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1 as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Raises capability `cap` in the ambient set (it must be permitted and inheritable).
+pub fn raise_ambient(cap: u32) -> io::Result<()> {
+    // SAFETY: prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap) takes integers only.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+            cap as libc::c_ulong,
+            0,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

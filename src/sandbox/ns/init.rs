@@ -377,28 +377,56 @@ fn exec_command(cfg: &InitConfig) -> ! {
         let _ = fs::create_dir_all(wd);
     }
     rustix::process::chdir(wd).or_die(&format!("chdir {}", cfg.workdir));
-    // Capabilities: empty the bounding set while we still hold CAP_SETPCAP,
-    // switch identity, then clear every other set.
-    sys::drop_bounding_set().or_die("drop the capability bounding set");
+    for u in &cfg.ulimits {
+        let lim = rustix::process::Rlimit {
+            current: (u.soft != u64::MAX).then_some(u.soft),
+            maximum: (u.hard != u64::MAX).then_some(u.hard),
+        };
+        rustix::process::setrlimit(crate::spec::rlimit_resource(u.resource), lim)
+            .or_die(&format!("--ulimit {}", u.name));
+    }
+    // Capabilities: empty the bounding set (but for --cap-add) while we
+    // still hold CAP_SETPCAP, switch identity, then set every other set to
+    // exactly the kept ones.
+    let keep: u64 = cfg.cap_add.iter().fold(0, |m, c| m | (1u64 << c));
+    sys::drop_bounding_set(keep).or_die("drop the capability bounding set");
     let (uid, gid) = cfg.user;
     if !cfg.setgroups_denied {
         rustix::thread::set_thread_groups(&[]).or_die("setgroups");
     }
+    if keep != 0 && uid != 0 {
+        sys::set_keepcaps().or_die("keep capabilities across setuid");
+    }
     let g = rustix::fs::Gid::from_raw(gid);
     let u = rustix::fs::Uid::from_raw(uid);
-    rustix::thread::set_thread_res_gid(g, g, g).or_die(&format!("setresgid {gid}"));
-    rustix::thread::set_thread_res_uid(u, u, u).or_die(&format!("setresuid {uid}"));
+    let unmapped = |what: &str, id: u32| {
+        format!("{what} {id} is not mapped in the sandbox's user namespace (an unprivileged run maps only root)")
+    };
+    match rustix::thread::set_thread_res_gid(g, g, g) {
+        Err(rustix::io::Errno::INVAL) => die("--user", unmapped("gid", gid)),
+        r => r.or_die(&format!("setresgid {gid}")),
+    }
+    match rustix::thread::set_thread_res_uid(u, u, u) {
+        Err(rustix::io::Errno::INVAL) => die("--user", unmapped("uid", uid)),
+        r => r.or_die(&format!("setresuid {uid}")),
+    }
     rustix::thread::clear_ambient_capability_set().or_die("clear ambient capabilities");
-    let empty = rustix::thread::CapabilitySet::empty();
+    let kept = rustix::thread::CapabilitySet::from_bits_retain(keep);
     rustix::thread::set_capabilities(
         None,
         rustix::thread::CapabilitySets {
-            effective: empty,
-            permitted: empty,
-            inheritable: empty,
+            effective: kept,
+            permitted: kept,
+            inheritable: kept,
         },
     )
-    .or_die("drop capabilities");
+    .or_die("set capabilities");
+    if uid != 0 {
+        // A non-root command keeps added capabilities across exec only as ambient ones.
+        for c in &cfg.cap_add {
+            sys::raise_ambient(*c).or_die("raise ambient capability");
+        }
+    }
     rustix::thread::set_no_new_privs(true).or_die("set no_new_privs");
     if cfg.seccomp {
         // Compiled before the last step so a failure is still reported;

@@ -59,6 +59,8 @@ pub(crate) struct InitConfig {
     pub setgroups_denied: bool,
     pub seccomp: bool,
     pub allow_userns: bool,
+    pub cap_add: Vec<u32>,
+    pub ulimits: Vec<crate::spec::Ulimit>,
 }
 
 fn helper_path(explicit: Option<&Path>) -> PathBuf {
@@ -261,6 +263,8 @@ pub(crate) fn run(
         setgroups_denied: uid != 0,
         seccomp: spec.seccomp,
         allow_userns: spec.allow_userns,
+        cap_add: spec.cap_add.clone(),
+        ulimits: spec.ulimits.clone(),
     };
     let json = serde_json::to_string(&cfg)
         .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
@@ -284,6 +288,7 @@ pub(crate) fn run(
         let _ = crate::sys::sigmask(&sigs, false);
     }
     let mut result = result?;
+    result.warnings.extend(cgroup_warning(spec));
     if let (Some(name), 0) = (&spec.commit, result.exit_code) {
         let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
         result.committed = Some(super::commit::commit(
@@ -297,6 +302,47 @@ pub(crate) fn run(
     }
     drop(rundir);
     Ok(result)
+}
+
+/// cgroup limits need a delegated cgroup v2 with the controllers enabled;
+/// without one the run goes on and says so once.
+fn cgroup_warning(spec: &RunSpec) -> Option<String> {
+    if spec.memory.is_none() && spec.pids_limit.is_none() {
+        return None;
+    }
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string));
+    let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|m| Path::new(m).join("cgroup.controllers").exists());
+    let reason = match (own, mount) {
+        (Some(own), Some(mount)) => {
+            let dir = Path::new(mount).join(own.trim_start_matches('/'));
+            let controllers =
+                fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+            let missing: Vec<&str> = [
+                ("memory", spec.memory.is_some()),
+                ("pids", spec.pids_limit.is_some()),
+            ]
+            .into_iter()
+            .filter(|(c, wanted)| *wanted && !controllers.split_whitespace().any(|x| x == *c))
+            .map(|(c, _)| c)
+            .collect();
+            if missing.is_empty() {
+                "applying limits in a delegated cgroup is not implemented yet".to_string()
+            } else {
+                format!(
+                    "the cgroup v2 controller(s) {} are not delegated to {}",
+                    missing.join(", "),
+                    dir.display()
+                )
+            }
+        }
+        _ => "no cgroup v2 hierarchy is available to this user".to_string(),
+    };
+    Some(format!("--memory/--pids-limit ignored: {reason}"))
 }
 
 fn cfg_argv_display(argv: &Option<Vec<String>>) -> String {
@@ -404,5 +450,6 @@ fn supervise(
         duration: start.elapsed(),
         image_digest: img.descriptor.digest().to_string(),
         committed: None,
+        warnings: Vec::new(),
     })
 }
