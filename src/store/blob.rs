@@ -67,8 +67,9 @@ impl BlobWriter {
             .sync_all()
             .map_err(|e| StoreError::io("fsync blob", &tmp_path, e))?;
         let dst = self.blobs_dir.join(digest.digest());
-        // Blobs are read-only once written: they are shared by every image.
-        let perm = <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o444);
+        // 0644 like skopeo and umoci: they rewrite an existing blob in place
+        // when they copy into the same layout, and must be allowed to.
+        let perm = <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
         fs::set_permissions(&tmp_path, perm)
             .map_err(|e| StoreError::io("chmod blob", &tmp_path, e))?;
         tmp.persist(&dst)

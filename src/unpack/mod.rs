@@ -250,17 +250,8 @@ impl Unpacker {
                 self.dirs.insert(e.path.clone(), (e.mode, e.mtime));
             }
             EntryKind::File => {
-                let fd = rfs::openat(
-                    &pfd,
-                    name,
-                    OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::WRONLY
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|err| self.err("create file", &e.path, err))?;
+                let fd =
+                    create_new(&pfd, name).map_err(|err| self.err("create file", &e.path, err))?;
                 let mut f = fs::File::from(fd);
                 let n = io::copy(&mut data.take(e.size), &mut f)
                     .map_err(|err| self.err("write file", &e.path, err))?;
@@ -302,17 +293,8 @@ impl Unpacker {
                     Ok(()) => {}
                     Err(Errno::PERM) if self.rootless && e.kind != EntryKind::Fifo => {
                         // Only real root may create devices: leave an empty file (as umoci does).
-                        let fd = rfs::openat(
-                            &pfd,
-                            name,
-                            OFlags::CREATE
-                                | OFlags::EXCL
-                                | OFlags::WRONLY
-                                | OFlags::NOFOLLOW
-                                | OFlags::CLOEXEC,
-                            Mode::from_raw_mode(0o600),
-                        )
-                        .map_err(|err| self.err("create device placeholder", &e.path, err))?;
+                        let fd = create_new(&pfd, name)
+                            .map_err(|err| self.err("create device placeholder", &e.path, err))?;
                         drop(fd);
                         self.report.devices_as_files += 1;
                     }
@@ -551,6 +533,13 @@ pub fn open_in_root(root: &OwnedFd, path: &str) -> Result<OwnedFd, Errno> {
         Mode::empty(),
         ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
     )
+}
+
+/// Creates a new regular file (mode 0600 until metadata is applied),
+/// never following or reusing what is there.
+fn create_new(dir: &OwnedFd, name: &str) -> Result<OwnedFd, Errno> {
+    let flags = OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rfs::openat(dir, name, flags, Mode::from_raw_mode(0o600))
 }
 
 fn split(path: &str) -> (&str, &str) {
