@@ -337,8 +337,9 @@ fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
     let marker = format!("sleep 31{}", std::process::id() % 1000);
     let started = Instant::now();
     for i in 0..200 {
-        match i % 20 {
-            // SIGKILL kiln mid-run: the helper, init and command must die with it.
+        match if i == 199 { 0 } else { i % 20 } {
+            // SIGKILL kiln mid-run: the helper, init and command must die with
+            // it (also the very last run, whose directory gc then removes).
             0 => {
                 let mut c = k
                     .cmd()
@@ -385,7 +386,10 @@ fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
         .all(|p| !p.contains(&k.store().display().to_string())));
     assert_eq!(mounts(), mounts_before, "host mounts changed");
     assert_eq!(loop_devices(), loops_before, "loop devices changed");
-    // The next run reaps the run directories SIGKILLed runs left.
+    // `kiln gc` (or the next run) reaps the run directories SIGKILLed runs left.
+    let gc: serde_json::Value =
+        serde_json::from_str(&k.ok(["gc", "--format", "json"])).expect("json");
+    assert!(gc["runs_removed"].as_u64().unwrap_or(0) >= 1, "{gc}");
     k.ok(["run", "bb", "true"]);
     let runs: Vec<_> = fs::read_dir(k.store().join(".kiln/runs"))
         .expect("runs")

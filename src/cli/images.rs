@@ -108,10 +108,12 @@ pub fn gc(cli: &Cli, a: &GcArgs) -> Result<i32> {
         print_json(&r)?;
     } else {
         println!(
-            "removed {} blob(s), {} freed, {} stale temp file(s)",
+            "removed {} blob(s), {} freed, {} stale temp file(s), {} unused rootfs cache(s), {} dead run dir(s)",
             r.blobs_removed,
             human_size(r.bytes_freed),
-            r.temp_removed
+            r.temp_removed,
+            r.rootfs_removed,
+            r.runs_removed
         );
     }
     Ok(0)

@@ -164,6 +164,8 @@ pub struct GcReport {
     pub temp_removed: u64,
     /// Cached root file systems of images no longer in the store removed.
     pub rootfs_removed: u64,
+    /// Run directories of dead runs (kiln was killed) removed.
+    pub runs_removed: u64,
 }
 
 /// One problem found by [`Store::fsck`].
@@ -633,6 +635,7 @@ impl Store {
             report.temp_removed += 1;
         }
         report.rootfs_removed = self.gc_rootfs()?;
+        report.runs_removed = crate::sandbox::ns::reap_dead_runs(&self.root.join(".kiln/runs"));
         Ok(report)
     }
 
