@@ -57,6 +57,28 @@ fn skopeo_inspects_and_copies_straight_from_the_store() {
             .expect("json");
         assert_eq!(v["Architecture"], "amd64", "{fmt}");
         assert_eq!(v["Layers"].as_array().map(Vec::len), Some(1), "{fmt}");
+        // skopeo copies out of the archive (verifying digests) and the layer
+        // is the original tree.
+        let dir = k.dir.path().join(format!("{fmt}-copied"));
+        sh(Command::new("skopeo").args([
+            "copy",
+            "-q",
+            &format!("{transport}:{}", file.display()),
+            &format!("dir:{}", dir.display()),
+        ]));
+        let m: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("manifest.json")).expect("manifest"))
+                .expect("json");
+        let l = m["layers"][0]["digest"]
+            .as_str()
+            .expect("digest")
+            .trim_start_matches("sha256:")
+            .to_string();
+        assert_same_tree(
+            &tree_of_tar(&tar),
+            &tree_of_tar(&dir.join(l)),
+            &format!("layer copied from the {fmt} export"),
+        );
     }
 }
 
