@@ -234,6 +234,10 @@ pub struct RunSpec {
     /// Clamp committed mtimes to this and set the new image's `created`.
     /// Default none.
     pub source_date_epoch: Option<i64>,
+    /// Keep the caller's uid and gid inside (podman's `--userns keep-id`):
+    /// the caller maps to itself rather than to root, and the command runs as
+    /// the caller unless `user` says otherwise. Default false.
+    pub keep_id: bool,
     /// Capabilities the command keeps (numbers, see [`capability`]).
     /// Default none: every capability is dropped.
     pub cap_add: Vec<u32>,
@@ -269,6 +273,7 @@ impl RunSpec {
             stdin: false,
             commit: None,
             source_date_epoch: None,
+            keep_id: false,
             cap_add: Vec::new(),
             ulimits: Vec::new(),
             memory: None,

@@ -651,3 +651,18 @@ fn cgroup_limits_degrade_to_one_warning() {
     assert_eq!(err.matches("warning").count(), 1, "{err}");
     assert!(err.contains("--memory/--pids-limit ignored"), "{err}");
 }
+
+#[test]
+fn userns_keep_id_keeps_the_callers_ids() {
+    let k = with_busybox();
+    let (uid, gid) = my_ids();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--userns", "keep-id"],
+        "id -u; id -g; touch /tmp/ok && echo writable",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("{uid}\n{gid}\nwritable\n"));
+    let (_, out, _) = run_sh(&k, &[], "id -u");
+    assert_eq!(out, "0\n", "the default maps the caller to root");
+}

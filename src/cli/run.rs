@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Clamp committed mtimes and set the new image's created time.
     #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
     pub source_date_epoch: Option<i64>,
+    /// User namespace mode: auto (the caller is root inside) or keep-id (the
+    /// caller keeps its uid and gid inside).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "keep-id"])]
+    pub userns: String,
     /// Keep a capability (CAP_NAME or NAME; repeatable).
     #[arg(long, value_name = "CAP")]
     pub cap_add: Vec<String>,
@@ -145,6 +149,7 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         spec.ulimits.push(u.parse()?);
     }
     spec.memory = a.memory;
+    spec.keep_id = a.userns == "keep-id";
     spec.pids_limit = a.pids_limit;
     spec.commit = a.commit.clone();
     spec.source_date_epoch = a.source_date_epoch;

@@ -60,7 +60,7 @@ pub fn helper_main() -> ! {
     // kiln writes our uid/gid maps while we are stopped, then SIGCONTs us.
     rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)
         .or_die("stop for id mapping");
-    if !rustix::process::getuid().is_root() {
+    if !cfg.keep_id && !rustix::process::getuid().is_root() {
         die("id mapping", "uid 0 is not mapped in the user namespace");
     }
     // The next child is PID 1 of the new pid namespace.

@@ -61,6 +61,7 @@ pub(crate) struct InitConfig {
     pub allow_userns: bool,
     pub cap_add: Vec<u32>,
     pub ulimits: Vec<crate::spec::Ulimit>,
+    pub keep_id: bool,
 }
 
 fn helper_path(explicit: Option<&Path>) -> PathBuf {
@@ -113,7 +114,11 @@ fn process_params(
     }
     set(format!(
         "HOME={}",
-        if spec.user.0 == 0 { "/root" } else { "/" }
+        if effective_user(spec).0 == 0 {
+            "/root"
+        } else {
+            "/"
+        }
     ));
     set(format!("HOSTNAME={}", spec.hostname));
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
@@ -128,6 +133,18 @@ fn process_params(
         .or_else(|| cfg.working_dir().clone().filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
     Ok((argv, env, workdir))
+}
+
+/// The user the command runs as: `--user`, or the caller with keep-id.
+fn effective_user(spec: &RunSpec) -> (u32, u32) {
+    if spec.keep_id && spec.user == (0, 0) {
+        (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        )
+    } else {
+        spec.user
+    }
 }
 
 /// A run directory under the store with a lock held for the run's lifetime.
@@ -195,7 +212,7 @@ pub fn reap_dead_runs(runs: &Path) -> u64 {
     n
 }
 
-fn write_maps(pid: i32, helper_uses_single_map: bool) -> io::Result<()> {
+fn write_maps(pid: i32, keep_id: bool) -> io::Result<()> {
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
     let proc = PathBuf::from(format!("/proc/{pid}"));
@@ -205,11 +222,13 @@ fn write_maps(pid: i32, helper_uses_single_map: bool) -> io::Result<()> {
         fs::write(proc.join("uid_map"), "0 0 4294967295\n")?;
         fs::write(proc.join("gid_map"), "0 0 4294967295\n")?;
     } else {
-        debug_assert!(helper_uses_single_map);
-        // An unprivileged user may map only itself, after denying setgroups.
+        // An unprivileged user may map only itself, after denying setgroups:
+        // as root by default, as itself with keep-id (the helper, creator of
+        // the namespace, holds its capabilities either way).
+        let inside = if keep_id { (uid, gid) } else { (0, 0) };
         fs::write(proc.join("setgroups"), "deny\n")?;
-        fs::write(proc.join("uid_map"), format!("0 {uid} 1\n"))?;
-        fs::write(proc.join("gid_map"), format!("0 {gid} 1\n"))?;
+        fs::write(proc.join("uid_map"), format!("{} {uid} 1\n", inside.0))?;
+        fs::write(proc.join("gid_map"), format!("{} {gid} 1\n", inside.1))?;
     }
     Ok(())
 }
@@ -251,7 +270,8 @@ pub(crate) fn run(
         workdir,
         hostname: spec.hostname.clone(),
         network: spec.network,
-        user: spec.user,
+        user: effective_user(spec),
+        keep_id: spec.keep_id && uid != 0,
         volumes: spec
             .volumes
             .iter()
@@ -377,7 +397,7 @@ fn supervise(
         Ok(None) => return Err(RunError::Unsupported("the sandbox helper vanished".into())),
         Err(e) => return Err(RunError::host("wait for sandbox helper", e.into())),
     }
-    if let Err(e) = write_maps(raw, rustix::process::getuid().as_raw() != 0) {
+    if let Err(e) = write_maps(raw, spec.keep_id) {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
         let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
         return Err(RunError::host("write uid_map/gid_map", e));
