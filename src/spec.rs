@@ -238,6 +238,10 @@ pub struct RunSpec {
     /// the caller maps to itself rather than to root, and the command runs as
     /// the caller unless `user` says otherwise. Default false.
     pub keep_id: bool,
+    /// Give the run a private copy of the image instead of an overlay (the
+    /// fallback kiln also takes, with a warning, when overlayfs cannot be
+    /// mounted). Default false.
+    pub copy_rootfs: bool,
     /// Capabilities the command keeps (numbers, see [`capability`]).
     /// Default none: every capability is dropped.
     pub cap_add: Vec<u32>,
@@ -274,6 +278,7 @@ impl RunSpec {
             commit: None,
             source_date_epoch: None,
             keep_id: false,
+            copy_rootfs: false,
             cap_add: Vec::new(),
             ulimits: Vec::new(),
             memory: None,
@@ -325,6 +330,9 @@ impl RunSpec {
                     v.source.display()
                 ));
             }
+        }
+        if self.commit.is_some() && self.copy_rootfs {
+            return bad("--commit needs an overlay (not --rootfs-copy): a copy cannot tell deletions from the image".into());
         }
         if self.commit.is_some() && self.read_only {
             return bad("--commit needs a writable root (not --read-only)".into());

@@ -666,3 +666,22 @@ fn userns_keep_id_keeps_the_callers_ids() {
     let (_, out, _) = run_sh(&k, &[], "id -u");
     assert_eq!(out, "0\n", "the default maps the caller to root");
 }
+
+#[test]
+fn rootfs_copy_fallback_runs_and_refuses_commit() {
+    let k = with_busybox();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--rootfs-copy"],
+        "echo x > /etc/new && cat /etc/new && ls /bin/busybox",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "x\n/bin/busybox\n");
+    let (_, out, _) = run_sh(&k, &[], "ls /etc/new 2>&1 || true");
+    assert!(
+        out.contains("No such file"),
+        "a copy run changed the image: {out}"
+    );
+    let err = k.fails(["run", "--rootfs-copy", "--commit", "c", "bb", "true"]);
+    assert!(err.contains("--commit needs an overlay"), "{err}");
+}

@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// caller keeps its uid and gid inside).
     #[arg(long, default_value = "auto", value_parser = ["auto", "keep-id"])]
     pub userns: String,
+    /// Copy the image for this run instead of mounting an overlay (the
+    /// fallback used automatically, with a warning, where overlayfs fails).
+    #[arg(long)]
+    pub rootfs_copy: bool,
     /// Keep a capability (CAP_NAME or NAME; repeatable).
     #[arg(long, value_name = "CAP")]
     pub cap_add: Vec<String>,
@@ -150,6 +154,7 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     }
     spec.memory = a.memory;
     spec.keep_id = a.userns == "keep-id";
+    spec.copy_rootfs = a.rootfs_copy;
     spec.pids_limit = a.pids_limit;
     spec.commit = a.commit.clone();
     spec.source_date_epoch = a.source_date_epoch;

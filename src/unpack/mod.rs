@@ -209,7 +209,8 @@ impl Unpacker {
         })
     }
 
-    fn entry(&mut self, e: Entry, data: &mut dyn Read) -> Result<(), UnpackError> {
+    /// Applies one entry (as a layer would).
+    pub(crate) fn entry(&mut self, e: Entry, data: &mut dyn Read) -> Result<(), UnpackError> {
         if e.path.is_empty() {
             // The root itself: only its metadata.
             if e.kind == EntryKind::Dir {

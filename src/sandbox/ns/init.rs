@@ -181,8 +181,21 @@ fn setup_root(cfg: &InitConfig) {
             cfg.upper.display(),
             cfg.work.display()
         );
-        mnt("overlay", root, "overlay", MountFlags::empty(), &data)
-            .or_die("mount overlayfs (needs Linux >= 5.11 with overlay in user namespaces)");
+        let forced_copy = cfg.copy_rootfs;
+        let overlay = if forced_copy {
+            Err(io::Error::other("--rootfs-copy was given"))
+        } else {
+            mnt("overlay", root, "overlay", MountFlags::empty(), &data)
+        };
+        if let Err(e) = overlay {
+            // The explicit fallback: a private copy of the image for this run.
+            // Slow for big images, so say so.
+            if !forced_copy {
+                eprintln!("kiln: warning: overlayfs is unavailable here ({e}); copying the image for this run instead (slow for large images)");
+            }
+            copy_tree(&cfg.lower, &cfg.upper);
+            m::mount_bind_recursive(&cfg.upper, root).or_die("bind the copied root");
+        }
     }
     let at = |p: &str| root.join(p);
     for d in ["proc", "dev", "tmp", "sys"] {
@@ -269,6 +282,21 @@ fn setup_root(cfg: &InitConfig) {
     m::unmount(".", UnmountFlags::DETACH).or_die("detach the old root");
     rustix::process::chdir("/").or_die("chdir /");
     mask_proc();
+}
+
+/// Copies the image tree `from` into `to` with its modes, owners, links and
+/// xattrs (the no-overlay fallback).
+fn copy_tree(from: &Path, to: &Path) {
+    let mut u = crate::unpack::Unpacker::new(to, true).or_die("open the copy target");
+    crate::source::dir::walk(from, &mut |e, data| {
+        u.entry(e, data)
+            .map_err(|err| crate::import::ImportError::Archive {
+                path: from.display().to_string(),
+                reason: err.to_string(),
+            })
+    })
+    .or_die("copy the image");
+    u.finish().or_die("finish the copy");
 }
 
 /// Hides /proc files that leak host information or allow host actions.

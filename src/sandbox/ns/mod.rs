@@ -62,6 +62,7 @@ pub(crate) struct InitConfig {
     pub cap_add: Vec<u32>,
     pub ulimits: Vec<crate::spec::Ulimit>,
     pub keep_id: bool,
+    pub copy_rootfs: bool,
 }
 
 fn helper_path(explicit: Option<&Path>) -> PathBuf {
@@ -272,6 +273,7 @@ pub(crate) fn run(
         network: spec.network,
         user: effective_user(spec),
         keep_id: spec.keep_id && uid != 0,
+        copy_rootfs: spec.copy_rootfs,
         volumes: spec
             .volumes
             .iter()
@@ -309,6 +311,17 @@ pub(crate) fn run(
     }
     let mut result = result?;
     result.warnings.extend(cgroup_warning(spec));
+    if let (Some(_), 0) = (&spec.commit, result.exit_code) {
+        // overlayfs leaves work/work behind; the copy fallback does not.
+        let used_overlay = fs::read_dir(rundir.path.join("work"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if !used_overlay {
+            return Err(RunError::Unsupported(
+                "--commit needs overlayfs, and this run fell back to a copy of the image (see the warning above): nothing was committed".into(),
+            ));
+        }
+    }
     if let (Some(name), 0) = (&spec.commit, result.exit_code) {
         let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
         result.committed = Some(super::commit::commit(
