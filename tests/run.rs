@@ -178,23 +178,7 @@ fn symlinks_in_the_image_cannot_redirect_binds_or_writes_to_the_host() {
     fs::write(&et, extra).expect("write");
     k.import(&et, "evil-only", &[]);
     // Stack it on busybox with umoci so the image has both layers.
-    require("skopeo");
-    let layout = k.dir.path().join("layout");
-    sh(Command::new("skopeo").args([
-        "copy",
-        "-q",
-        &format!("oci:{}:bb:latest", k.store().display()),
-        &format!("oci:{}:x", layout.display()),
-    ]));
-    sh(Command::new("umoci")
-        .args([
-            "raw",
-            "add-layer",
-            "--image",
-            &format!("{}:x", layout.display()),
-        ])
-        .arg(&et));
-    k.import(&layout, "bb", &[]);
+    with_extra_layer(&k, "bb:latest", &fs::read(&et).expect("read"), "bb");
     let src = k.dir.path().join("vol");
     fs::create_dir(&src).expect("mkdir");
     let flags = ["-v".to_string(), format!("{}:/evil/mnt", src.display())];

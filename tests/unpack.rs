@@ -52,30 +52,6 @@ fn unpack_matches_umoci_and_the_input() {
     assert!(err.contains("not empty"), "{err}");
 }
 
-/// Makes an OCI layout holding image `base` from the kiln store plus one
-/// extra layer (raw tar bytes) added with umoci, and imports it as `name`.
-fn with_extra_layer(k: &Kiln, base: &str, layer: &[u8], name: &str) {
-    require("skopeo");
-    let layout = k.dir.path().join(format!("layout-{name}"));
-    sh(Command::new("skopeo").args([
-        "copy",
-        "-q",
-        &format!("oci:{}:{base}", k.store().display()),
-        &format!("oci:{}:x", layout.display()),
-    ]));
-    let lt = k.dir.path().join(format!("{name}.layer.tar"));
-    fs::write(&lt, layer).expect("write layer");
-    sh(Command::new("umoci")
-        .args([
-            "raw",
-            "add-layer",
-            "--image",
-            &format!("{}:x", layout.display()),
-        ])
-        .arg(&lt));
-    k.import(&layout, name, &[]);
-}
-
 #[test]
 fn whiteouts_and_opaque_directories() {
     let k = Kiln::new();
