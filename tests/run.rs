@@ -365,9 +365,21 @@ fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
         Vec::<String>::new(),
         "processes survived"
     );
-    assert!(processes_with("__sandbox-init")
-        .iter()
-        .all(|p| !p.contains(&k.store().display().to_string())));
+    // No helper or init of this store survived either (their environment
+    // carries the sandbox configuration, which names the store).
+    let store = k.store().display().to_string();
+    let leftovers: Vec<String> = processes_with("__sandbox-init")
+        .into_iter()
+        .filter(|p| {
+            let pid = p.split(':').next().unwrap_or("");
+            fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|e| String::from_utf8_lossy(&e).contains(&store))
+        })
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "sandbox helpers survived: {leftovers:?}"
+    );
     assert_eq!(mounts(), mounts_before, "host mounts changed");
     assert_eq!(loop_devices(), loops_before, "loop devices changed");
     // `kiln gc` (or the next run) reaps the run directories SIGKILLed runs left.
