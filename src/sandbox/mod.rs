@@ -78,6 +78,33 @@ pub struct RunResult {
     pub warnings: Vec<String>,
 }
 
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The command's stdout.
+    Stdout,
+    /// The command's stderr (and kiln's own messages from inside the sandbox).
+    Stderr,
+}
+
+/// What [`Sandbox::run_with_events`] reports while a run goes on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RunEvent<'a> {
+    /// The sandbox helper started (its host pid).
+    Started {
+        /// Host pid of the helper process.
+        pid: u32,
+    },
+    /// A chunk of output.
+    Output {
+        /// Which stream.
+        stream: Stream,
+        /// The bytes, as read.
+        data: &'a [u8],
+    },
+}
+
 /// Runs commands in images of a store.
 ///
 /// ```no_run
@@ -114,6 +141,33 @@ impl Sandbox {
     /// Runs `spec` to completion. Output goes to the caller's stdout/stderr.
     pub fn run(&self, spec: &RunSpec) -> Result<RunResult, RunError> {
         spec.validate()?;
-        ns::run(&self.store, self.helper.as_deref(), spec)
+        ns::run(&self.store, self.helper.as_deref(), spec, None)
+    }
+
+    /// Runs `spec`, handing the command's output and the run's state to
+    /// `on_event` instead of the caller's stdout/stderr (for embedders that
+    /// log or stream build output themselves).
+    ///
+    /// ```no_run
+    /// use kiln::sandbox::{RunEvent, Sandbox, Stream};
+    /// let store = kiln::Store::open("/tmp/kiln-store")?;
+    /// let mut spec = kiln::spec::RunSpec::new("busybox");
+    /// spec.argv = Some(vec!["echo".into(), "hi".into()]);
+    /// let mut out = Vec::new();
+    /// Sandbox::new(store).run_with_events(&spec, &mut |e| {
+    ///     if let RunEvent::Output { stream: Stream::Stdout, data } = e {
+    ///         out.extend_from_slice(data);
+    ///     }
+    /// })?;
+    /// assert_eq!(out, b"hi\n");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn run_with_events(
+        &self,
+        spec: &RunSpec,
+        on_event: &mut dyn FnMut(RunEvent<'_>),
+    ) -> Result<RunResult, RunError> {
+        spec.validate()?;
+        ns::run(&self.store, self.helper.as_deref(), spec, Some(on_event))
     }
 }

@@ -253,6 +253,7 @@ pub(crate) fn run(
     store: &Store,
     helper: Option<&Path>,
     spec: &RunSpec,
+    events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
 ) -> Result<RunResult, RunError> {
     let start = Instant::now();
     let img = store.resolve(&spec.image)?;
@@ -305,7 +306,7 @@ pub(crate) fn run(
     } else {
         None
     };
-    let result = supervise(cmd, spec, sigfd.as_ref(), start, &img);
+    let result = supervise(cmd, spec, sigfd.as_ref(), start, &img, events);
     if spec.forward_signals {
         let _ = crate::sys::sigmask(&sigs, false);
     }
@@ -384,17 +385,59 @@ fn cfg_argv_display(argv: &Option<Vec<String>>) -> String {
         .unwrap_or_else(|| "(image command)".into())
 }
 
+/// Reads what is available from a non-blocking pipe; false at EOF.
+fn pump(
+    fd: &std::os::fd::OwnedFd,
+    stream: super::Stream,
+    events: &mut dyn FnMut(super::RunEvent<'_>),
+) -> bool {
+    let mut buf = [0u8; 16384];
+    loop {
+        match rustix::io::read(fd, &mut buf) {
+            Ok(0) => return false,
+            Ok(n) => events(super::RunEvent::Output {
+                stream,
+                data: &buf[..n],
+            }),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
 fn supervise(
     mut cmd: Command,
     spec: &RunSpec,
     sigfd: Option<&std::os::fd::OwnedFd>,
     start: Instant,
     img: &crate::store::Image,
+    mut events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
 ) -> Result<RunResult, RunError> {
-    let child = cmd
+    if events.is_some() {
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| RunError::host(format!("start sandbox helper {:?}", cmd.get_program()), e))?;
     let raw = child.id() as i32;
+    // Output pipes (only when the caller takes events), non-blocking.
+    let mut outs: Vec<(std::os::fd::OwnedFd, super::Stream)> = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        outs.push((std::os::fd::OwnedFd::from(o), super::Stream::Stdout));
+    }
+    if let Some(e) = child.stderr.take() {
+        outs.push((std::os::fd::OwnedFd::from(e), super::Stream::Stderr));
+    }
+    for (fd, _) in &outs {
+        let fl = rustix::fs::fcntl_getfl(fd).map_err(|e| RunError::host("fcntl", e.into()))?;
+        rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| RunError::host("fcntl", e.into()))?;
+    }
+    if let Some(ev) = events.as_mut() {
+        ev(super::RunEvent::Started { pid: raw as u32 });
+    }
     let pid =
         Pid::from_raw(raw).ok_or_else(|| RunError::host("spawn", io::Error::other("bad pid")))?;
     // The helper stops itself once its namespaces exist.
@@ -435,6 +478,9 @@ fn supervise(
         if let Some(s) = sigfd {
             fds.push(rustix::event::PollFd::new(s, rustix::event::PollFlags::IN));
         }
+        for (fd, _) in &outs {
+            fds.push(rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
+        }
         let ts = timeout.map(|t| rustix::event::Timespec {
             tv_sec: t.as_secs() as i64,
             tv_nsec: i64::from(t.subsec_nanos()),
@@ -445,6 +491,10 @@ fn supervise(
             Err(e) => return Err(RunError::host("poll", e.into())),
         }
         let exited = fds[0].revents().contains(rustix::event::PollFlags::IN);
+        drop(fds);
+        if let Some(ev) = events.as_mut() {
+            outs.retain(|(fd, stream)| pump(fd, *stream, &mut **ev));
+        }
         if let Some(s) = sigfd {
             while let Some(sig) = crate::sys::read_signalfd(s) {
                 if let Some(sig) = Signal::from_named_raw(sig) {
@@ -454,6 +504,15 @@ fn supervise(
         }
         if exited {
             break;
+        }
+    }
+    // Drain what the sandbox wrote before it ended (its pid namespace is gone,
+    // so every writer is closed and the pipes reach EOF).
+    if let Some(ev) = events.as_mut() {
+        for (fd, stream) in &outs {
+            let fl = rustix::fs::fcntl_getfl(fd).unwrap_or(rustix::fs::OFlags::empty());
+            let _ = rustix::fs::fcntl_setfl(fd, fl - rustix::fs::OFlags::NONBLOCK);
+            while pump(fd, *stream, &mut **ev) {}
         }
     }
     let status = loop {
