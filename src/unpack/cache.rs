@@ -73,6 +73,11 @@ impl Store {
     /// so a crash never leaves a half tree in the cache.
     pub fn rootfs(&self, name: &str) -> Result<CachedRootfs, UnpackError> {
         let img = self.resolve(name)?;
+        self.rootfs_of(&img)
+    }
+
+    /// [`Store::rootfs`] for an image already resolved.
+    pub fn rootfs_of(&self, img: &crate::store::Image) -> Result<CachedRootfs, UnpackError> {
         let rootless = !is_root();
         let key = cache_key(&img.config, rootless);
         let chain_id = chain_id(img.config.rootfs().diff_ids());

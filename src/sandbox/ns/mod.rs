@@ -258,7 +258,7 @@ pub(crate) fn run(
     let start = Instant::now();
     let img = store.resolve(&spec.image)?;
     let (argv, env, workdir) = process_params(spec, &img)?;
-    let rootfs = store.rootfs(&spec.image)?;
+    let rootfs = store.rootfs_of(&img)?;
     let rundir = RunDir::create(store)?;
     let uid = rustix::process::getuid().as_raw();
     let cfg = InitConfig {
