@@ -9,20 +9,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-fn umoci_unpack(k: &Kiln, name: &str, dest: &Path) -> Tree {
-    require("umoci");
-    let mut c = Command::new("umoci");
-    c.arg("unpack");
-    if !is_root() {
-        c.arg("--rootless");
-    }
-    c.arg("--image")
-        .arg(format!("{}:{name}", k.store().display()))
-        .arg(dest);
-    sh(&mut c);
-    canon(tree_of_dir(&dest.join("rootfs")))
-}
-
 #[test]
 fn tarball_layer_and_umoci_unpack_match_the_input_exactly() {
     let k = Kiln::new();

@@ -4,15 +4,15 @@
 //! digest is kept. Docker archives keep their config bytes and layer
 //! diff_ids; their uncompressed layers are compressed on the way in.
 
-use std::io::{self, BufWriter};
+use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 use serde::Deserialize;
 
-use super::{build_config, Encoder, ImportError, ImportOptions, ImportReport, LayerInfo};
-use crate::digest::{self, HashReader, HashWriter};
+use super::{build_config, ImportError, ImportOptions, ImportReport, LayerInfo, LayerSink};
+use crate::digest;
 use crate::progress::{emit, Event};
 use crate::source::{self, archive::FileSet};
 use crate::store::{ImageName, Store, REF_NAME_ANNOTATION};
@@ -174,40 +174,29 @@ fn import_docker(
         let dec = source::decoder(codec, r)
             .map_err(|e| bad(display, format!("decompress layer {member}: {e}")))?;
         let dec = source::BombGuard::new(dec, codec.map(|_| consumed), opts.limits);
-        let mut hashed = HashReader::new(dec);
-        let blob = store.blob_writer()?;
-        let enc = Encoder::new(blob, opts.compression, opts.level).map_err(ImportError::Write)?;
-        let mut out = BufWriter::with_capacity(256 << 10, HashWriter::new(enc));
-        io::copy(&mut hashed, &mut out)
+        let mut dec = dec;
+        // The sink hashes the uncompressed stream once: that is the diff_id.
+        let mut sink = LayerSink::new(store, opts.compression, opts.level)?;
+        io::copy(&mut dec, &mut sink)
             .map_err(|e| ImportError::from_read(display, "copy layer", 0, &e))?;
-        let (diff_id, _) = hashed.finish();
-        if diff_id.to_string() != diff_ids[i] {
+        let info = sink.finish()?;
+        if info.diff_id != diff_ids[i] {
             return Err(bad(
                 display,
                 format!(
-                    "layer {member} hashes to {diff_id} but the config says {}",
-                    diff_ids[i]
+                    "layer {member} hashes to {} but the config says {}",
+                    info.diff_id, diff_ids[i]
                 ),
             ));
         }
-        let hw = out
-            .into_inner()
-            .map_err(|e| ImportError::Write(e.into_error()))?;
-        let (enc, _, _) = hw.finish();
-        let (digest, size) = enc.finish().map_err(ImportError::Write)?.commit()?;
         emit(
             &opts.progress,
             Event::LayerWritten {
-                digest: digest.to_string(),
-                size,
+                digest: info.digest.clone(),
+                size: info.size,
             },
         );
-        layers.push(LayerInfo {
-            digest: digest.to_string(),
-            diff_id: diff_id.to_string(),
-            size,
-            media_type: opts.compression.media_type().to_string(),
-        });
+        layers.push(info);
     }
     let config_out = if opts.has_metadata() {
         build_config(opts, Some(config), &[], "")?

@@ -271,7 +271,57 @@ pub fn host_arch() -> &'static str {
     }
 }
 
-type LayerSink = BufWriter<HashWriter<Encoder<crate::store::BlobWriter>>>;
+/// An uncompressed layer stream on its way into the store: hashed once for
+/// the diff_id, compressed, hashed again (compressed) and written as a blob.
+pub(crate) struct LayerSink {
+    out: BufWriter<HashWriter<Encoder<crate::store::BlobWriter>>>,
+    compression: Compression,
+}
+
+impl LayerSink {
+    pub(crate) fn new(
+        store: &Store,
+        compression: Compression,
+        level: Option<i32>,
+    ) -> Result<Self, ImportError> {
+        let enc =
+            Encoder::new(store.blob_writer()?, compression, level).map_err(ImportError::Write)?;
+        Ok(LayerSink {
+            out: BufWriter::with_capacity(256 << 10, HashWriter::new(enc)),
+            compression,
+        })
+    }
+
+    /// Uncompressed bytes written so far.
+    fn written(&self) -> u64 {
+        self.out.get_ref().count() + self.out.buffer().len() as u64
+    }
+
+    /// Compresses the rest and commits the blob.
+    pub(crate) fn finish(self) -> Result<LayerInfo, ImportError> {
+        let hw = self
+            .out
+            .into_inner()
+            .map_err(|e| ImportError::Write(e.into_error()))?;
+        let (enc, diff_id, _) = hw.finish();
+        let (digest, size) = enc.finish().map_err(ImportError::Write)?.commit()?;
+        Ok(LayerInfo {
+            digest: digest.to_string(),
+            diff_id: diff_id.to_string(),
+            size,
+            media_type: self.compression.media_type().to_string(),
+        })
+    }
+}
+
+impl Write for LayerSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
 
 /// Writes one layer blob from a stream of entries.
 pub(crate) struct LayerBuilder {
@@ -279,7 +329,6 @@ pub(crate) struct LayerBuilder {
     guard: PathGuard,
     epoch: Option<i64>,
     max_bytes: u64,
-    compression: Compression,
     source_name: String,
 }
 
@@ -289,14 +338,11 @@ impl LayerBuilder {
         opts: &ImportOptions,
         source_name: &str,
     ) -> Result<Self, ImportError> {
-        let blob = store.blob_writer()?;
-        let enc = Encoder::new(blob, opts.compression, opts.level).map_err(ImportError::Write)?;
         Ok(LayerBuilder {
-            tar: TarWriter::new(BufWriter::with_capacity(256 << 10, HashWriter::new(enc))),
+            tar: TarWriter::new(LayerSink::new(store, opts.compression, opts.level)?),
             guard: PathGuard::default(),
             epoch: opts.source_date_epoch,
             max_bytes: opts.limits.max_bytes,
-            compression: opts.compression,
             source_name: source_name.to_string(),
         })
     }
@@ -331,7 +377,7 @@ impl LayerBuilder {
                 }
             }
         }
-        let written = self.tar.get_ref_count();
+        let written = self.tar.inner_ref().written();
         if written.saturating_add(e.size) > self.max_bytes {
             return Err(ImportError::Bomb {
                 path: self.source_name.clone(),
@@ -362,31 +408,10 @@ impl LayerBuilder {
     }
 
     /// Finishes the tar stream and commits the blob.
-    pub(crate) fn finish(self, store: &Store) -> Result<(LayerInfo, u64), ImportError> {
+    pub(crate) fn finish(self) -> Result<(LayerInfo, u64), ImportError> {
         let entries = self.tar.entries();
-        let buf = self.tar.finish().map_err(ImportError::Write)?;
-        let hw = buf
-            .into_inner()
-            .map_err(|e| ImportError::Write(e.into_error()))?;
-        let (enc, diff_id, _) = hw.finish();
-        let blob = enc.finish().map_err(ImportError::Write)?;
-        let (digest, size) = blob.commit()?;
-        let _ = store;
-        Ok((
-            LayerInfo {
-                digest: digest.to_string(),
-                diff_id: diff_id.to_string(),
-                size,
-                media_type: self.compression.media_type().to_string(),
-            },
-            entries,
-        ))
-    }
-}
-
-impl<W: Write> TarWriter<BufWriter<HashWriter<W>>> {
-    fn get_ref_count(&self) -> u64 {
-        self.inner_ref().get_ref().count() + self.inner_ref().buffer().len() as u64
+        let info = self.tar.finish().map_err(ImportError::Write)?.finish()?;
+        Ok((info, entries))
     }
 }
 
@@ -625,7 +650,7 @@ impl Store {
         opts: &ImportOptions,
         kind: &str,
     ) -> Result<ImportReport, ImportError> {
-        let (info, entries) = layer.finish(self)?;
+        let (info, entries) = layer.finish()?;
         emit(
             &opts.progress,
             Event::LayerWritten {
@@ -662,7 +687,7 @@ impl Store {
         let mut descs = Vec::new();
         for l in layers {
             descs.push(Descriptor::new(
-                media_type(&l.media_type),
+                MediaType::from(l.media_type.as_str()),
                 l.size,
                 parse_digest(&l.digest)?,
             ));
@@ -722,10 +747,6 @@ pub(crate) fn parse_digest(s: &str) -> Result<Digest, ImportError> {
         path: s.to_string(),
         reason: format!("bad digest: {e}"),
     })
-}
-
-pub(crate) fn media_type(s: &str) -> MediaType {
-    MediaType::from(s)
 }
 
 /// Builds the image config for an import. `base` is an existing config to

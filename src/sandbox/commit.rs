@@ -99,7 +99,7 @@ pub(crate) fn commit(
         }
         Ok(())
     })?;
-    let (info, entries) = layer.finish(store)?;
+    let (info, entries) = layer.finish()?;
     // The base config, one more diff_id and a history entry.
     let mut cfg: ImageConfiguration = base.config.clone();
     let mut rootfs = cfg.rootfs().clone();

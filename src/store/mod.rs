@@ -468,11 +468,9 @@ impl Store {
         let hexpart = name.strip_prefix("sha256:").unwrap_or(name);
         let is_hex = hexpart.len() >= 12 && hexpart.bytes().all(|b| b.is_ascii_hexdigit());
         if !is_hex {
-            ImageName::parse(name)?;
+            // An invalid name says why; a valid one was simply not found.
             return Err(StoreError::ImageNotFound(
-                ImageName::parse(name)
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|_| name.to_string()),
+                ImageName::parse(name)?.to_string(),
             ));
         }
         let hits: BTreeMap<String, Descriptor> = index

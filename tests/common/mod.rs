@@ -139,6 +139,22 @@ pub fn with_extra_layer(k: &Kiln, base: &str, layer: &[u8], name: &str) {
     k.import(&layout, name, &[]);
 }
 
+/// `umoci unpack` (rootless when not root) of image `name` in kiln's store;
+/// the unpacked tree, hardlink groups canonical.
+pub fn umoci_unpack(k: &Kiln, name: &str, dest: &Path) -> Tree {
+    require("umoci");
+    let mut c = Command::new("umoci");
+    c.arg("unpack");
+    if !is_root() {
+        c.arg("--rootless");
+    }
+    c.arg("--image")
+        .arg(format!("{}:{name}", k.store().display()))
+        .arg(dest);
+    sh(&mut c);
+    canon(tree_of_dir(&dest.join("rootfs")))
+}
+
 /// A fresh temp directory.
 pub fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -382,7 +398,6 @@ pub fn decode_rootless(v: &[u8]) -> (u64, u64) {
 
 /// Snapshots a directory tree (without the root itself). Owners recorded in
 /// `user.rootlesscontainers` (rootless umoci unpack) are used as the owner.
-/// `owner_base` is subtracted from on-disk owners (0 normally).
 pub fn tree_of_dir(root: &Path) -> Tree {
     let mut out = Tree::new();
     let mut groups: BTreeMap<(u64, u64), usize> = BTreeMap::new();

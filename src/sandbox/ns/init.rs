@@ -18,7 +18,14 @@ use super::{InitConfig, CONFIG_ENV};
 use crate::spec::Network;
 use crate::sys;
 
-const FORWARDED: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+/// What stage 1 and init wait for: the forwarded signals and their child's exit.
+const WAITED: [i32; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGCHLD,
+];
 
 fn die(step: &str, e: impl std::fmt::Display) -> ! {
     eprintln!("kiln: sandbox: {step}: {e}");
@@ -64,15 +71,14 @@ pub fn helper_main() -> ! {
         die("id mapping", "uid 0 is not mapped in the user namespace");
     }
     // The next child is PID 1 of the new pid namespace.
-    sys::sigmask(&[FORWARDED.as_slice(), &[libc::SIGCHLD]].concat(), true).or_die("block signals");
+    sys::sigmask(&WAITED, true).or_die("block signals");
     let init = sys::fork().or_die("fork init");
     if init == 0 {
         init_main(&cfg);
     }
     let init_pid = Pid::from_raw(init).unwrap_or_else(|| die("fork init", "bad pid"));
     loop {
-        let sig = sys::sigwait(&[FORWARDED.as_slice(), &[libc::SIGCHLD]].concat())
-            .or_die("wait for signals");
+        let sig = sys::sigwait(&WAITED).or_die("wait for signals");
         if sig == libc::SIGCHLD {
             if let Ok(Some((_, st))) = rustix::process::waitpid(Some(init_pid), WaitOptions::NOHANG)
             {
@@ -112,30 +118,12 @@ fn init_main(cfg: &InitConfig) -> ! {
             }
         }
         if let Some(c) = code {
-            // Kill whatever the command left behind in the pid namespace.
-            // SAFETY-free: kill(-1) from PID 1 signals every other process of the namespace.
-            let _ = rustix::process::kill_process_group(
-                Pid::from_raw(1).unwrap_or(cmd_pid),
-                Signal::KILL,
-            );
-            let _ = fs::read_dir("/proc").map(|d| {
-                for e in d.flatten() {
-                    if let Some(p) = e
-                        .file_name()
-                        .to_str()
-                        .and_then(|s| s.parse::<i32>().ok())
-                        .filter(|p| *p > 1)
-                    {
-                        if let Some(pid) = Pid::from_raw(p) {
-                            let _ = rustix::process::kill_process(pid, Signal::KILL);
-                        }
-                    }
-                }
-            });
+            // Kill whatever the command left behind: kill(-1) from PID 1
+            // reaches every other process of the pid namespace.
+            sys::kill_all();
             sys::exit_now(c);
         }
-        let sig = sys::sigwait(&[FORWARDED.as_slice(), &[libc::SIGCHLD]].concat())
-            .or_die("wait for signals");
+        let sig = sys::sigwait(&WAITED).or_die("wait for signals");
         if sig != libc::SIGCHLD {
             if let Some(s) = Signal::from_named_raw(sig) {
                 let _ = rustix::process::kill_process(cmd_pid, s);
