@@ -28,6 +28,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod digest;
+pub mod disk;
 pub mod import;
 pub mod progress;
 pub mod sandbox;
