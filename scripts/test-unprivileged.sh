@@ -2,6 +2,7 @@
 # Runs kiln's integration tests as unprivileged users (kiln is rootless first):
 #   kiln-sub    has /etc/subuid and /etc/subgid ranges
 #   kiln-nosub  has none
+# Optional arguments name test binaries to run (e.g. `run unpack`); default all.
 # The toolchain lives under /root (mode 0700), so the test binaries and kiln
 # are built here as root and copied to a world-readable temp dir first.
 set -euo pipefail
@@ -27,6 +28,15 @@ mapfile -t exes < <(cargo test --release --no-run --message-format=json 2>/dev/n
   | jq -r 'select(.reason == "compiler-artifact" and .profile.test == true
                   and (.target.kind | index("test"))) | .executable')
 [ "${#exes[@]}" -gt 0 ] || { echo "test-unprivileged: no integration test binaries found" >&2; exit 1; }
+if [ $# -gt 0 ]; then
+  keep=()
+  for e in "${exes[@]}"; do
+    for want in "$@"; do
+      case "$(basename "$e")" in "$want"-*) keep+=("$e") ;; esac
+    done
+  done
+  exes=("${keep[@]}")
+fi
 for e in "${exes[@]}"; do cp "$e" "$dest/bin/"; done
 cp -r images scripts "$dest/repo/"
 chmod -R a+rX "$dest"

@@ -37,6 +37,7 @@ pub mod spec;
 pub mod store;
 mod sys;
 pub mod unpack;
+pub mod userns;
 
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
 pub use progress::{Event, ProgressFn};

@@ -13,6 +13,12 @@ fn main() {
     {
         kiln::sandbox::ns::helper_main();
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == kiln::userns::TASK_ARG)
+    {
+        kiln::userns::task_main();
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -3,6 +3,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// How a run's user namespace is mapped (see [`crate::userns`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Userns {
+    /// Real root: every id maps to itself. Unprivileged: the caller is root
+    /// inside, plus its `/etc/subuid`/`/etc/subgid` range when it has one and
+    /// `newuidmap`/`newgidmap` exist; else the caller alone.
+    #[default]
+    Auto,
+    /// Keep the caller's uid and gid inside (podman's `--userns keep-id`):
+    /// the caller maps to itself, and the command runs as the caller unless
+    /// `user` says otherwise. Maps only the caller.
+    KeepId,
+    /// Map only the caller (as root), even when a subid range exists.
+    SelfOnly,
+}
+
 /// Network of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Network {
@@ -234,10 +251,8 @@ pub struct RunSpec {
     /// Clamp committed mtimes to this and set the new image's `created`.
     /// Default none.
     pub source_date_epoch: Option<i64>,
-    /// Keep the caller's uid and gid inside (podman's `--userns keep-id`):
-    /// the caller maps to itself rather than to root, and the command runs as
-    /// the caller unless `user` says otherwise. Default false.
-    pub keep_id: bool,
+    /// How the user namespace is mapped. Default [`Userns::Auto`].
+    pub userns: Userns,
     /// Give the run a private copy of the image instead of an overlay (the
     /// fallback kiln also takes, with a warning, when overlayfs cannot be
     /// mounted). Default false.
@@ -277,7 +292,7 @@ impl RunSpec {
             stdin: false,
             commit: None,
             source_date_epoch: None,
-            keep_id: false,
+            userns: Userns::Auto,
             copy_rootfs: false,
             cap_add: Vec::new(),
             ulimits: Vec::new(),

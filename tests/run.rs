@@ -602,13 +602,21 @@ fn cap_add_keeps_one_capability() {
 fn user_flag_and_ulimits() {
     let k = with_busybox();
     let (code, out, err) = run_sh(&k, &["--user", "1000:1000"], "id -u; id -g");
-    if is_root() {
-        // Real root maps every id, so any user exists inside.
-        assert_eq!((code, out.as_str()), (0, "1000\n1000\n"), "{err}");
-    } else {
-        // An unprivileged caller maps only itself (as root): a clear error.
+    if id_mapping() == "caller" {
+        // Without a subid range only the caller is mapped: a clear error
+        // that names the missing /etc/subuid entry.
         assert_eq!(code, 125);
         assert!(err.contains("not mapped"), "{err}");
+        assert!(err.contains("/etc/subuid"), "{err}");
+    } else {
+        // Real root maps every id; a subid range maps 1..=65536.
+        assert_eq!((code, out.as_str()), (0, "1000\n1000\n"), "{err}");
+    }
+    // --userns self never maps other ids, even with a range.
+    if !is_root() {
+        let (code, _, err) = run_sh(&k, &["--userns", "self", "--user", "1000"], "id -u");
+        assert_eq!(code, 125, "{err}");
+        assert!(err.contains("maps only the caller"), "{err}");
     }
     let (code, out, err) = run_sh(&k, &["--ulimit", "nofile=100:200"], "ulimit -n; ulimit -Hn");
     assert_eq!(code, 0, "{err}");
@@ -680,4 +688,88 @@ fn rootfs_copy_fallback_runs_and_refuses_commit() {
     );
     let err = k.fails(["run", "--rootfs-copy", "--commit", "c", "bb", "true"]);
     assert!(err.contains("--commit needs an overlay"), "{err}");
+}
+
+#[test]
+fn image_owners_chown_and_commit_follow_the_id_mapping() {
+    // An image with many owners: what the command sees depends on how much
+    // of the id space the caller can map (identity as root, 65536 subids,
+    // or only itself).
+    let k = with_busybox();
+    let layer = TarMaker::new()
+        .owned("etc/shadow", false, 0o640, (0, 42), b"s\n")
+        .owned("home/u", true, 0o755, (1000, 1000), b"")
+        .owned("home/u/f", false, 0o644, (1000, 1000), b"f\n")
+        .owned("far", false, 0o644, (70000, 70000), b"far\n")
+        .finish();
+    with_extra_layer(&k, "bb:latest", &layer, "multi");
+    let stat = "stat -c %u:%g /etc/shadow /home/u/f /far | tr '\\n' ' '";
+    let run = |flags: &[&str], image: &str, script: &str| {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[image, "sh", "-c", script]);
+        let out = k.run(&args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&[], "multi", stat);
+    assert_eq!(code, 0, "{err}");
+    let mapping = id_mapping();
+    let want = match mapping {
+        "identity" => "0:42 1000:1000 70000:70000 ",
+        // 70000 is beyond the 65536 subids: kept in user.rootlesscontainers.
+        "subids" => "0:42 1000:1000 0:0 ",
+        _ => "0:0 0:0 0:0 ",
+    };
+    assert_eq!(out, want, "owners inside with the {mapping} mapping");
+    // --userns self is the caller-only view even with a range.
+    let (_, out, err) = run(&["--userns", "self"], "multi", stat);
+    if !is_root() {
+        assert_eq!(out, "0:0 0:0 0:0 ", "{err}");
+    }
+
+    // chown (with CAP_CHOWN kept) works for mapped ids, and --commit keeps
+    // the owners, also of files the caller cannot read on the host.
+    let script = "chown 1234:1235 /home/u/f && mkdir /secret && echo s > /secret/s \
+                  && chmod 600 /secret/s && chmod 700 /secret && chown -R 2000:2000 /secret";
+    let (code, _, err) = run(
+        &["--cap-add", "CAP_CHOWN", "--commit", "chowned"],
+        "multi",
+        script,
+    );
+    if mapping == "caller" {
+        assert_ne!(code, 0, "chown to an unmapped id worked: {err}");
+        assert!(err.contains("chown"), "{err}");
+    } else {
+        assert_eq!(code, 0, "{err}");
+        let (code, out, err) = run(
+            &["--cap-add", "CAP_DAC_OVERRIDE"],
+            "chowned",
+            "stat -c %u:%g /home/u/f /secret /secret/s | tr '\\n' ' '; cat /secret/s",
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, "1234:1235 2000:2000 2000:2000 s\n");
+        // The committed layer itself records the owners.
+        let layer = k.top_layer("chowned");
+        let t = tree_of_tar(&layer);
+        assert_eq!((t["secret/s"].uid, t["secret/s"].gid), (2000, 2000));
+        assert_eq!((t["home/u/f"].uid, t["home/u/f"].gid), (1234, 1235));
+    }
+    // Run dirs full of subordinate-owned files were removed, and gc removes
+    // the cached trees of removed images.
+    let runs: Vec<_> = fs::read_dir(k.store().join(".kiln/runs"))
+        .expect("runs dir")
+        .collect();
+    assert!(runs.is_empty(), "run dirs left: {runs:?}");
+    k.ok(["rm", "multi"]);
+    k.ok(["rm", "bb"]);
+    let _ = k.run(["rm", "chowned"]);
+    k.ok(["gc"]);
+    let left: Vec<_> = fs::read_dir(k.store().join(".kiln/rootfs"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "rootfs caches left after gc: {left:?}");
 }

@@ -56,9 +56,10 @@ pub struct RunArgs {
     /// Clamp committed mtimes and set the new image's created time.
     #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
     pub source_date_epoch: Option<i64>,
-    /// User namespace mode: auto (the caller is root inside) or keep-id (the
-    /// caller keeps its uid and gid inside).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "keep-id"])]
+    /// User namespace mode: auto (the caller is root inside, plus its
+    /// /etc/subuid range when it has one), keep-id (the caller keeps its uid
+    /// and gid inside) or self (only the caller is mapped, as root).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "keep-id", "self"])]
     pub userns: String,
     /// Copy the image for this run instead of mounting an overlay (the
     /// fallback used automatically, with a warning, where overlayfs fails).
@@ -153,7 +154,11 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         spec.ulimits.push(u.parse()?);
     }
     spec.memory = a.memory;
-    spec.keep_id = a.userns == "keep-id";
+    spec.userns = match a.userns.as_str() {
+        "keep-id" => kiln::spec::Userns::KeepId,
+        "self" => kiln::spec::Userns::SelfOnly,
+        _ => kiln::spec::Userns::Auto,
+    };
     spec.copy_rootfs = a.rootfs_copy;
     spec.pids_limit = a.pids_limit;
     spec.commit = a.commit.clone();

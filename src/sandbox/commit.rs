@@ -17,7 +17,7 @@ use crate::import::{rfc3339, Entry, EntryKind, ImportError, ImportOptions, Layer
 use crate::store::{ImageName, Store};
 
 /// What a commit produced.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CommitReport {
     /// The new image's name.
     pub name: String,

@@ -633,7 +633,8 @@ impl Store {
             report.temp_removed += 1;
         }
         report.rootfs_removed = self.gc_rootfs()?;
-        report.runs_removed = crate::sandbox::ns::reap_dead_runs(&self.root.join(".kiln/runs"));
+        report.runs_removed =
+            crate::sandbox::ns::reap_dead_runs(&self.root.join(".kiln/runs"), None);
         Ok(report)
     }
 

@@ -320,3 +320,22 @@ pub fn kill_all() {
     // SAFETY: kill(2) takes integers only and touches no memory of ours.
     unsafe { libc::kill(-1, libc::SIGKILL) };
 }
+
+/// The login name of `uid` (through NSS, as newuidmap looks it up), if any.
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: all-zero is a valid `passwd` (null pointers and zero ids); it
+    // is only read after getpwuid_r filled it.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call and `buf.len()` is the
+    // real size of `buf`; getpwuid_r writes only within them.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside
+    // `buf`, which is still alive.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    name.to_str().ok().map(str::to_string)
+}

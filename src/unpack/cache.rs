@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use oci_spec::image::ImageConfiguration;
 use sha2::{Digest as _, Sha256};
 
-use super::{is_root, remove_tree, UnpackError, Unpacker};
+use super::{is_root, UnpackError, Unpacker};
 use crate::store::{Store, StoreError};
+use crate::userns::{remove_tree_mapped, run_task, IdMap, MapKind, Task};
 
 /// The OCI ChainID of a config's layers: `ChainID(L0) = DiffID(L0)`,
 /// `ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))`.
@@ -52,13 +53,12 @@ pub struct CachedRootfs {
     pub unpacked: bool,
 }
 
-fn cache_key(config: &ImageConfiguration, rootless: bool) -> String {
+fn cache_key(config: &ImageConfiguration, map: &IdMap) -> String {
     let chain = chain_id(config.rootfs().diff_ids());
     let hex = chain.strip_prefix("sha256:").unwrap_or(&chain).to_string();
-    if rootless {
-        format!("{hex}-rootless")
-    } else {
-        hex
+    match map.cache_suffix() {
+        Some(s) => format!("{hex}-{s}"),
+        None => hex,
     }
 }
 
@@ -78,8 +78,29 @@ impl Store {
 
     /// [`Store::rootfs`] for an image already resolved.
     pub fn rootfs_of(&self, img: &crate::store::Image) -> Result<CachedRootfs, UnpackError> {
-        let rootless = !is_root();
-        let key = cache_key(&img.config, rootless);
+        let map = if is_root() {
+            IdMap::identity()
+        } else {
+            let (u, g) = (
+                rustix::process::getuid().as_raw(),
+                rustix::process::getgid().as_raw(),
+            );
+            IdMap::caller(u, g, false)
+        };
+        self.rootfs_mapped(img, &map, None)
+    }
+
+    /// The cached root file system of `img` for runs mapped by `map`: real
+    /// owners for the identity map, owners in `user.rootlesscontainers`
+    /// for the caller alone, and for a subid map real (mapped) owners,
+    /// written by a helper inside that mapping (`helper`: the kiln binary).
+    pub fn rootfs_mapped(
+        &self,
+        img: &crate::store::Image,
+        map: &IdMap,
+        helper: Option<&std::path::Path>,
+    ) -> Result<CachedRootfs, UnpackError> {
+        let key = cache_key(&img.config, map);
         let chain_id = chain_id(img.config.rootfs().diff_ids());
         let dir = self.rootfs_dir();
         let path = dir.join(&key);
@@ -107,19 +128,30 @@ impl Store {
             .map_err(|e| StoreError::io("create temp directory", &dir, e))?;
         let tmp_path = tmp.keep();
         let result = (|| {
-            let mut u = Unpacker::new(&tmp_path, rootless)
-                .map_err(|e| StoreError::io("open", &tmp_path, e))?;
-            for layer in img.manifest.layers() {
-                let r = self.layer_reader(layer)?;
-                u.apply_layer(r, layer.digest().as_ref())?;
+            match map.kind {
+                MapKind::Subids => {
+                    let task = Task::Unpack {
+                        store: self.root().to_path_buf(),
+                        manifest: img.descriptor.digest().to_string(),
+                        dest: tmp_path.clone(),
+                    };
+                    run_task(helper, map, &task).map_err(|e| UnpackError::Io {
+                        step: "unpack inside the subid mapping",
+                        path: tmp_path.display().to_string(),
+                        layer: String::new(),
+                        source: e,
+                    })?;
+                }
+                kind => {
+                    self.unpack_layers(img, &tmp_path, kind == MapKind::Caller)?;
+                }
             }
-            u.finish()?;
             fs::rename(&tmp_path, &path)
                 .map_err(|e| StoreError::io("rename rootfs into place", &path, e))?;
             Ok::<(), UnpackError>(())
         })();
         if let Err(e) = result {
-            let _ = remove_tree(&tmp_path);
+            let _ = remove_tree_mapped(&tmp_path, helper);
             return Err(e);
         }
         Ok(CachedRootfs {
@@ -127,6 +159,21 @@ impl Store {
             chain_id,
             unpacked: true,
         })
+    }
+
+    /// Applies every layer of `img` to the existing directory `dest`.
+    pub(crate) fn unpack_layers(
+        &self,
+        img: &crate::store::Image,
+        dest: &std::path::Path,
+        rootless: bool,
+    ) -> Result<super::UnpackReport, UnpackError> {
+        let mut u = Unpacker::new(dest, rootless).map_err(|e| StoreError::io("open", dest, e))?;
+        for layer in img.manifest.layers() {
+            let r = self.layer_reader(layer)?;
+            u.apply_layer(r, layer.digest().as_ref())?;
+        }
+        u.finish()
     }
 
     /// Removes cached trees no image in the index uses, and abandoned temp
@@ -137,10 +184,14 @@ impl Store {
             return Ok(0);
         }
         let mut keep = std::collections::HashSet::new();
+        // The caller's current subid mapping (a cache of another mapping is
+        // stale: its owners would be wrong).
+        let subids = IdMap::detect(false, false);
         for d in self.read_index()?.manifests() {
             if let Ok(img) = self.resolve(d.digest().as_ref()) {
-                keep.insert(cache_key(&img.config, false));
-                keep.insert(cache_key(&img.config, true));
+                keep.insert(cache_key(&img.config, &IdMap::identity()));
+                keep.insert(cache_key(&img.config, &IdMap::caller(0, 0, false)));
+                keep.insert(cache_key(&img.config, &subids));
             }
         }
         let mut removed = 0;
@@ -152,7 +203,7 @@ impl Store {
             if keep.contains(&name) {
                 continue;
             }
-            remove_tree(&e.path())
+            remove_tree_mapped(&e.path(), None)
                 .map_err(|err| StoreError::io("remove cached rootfs", &e.path(), err))?;
             removed += 1;
         }

@@ -292,8 +292,9 @@ impl Unpacker {
                 let dev = rfs::makedev(e.dev_major, e.dev_minor);
                 match rfs::mknodat(&pfd, name, ft, Mode::from_raw_mode(0o600), dev) {
                     Ok(()) => {}
-                    Err(Errno::PERM) if self.rootless && e.kind != EntryKind::Fifo => {
-                        // Only real root may create devices: leave an empty file (as umoci does).
+                    Err(Errno::PERM) if e.kind != EntryKind::Fifo => {
+                        // Only real root may create devices (not root of a
+                        // user namespace): leave an empty file (as umoci does).
                         let fd = create_new(&pfd, name)
                             .map_err(|err| self.err("create device placeholder", &e.path, err))?;
                         drop(fd);
@@ -309,26 +310,31 @@ impl Unpacker {
     fn metadata(&mut self, pfd: &OwnedFd, name: &str, e: &Entry) -> Result<(), UnpackError> {
         let is_link = e.kind == EntryKind::Symlink;
         let proc_path = format!("/proc/self/fd/{}/{name}", pfd.as_raw_fd());
-        if self.rootless {
-            if (e.uid, e.gid) != (0, 0) && !is_link {
-                let (u, g) = (
-                    u32::try_from(e.uid).unwrap_or(u32::MAX),
-                    u32::try_from(e.gid).unwrap_or(u32::MAX),
-                );
-                rfs::lsetxattr(
-                    proc_path.as_str(),
-                    ROOTLESS_XATTR,
-                    &encode_rootless(u, g),
-                    XattrFlags::empty(),
-                )
-                .map_err(|err| self.err("record owner (user.rootlesscontainers)", &e.path, err))?;
-                self.report.rootless_owners += 1;
-            }
-        } else {
+        let mut record = self.rootless;
+        if !self.rootless {
             let uid = rustix::fs::Uid::from_raw(u32::try_from(e.uid).unwrap_or(u32::MAX));
             let gid = rustix::fs::Gid::from_raw(u32::try_from(e.gid).unwrap_or(u32::MAX));
-            rfs::chownat(pfd, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|err| self.err("chown", &e.path, err))?;
+            match rfs::chownat(pfd, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(()) => {}
+                // Inside a subid mapping, ids beyond the range cannot be
+                // owners: record them as a rootless unpack would.
+                Err(Errno::INVAL) => record = true,
+                Err(err) => return Err(self.err("chown", &e.path, err)),
+            }
+        }
+        if record && (e.uid, e.gid) != (0, 0) && !is_link {
+            let (u, g) = (
+                u32::try_from(e.uid).unwrap_or(u32::MAX),
+                u32::try_from(e.gid).unwrap_or(u32::MAX),
+            );
+            rfs::lsetxattr(
+                proc_path.as_str(),
+                ROOTLESS_XATTR,
+                &encode_rootless(u, g),
+                XattrFlags::empty(),
+            )
+            .map_err(|err| self.err("record owner (user.rootlesscontainers)", &e.path, err))?;
+            self.report.rootless_owners += 1;
         }
         for (k, v) in &e.xattrs {
             if is_link && k.starts_with("user.") {
@@ -337,7 +343,7 @@ impl Unpacker {
             match rfs::lsetxattr(proc_path.as_str(), k.as_str(), v, XattrFlags::empty()) {
                 Ok(()) => {}
                 Err(Errno::PERM | Errno::NOTSUP | Errno::ACCESS)
-                    if self.rootless && !k.starts_with("user.") =>
+                    if (self.rootless || in_userns()) && !k.starts_with("user.") =>
                 {
                     self.report.xattrs_skipped += 1
                 }
@@ -548,6 +554,14 @@ fn split(path: &str) -> (&str, &str) {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => ("", path),
     }
+}
+
+/// Whether this process is in a user namespace other than the initial one
+/// (root there may not set `trusted.*` xattrs, for example).
+fn in_userns() -> bool {
+    fs::read_to_string("/proc/self/uid_map")
+        .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+        .unwrap_or(false)
 }
 
 /// Removes a directory tree an unpack created, making read-only

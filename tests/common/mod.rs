@@ -43,6 +43,35 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The id mapping kiln gives this caller's runs: `"identity"` (root),
+/// `"subids"` (an /etc/subuid and /etc/subgid range and newuidmap), or
+/// `"caller"` (only itself).
+pub fn id_mapping() -> &'static str {
+    if is_root() {
+        return "identity";
+    }
+    let name = String::from_utf8(
+        Command::new("id")
+            .arg("-un")
+            .output()
+            .expect("id -un")
+            .stdout,
+    )
+    .expect("utf-8 user name");
+    let name = name.trim();
+    let listed = |f: &str| {
+        fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(':').next() == Some(name))
+    };
+    if listed("/etc/subuid") && listed("/etc/subgid") && have("newuidmap") && have("newgidmap") {
+        "subids"
+    } else {
+        "caller"
+    }
+}
+
 /// The caller's real uid and gid.
 pub fn my_ids() -> (u64, u64) {
     let status = fs::read_to_string("/proc/self/status").expect("status");
@@ -292,6 +321,14 @@ impl Kiln {
         let layers = v["manifest"]["layers"].as_array().expect("layers");
         assert_eq!(layers.len(), 1, "expected one layer: {v}");
         self.blob(layers[0]["digest"].as_str().expect("digest"))
+    }
+
+    /// Blob path of the last layer of image `name`.
+    pub fn top_layer(&self, name: &str) -> PathBuf {
+        let v = self.inspect(name);
+        let layers = v["manifest"]["layers"].as_array().expect("layers");
+        let last = layers.last().expect("at least one layer");
+        self.blob(last["digest"].as_str().expect("digest"))
     }
 
     /// Tag names in the store, from `kiln images --format json`.
@@ -692,6 +729,29 @@ impl TarMaker {
                 g.linkname[..l.len()].copy_from_slice(l.as_bytes());
             }
         }
+        h.set_cksum();
+        self.b.append(&h, data).expect("append");
+        self
+    }
+
+    /// A file or directory with an owner and mode.
+    pub fn owned(
+        mut self,
+        path: &str,
+        dir: bool,
+        mode: u32,
+        owner: (u64, u64),
+        data: &[u8],
+    ) -> Self {
+        let kind = if dir {
+            tar::EntryType::Directory
+        } else {
+            tar::EntryType::Regular
+        };
+        let mut h = Self::header(kind, mode, data.len() as u64);
+        h.set_uid(owner.0);
+        h.set_gid(owner.1);
+        h.set_path(path).expect("path");
         h.set_cksum();
         self.b.append(&h, data).expect("append");
         self

@@ -30,8 +30,9 @@ use std::time::Instant;
 use rustix::process::{Pid, Signal, WaitOptions};
 
 use super::{RunError, RunResult};
-use crate::spec::{Network, RunSpec};
+use crate::spec::{Network, RunSpec, Userns};
 use crate::store::Store;
+use crate::userns::{remove_tree_mapped, run_task, IdMap, MapKind, Task};
 
 pub use init::helper_main;
 
@@ -63,20 +64,6 @@ pub(crate) struct InitConfig {
     pub ulimits: Vec<crate::spec::Ulimit>,
     pub keep_id: bool,
     pub copy_rootfs: bool,
-}
-
-fn helper_path(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if exe.file_name().is_some_and(|n| n == "kiln") {
-            return exe;
-        }
-    }
-    std::env::var_os("KILN_HELPER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("kiln"))
 }
 
 /// The image's command line, environment and working directory, with the
@@ -138,7 +125,7 @@ fn process_params(
 
 /// The user the command runs as: `--user`, or the caller with keep-id.
 fn effective_user(spec: &RunSpec) -> (u32, u32) {
-    if spec.keep_id && spec.user == (0, 0) {
+    if spec.userns == Userns::KeepId && spec.user == (0, 0) {
         (
             rustix::process::getuid().as_raw(),
             rustix::process::getgid().as_raw(),
@@ -151,15 +138,16 @@ fn effective_user(spec: &RunSpec) -> (u32, u32) {
 /// A run directory under the store with a lock held for the run's lifetime.
 struct RunDir {
     path: PathBuf,
+    helper: Option<PathBuf>,
     _lock: fs::File,
 }
 
 impl RunDir {
-    fn create(store: &Store) -> Result<RunDir, RunError> {
+    fn create(store: &Store, helper: Option<&Path>) -> Result<RunDir, RunError> {
         let runs = store.root().join(".kiln/runs");
         fs::create_dir_all(&runs)
             .map_err(|e| RunError::host(format!("create {}", runs.display()), e))?;
-        reap_dead_runs(&runs);
+        reap_dead_runs(&runs, helper);
         let dir = tempfile::Builder::new()
             .prefix("run-")
             .tempdir_in(&runs)
@@ -177,20 +165,24 @@ impl RunDir {
             fs::create_dir(path.join(d))
                 .map_err(|e| RunError::host(format!("create run {d} directory"), e))?;
         }
-        Ok(RunDir { path, _lock: lock })
+        Ok(RunDir {
+            path,
+            helper: helper.map(Path::to_path_buf),
+            _lock: lock,
+        })
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        let _ = crate::unpack::remove_tree(&self.path);
+        let _ = remove_tree_mapped(&self.path, self.helper.as_deref());
     }
 }
 
 /// Removes run directories whose owner died (their lock is free). A
 /// directory without a lock file yet is left alone for a minute: its run may
 /// be creating it right now.
-pub fn reap_dead_runs(runs: &Path) -> u64 {
+pub fn reap_dead_runs(runs: &Path, helper: Option<&Path>) -> u64 {
     let mut n = 0;
     let Ok(list) = fs::read_dir(runs) else {
         return 0;
@@ -206,32 +198,11 @@ pub fn reap_dead_runs(runs: &Path) -> u64 {
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > std::time::Duration::from_secs(60)),
         };
-        if free && crate::unpack::remove_tree(&e.path()).is_ok() {
+        if free && remove_tree_mapped(&e.path(), helper).is_ok() {
             n += 1;
         }
     }
     n
-}
-
-fn write_maps(pid: i32, keep_id: bool) -> io::Result<()> {
-    let uid = rustix::process::getuid().as_raw();
-    let gid = rustix::process::getgid().as_raw();
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    if uid == 0 {
-        // Real root may map every id one to one: files owned by any user in
-        // the image keep their owner inside.
-        fs::write(proc.join("uid_map"), "0 0 4294967295\n")?;
-        fs::write(proc.join("gid_map"), "0 0 4294967295\n")?;
-    } else {
-        // An unprivileged user may map only itself, after denying setgroups:
-        // as root by default, as itself with keep-id (the helper, creator of
-        // the namespace, holds its capabilities either way).
-        let inside = if keep_id { (uid, gid) } else { (0, 0) };
-        fs::write(proc.join("setgroups"), "deny\n")?;
-        fs::write(proc.join("uid_map"), format!("{} {uid} 1\n", inside.0))?;
-        fs::write(proc.join("gid_map"), format!("{} {gid} 1\n", inside.1))?;
-    }
-    Ok(())
 }
 
 /// Explains why unprivileged user namespaces may be unavailable.
@@ -258,8 +229,23 @@ pub(crate) fn run(
     let start = Instant::now();
     let img = store.resolve(&spec.image)?;
     let (argv, env, workdir) = process_params(spec, &img)?;
-    let rootfs = store.rootfs_of(&img)?;
-    let rundir = RunDir::create(store)?;
+    let map = IdMap::detect(
+        spec.userns == Userns::SelfOnly,
+        spec.userns == Userns::KeepId,
+    );
+    let user = effective_user(spec);
+    if !map.maps_uid(user.0) || !map.maps_gid(user.1) {
+        return Err(RunError::Unsupported(format!(
+            "--user {}:{} is not mapped in the sandbox's user namespace: {}",
+            user.0,
+            user.1,
+            map.no_subids_reason
+                .as_deref()
+                .unwrap_or("the id is outside the mapped range")
+        )));
+    }
+    let rootfs = store.rootfs_mapped(&img, &map, helper)?;
+    let rundir = RunDir::create(store, helper)?;
     let uid = rustix::process::getuid().as_raw();
     let cfg = InitConfig {
         lower: rootfs.path.clone(),
@@ -272,8 +258,8 @@ pub(crate) fn run(
         workdir,
         hostname: spec.hostname.clone(),
         network: spec.network,
-        user: effective_user(spec),
-        keep_id: spec.keep_id && uid != 0,
+        user,
+        keep_id: spec.userns == Userns::KeepId && uid != 0,
         copy_rootfs: spec.copy_rootfs,
         volumes: spec
             .volumes
@@ -283,7 +269,7 @@ pub(crate) fn run(
                 ..v.clone()
             })
             .collect(),
-        setgroups_denied: uid != 0,
+        setgroups_denied: map.kind == MapKind::Caller,
         seccomp: spec.seccomp,
         allow_userns: spec.allow_userns,
         cap_add: spec.cap_add.clone(),
@@ -291,7 +277,7 @@ pub(crate) fn run(
     };
     let json = serde_json::to_string(&cfg)
         .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
-    let mut cmd = Command::new(helper_path(helper));
+    let mut cmd = Command::new(crate::userns::helper_path(helper));
     cmd.arg(HELPER_ARG).env_clear().env(CONFIG_ENV, json);
     if !spec.stdin {
         cmd.stdin(std::process::Stdio::null());
@@ -306,7 +292,7 @@ pub(crate) fn run(
     } else {
         None
     };
-    let result = supervise(cmd, spec, sigfd.as_ref(), start, &img, events);
+    let result = supervise(cmd, spec, &map, sigfd.as_ref(), start, &img, events);
     if spec.forward_signals {
         let _ = crate::sys::sigmask(&sigs, false);
     }
@@ -325,14 +311,33 @@ pub(crate) fn run(
     }
     if let (Some(name), 0) = (&spec.commit, result.exit_code) {
         let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
-        result.committed = Some(super::commit::commit(
-            store,
-            &img,
-            &rundir.path.join("upper"),
-            name,
-            &created_by,
-            spec.source_date_epoch,
-        )?);
+        let upper = rundir.path.join("upper");
+        result.committed = Some(if map.kind == MapKind::Subids {
+            // The upper dir holds files of subordinate ids the caller cannot
+            // read: commit from inside the same mapping.
+            let task = Task::Commit {
+                store: store.root().to_path_buf(),
+                manifest: img.descriptor.digest().to_string(),
+                upper,
+                name: name.clone(),
+                created_by,
+                epoch: spec.source_date_epoch,
+            };
+            let out = run_task(helper, &map, &task)
+                .map_err(|e| RunError::host("commit inside the subid mapping", e))?;
+            serde_json::from_str(&out).map_err(|e| {
+                RunError::host("commit inside the subid mapping", io::Error::other(e))
+            })?
+        } else {
+            super::commit::commit(
+                store,
+                &img,
+                &upper,
+                name,
+                &created_by,
+                spec.source_date_epoch,
+            )?
+        });
     }
     drop(rundir);
     Ok(result)
@@ -409,6 +414,7 @@ fn pump(
 fn supervise(
     mut cmd: Command,
     spec: &RunSpec,
+    map: &IdMap,
     sigfd: Option<&std::os::fd::OwnedFd>,
     start: Instant,
     img: &crate::store::Image,
@@ -453,7 +459,7 @@ fn supervise(
         Ok(None) => return Err(RunError::Unsupported("the sandbox helper vanished".into())),
         Err(e) => return Err(RunError::host("wait for sandbox helper", e.into())),
     }
-    if let Err(e) = write_maps(raw, spec.keep_id) {
+    if let Err(e) = map.apply(raw) {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
         let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
         return Err(RunError::host("write uid_map/gid_map", e));
