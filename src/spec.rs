@@ -245,6 +245,12 @@ pub struct RunSpec {
     pub allow_userns: bool,
     /// Pass the caller's stdin to the command. Default false (/dev/null).
     pub stdin: bool,
+    /// Give the command a pseudo-terminal as stdin, stdout and stderr (its
+    /// controlling terminal, also at `/dev/console`), relayed to the caller's
+    /// stdout; `TERM` is set. With `stdin` the caller's input is relayed
+    /// too, and a caller terminal is put in raw mode for the run. Default
+    /// false.
+    pub tty: bool,
     /// After a successful run (exit code 0), store the run's changes as a new
     /// layer on top of the image, tagged with this name. Default none.
     pub commit: Option<String>,
@@ -290,6 +296,7 @@ impl RunSpec {
             seccomp: true,
             allow_userns: false,
             stdin: false,
+            tty: false,
             commit: None,
             source_date_epoch: None,
             userns: Userns::Auto,

@@ -773,3 +773,64 @@ fn image_owners_chown_and_commit_follow_the_id_mapping() {
         .unwrap_or_default();
     assert!(left.is_empty(), "rootfs caches left after gc: {left:?}");
 }
+
+#[test]
+fn tty_gives_the_command_a_terminal_and_relays_input() {
+    let k = with_busybox();
+    // Without a terminal on kiln's side (as in CI): the command still gets
+    // a pty as stdin/stdout, TERM, and a controlling terminal; it is a
+    // session leader, which init must still reap (--timeout guards a hang).
+    let out = k.run([
+        "run",
+        "--timeout",
+        "30",
+        "-t",
+        "bb",
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo tty; echo $TERM; test -c /dev/console && echo console; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(text.contains("tty\n"), "{text}");
+    assert!(text.contains("console\n"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| !l.is_empty() && l != "tty" && l != "console"),
+        "no TERM: {text}"
+    );
+    // -i relays input to the pty.
+    let mut child = k
+        .cmd()
+        .args(["run", "--timeout", "30", "-t", "-i", "bb", "sh"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"echo from-$((40+2))\nexit 5\n")
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("from-42"), "{text}");
+    // With a terminal on kiln's side, its size reaches the command.
+    require("script");
+    let cmd = format!(
+        "stty cols 99 rows 33; {} --store {} run --timeout 30 -t bb stty size",
+        kiln_bin().display(),
+        k.store().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("33 99"), "{out:?}");
+}

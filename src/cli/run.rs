@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Pass stdin to the command (default: /dev/null).
     #[arg(short, long)]
     pub interactive: bool,
+    /// Give the command a pseudo-terminal (its controlling tty); with -i,
+    /// the terminal's input goes to it (raw mode).
+    #[arg(short, long)]
+    pub tty: bool,
     /// After exit code 0, store the run's changes as a new image NAME[:TAG].
     #[arg(long, value_name = "NAME[:TAG]")]
     pub commit: Option<String>,
@@ -144,6 +148,7 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     spec.seccomp = a.seccomp == "default";
     spec.allow_userns = a.allow_userns;
     spec.stdin = a.interactive;
+    spec.tty = a.tty;
     for c in &a.cap_add {
         let Some(n) = kiln::spec::capability(c) else {
             bail!("--cap-add {c:?}: unknown capability")

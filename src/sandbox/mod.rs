@@ -8,6 +8,7 @@
 
 pub(crate) mod commit;
 pub mod ns;
+mod pty;
 
 pub use commit::CommitReport;
 

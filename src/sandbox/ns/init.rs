@@ -108,7 +108,9 @@ fn init_main(cfg: &InitConfig) -> ! {
     let mut code: Option<i32> = None;
     loop {
         // Reap everything; the command's status decides ours.
-        while let Ok(Some((pid, st))) = rustix::process::waitpid(None, WaitOptions::NOHANG) {
+        // wait() is any child; waitpid(None) would be only our process group,
+        // missing a command that called setsid (as -t does).
+        while let Ok(Some((pid, st))) = rustix::process::wait(WaitOptions::NOHANG) {
             if pid == cmd_pid {
                 code = Some(match (st.exit_status(), st.terminating_signal()) {
                     (Some(c), _) => c,
@@ -213,6 +215,13 @@ fn setup_root(cfg: &InitConfig) {
         let target = at("dev").join(d);
         fs::write(&target, b"").or_die(&format!("create /dev/{d}"));
         m::mount_bind(format!("/dev/{d}"), &target).or_die(&format!("bind /dev/{d}"));
+    }
+    if let Some(slave) = &cfg.tty_name {
+        // The pty kiln made is the console (as runc does); its slave is
+        // still reachable in the caller's /dev/pts until pivot_root.
+        let target = at("dev/console");
+        fs::write(&target, b"").or_die("create /dev/console");
+        m::mount_bind(slave, &target).or_die("bind the pty to /dev/console");
     }
     mkdirs(&at("dev/pts"));
     mnt(
@@ -388,6 +397,13 @@ fn cstr(s: &str) -> CString {
 /// In the command's process: identity, privileges, then exec. Never returns.
 fn exec_command(cfg: &InitConfig) -> ! {
     sys::unblock_all_signals().or_die("unblock signals");
+    if cfg.tty {
+        // A new session whose controlling terminal is the pty, so job
+        // control and ^C work as on a terminal.
+        rustix::process::setsid().or_die("setsid");
+        rustix::process::ioctl_tiocsctty(std::io::stdin())
+            .or_die("make the pty the controlling terminal");
+    }
     let wd = Path::new(&cfg.workdir);
     if !wd.is_dir() {
         let _ = fs::create_dir_all(wd);

@@ -64,6 +64,9 @@ pub(crate) struct InitConfig {
     pub ulimits: Vec<crate::spec::Ulimit>,
     pub keep_id: bool,
     pub copy_rootfs: bool,
+    pub tty: bool,
+    /// The pty slave's host path (bound to /dev/console).
+    pub tty_name: Option<PathBuf>,
 }
 
 /// The image's command line, environment and working directory, with the
@@ -109,6 +112,13 @@ fn process_params(
         }
     ));
     set(format!("HOSTNAME={}", spec.hostname));
+    if spec.tty {
+        let term = std::env::var("TERM")
+            .ok()
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or_else(|| "xterm".into());
+        set(format!("TERM={term}"));
+    }
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
         set(format!("SOURCE_DATE_EPOCH={v}"));
     }
@@ -261,6 +271,8 @@ pub(crate) fn run(
         user,
         keep_id: spec.userns == Userns::KeepId && uid != 0,
         copy_rootfs: spec.copy_rootfs,
+        tty: spec.tty,
+        tty_name: None,
         volumes: spec
             .volumes
             .iter()
@@ -275,24 +287,38 @@ pub(crate) fn run(
         cap_add: spec.cap_add.clone(),
         ulimits: spec.ulimits.clone(),
     };
+    let pty = if spec.tty {
+        Some(super::pty::Pty::open().map_err(|e| RunError::host("open a pseudo-terminal", e))?)
+    } else {
+        None
+    };
+    let mut cfg = cfg;
+    cfg.tty_name = pty.as_ref().map(|p| p.path());
     let json = serde_json::to_string(&cfg)
         .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
     let mut cmd = Command::new(crate::userns::helper_path(helper));
     cmd.arg(HELPER_ARG).env_clear().env(CONFIG_ENV, json);
-    if !spec.stdin {
+    if let Some(pty) = &pty {
+        cmd.stdin(pty.slave()?)
+            .stdout(pty.slave()?)
+            .stderr(pty.slave()?);
+    } else if !spec.stdin {
         cmd.stdin(std::process::Stdio::null());
     }
     crate::sys::pre_exec_pdeathsig(&mut cmd);
     // Forwarded signals are handled through a signalfd below; the helper
     // unblocks everything itself.
-    let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    let mut sigs = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    if pty.is_some() {
+        sigs.push(libc::SIGWINCH);
+    }
     let sigfd = if spec.forward_signals {
         crate::sys::sigmask(&sigs, true).map_err(|e| RunError::host("block signals", e))?;
         Some(crate::sys::signalfd(&sigs).map_err(|e| RunError::host("signalfd", e))?)
     } else {
         None
     };
-    let result = supervise(cmd, spec, &map, sigfd.as_ref(), start, &img, events);
+    let result = supervise(cmd, spec, &map, sigfd.as_ref(), pty, start, &img, events);
     if spec.forward_signals {
         let _ = crate::sys::sigmask(&sigs, false);
     }
@@ -416,6 +442,7 @@ fn supervise(
     spec: &RunSpec,
     map: &IdMap,
     sigfd: Option<&std::os::fd::OwnedFd>,
+    pty: Option<super::pty::Pty>,
     start: Instant,
     img: &crate::store::Image,
     mut events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
@@ -427,6 +454,8 @@ fn supervise(
     let mut child = cmd
         .spawn()
         .map_err(|e| RunError::host(format!("start sandbox helper {:?}", cmd.get_program()), e))?;
+    // The pty slave copies in `cmd` must close, or the master never sees EOF.
+    drop(cmd);
     let raw = child.id() as i32;
     // Output pipes (only when the caller takes events), non-blocking.
     let mut outs: Vec<(std::os::fd::OwnedFd, super::Stream)> = Vec::new();
@@ -468,6 +497,32 @@ fn supervise(
         .map_err(|e| RunError::host("resume sandbox helper", e.into()))?;
     let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
         .map_err(|e| RunError::host("pidfd_open", e.into()))?;
+    // The pty: master non-blocking; the caller's input relayed with -i (a
+    // caller terminal in raw mode meanwhile).
+    let mut pty_open = pty.is_some();
+    let mut stdin_open = pty.is_some() && spec.stdin;
+    let _raw = stdin_open.then(super::pty::RawMode::enter);
+    if let Some(p) = &pty {
+        let fl =
+            rustix::fs::fcntl_getfl(&p.master).map_err(|e| RunError::host("fcntl", e.into()))?;
+        rustix::fs::fcntl_setfl(&p.master, fl | rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| RunError::host("fcntl", e.into()))?;
+    }
+    let tty_out =
+        |data: &[u8], events: &mut Option<&mut dyn FnMut(super::RunEvent<'_>)>| match events
+            .as_mut()
+        {
+            Some(ev) => ev(super::RunEvent::Output {
+                stream: super::Stream::Stdout,
+                data,
+            }),
+            None => {
+                let mut out = io::stdout().lock();
+                let _ = io::Write::write_all(&mut out, data);
+                let _ = io::Write::flush(&mut out);
+            }
+        };
+    let mut buf = vec![0u8; 16384];
     let deadline = spec.timeout.map(|t| start + t);
     let mut timed_out = false;
     loop {
@@ -487,6 +542,20 @@ fn supervise(
         for (fd, _) in &outs {
             fds.push(rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
         }
+        let stdin = io::stdin();
+        let (pty_slot, stdin_slot) = (fds.len(), fds.len() + usize::from(pty_open));
+        if let (Some(p), true) = (&pty, pty_open) {
+            fds.push(rustix::event::PollFd::new(
+                &p.master,
+                rustix::event::PollFlags::IN,
+            ));
+        }
+        if stdin_open {
+            fds.push(rustix::event::PollFd::new(
+                &stdin,
+                rustix::event::PollFlags::IN,
+            ));
+        }
         let ts = timeout.map(|t| rustix::event::Timespec {
             tv_sec: t.as_secs() as i64,
             tv_nsec: i64::from(t.subsec_nanos()),
@@ -497,13 +566,37 @@ fn supervise(
             Err(e) => return Err(RunError::host("poll", e.into())),
         }
         let exited = fds[0].revents().contains(rustix::event::PollFlags::IN);
+        let ready = |i: usize| fds.get(i).is_some_and(|f| !f.revents().is_empty());
+        let (pty_ready, stdin_ready) =
+            (pty_open && ready(pty_slot), stdin_open && ready(stdin_slot));
         drop(fds);
+        if let (Some(p), true) = (&pty, pty_ready) {
+            match p.read(&mut buf) {
+                Some(0) => {}
+                Some(n) => tty_out(&buf[..n], &mut events),
+                None => pty_open = false,
+            }
+        }
+        if let (Some(p), true) = (&pty, stdin_ready) {
+            match rustix::io::read(&stdin, &mut buf) {
+                Ok(0) | Err(_) => {
+                    // End of input: ^D, as a terminal would send.
+                    p.write_all(&[4]);
+                    stdin_open = false;
+                }
+                Ok(n) => p.write_all(&buf[..n]),
+            }
+        }
         if let Some(ev) = events.as_mut() {
             outs.retain(|(fd, stream)| pump(fd, *stream, &mut **ev));
         }
         if let Some(s) = sigfd {
             while let Some(sig) = crate::sys::read_signalfd(s) {
-                if let Some(sig) = Signal::from_named_raw(sig) {
+                if sig == libc::SIGWINCH {
+                    if let Some(p) = &pty {
+                        p.resize();
+                    }
+                } else if let Some(sig) = Signal::from_named_raw(sig) {
                     let _ = rustix::process::kill_process(pid, sig);
                 }
             }
@@ -513,7 +606,15 @@ fn supervise(
         }
     }
     // Drain what the sandbox wrote before it ended (its pid namespace is gone,
-    // so every writer is closed and the pipes reach EOF).
+    // so every writer is closed and the pipes reach EOF; the pty says EIO).
+    if let (Some(p), true) = (&pty, pty_open) {
+        while let Some(n) = p.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            tty_out(&buf[..n], &mut events);
+        }
+    }
     if let Some(ev) = events.as_mut() {
         for (fd, stream) in &outs {
             let fl = rustix::fs::fcntl_getfl(fd).unwrap_or(rustix::fs::OFlags::empty());
