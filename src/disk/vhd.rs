@@ -991,7 +991,7 @@ mod tests {
         patch_footers(&mut img, 48, &(1u64 << 60).to_be_bytes());
         assert!(matches!(
             open(img).unwrap_err(),
-            VhdError::DiskSize { offset: 0, .. }
+            VhdError::DiskSize { size, .. } if size == 1 << 60
         ));
         let mut img = dynamic(3);
         patch_footers(&mut img, 48, &1000u64.to_be_bytes());
