@@ -535,15 +535,12 @@ fn qcow2_overlay_over_a_backing_file() {
     assert_same_as_qemu(dir, "overlay.qcow2", &disk);
 }
 
-/// Partition `number` as `sfdisk --json` reports it: (start, size) in
-/// sectors, the type, the bootable flag and the name.
-fn sfdisk_parts(
-    dir: &Path,
-    image: &str,
-) -> (
-    serde_json::Value,
-    Vec<(u32, u64, u64, String, bool, String)>,
-) {
+/// A partition as compared with sfdisk: number, start and size in sectors,
+/// type, bootable flag, name.
+type PartRow = (u32, u64, u64, String, bool, String);
+
+/// The table as `sfdisk --json` reports it, and its partitions.
+fn sfdisk_parts(dir: &Path, image: &str) -> (serde_json::Value, Vec<PartRow>) {
     let v: serde_json::Value =
         serde_json::from_str(&run("sfdisk", &["--json", image], dir)).expect("json");
     let t = v["partitiontable"].clone();
@@ -567,7 +564,7 @@ fn sfdisk_parts(
     (t, parts)
 }
 
-fn kiln_parts(t: &PartitionTable) -> Vec<(u32, u64, u64, String, bool, String)> {
+fn kiln_parts(t: &PartitionTable) -> Vec<PartRow> {
     t.partitions
         .iter()
         .map(|p| {

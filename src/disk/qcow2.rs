@@ -359,7 +359,7 @@ impl Qcow2 {
                 return Err(Qcow2Error::NotQcow2);
             }
             let len = u64::from(be32(&h, 100));
-            if len < 104 || len % 8 != 0 || len > cluster_size.min(file_size) {
+            if len < 104 || !len.is_multiple_of(8) || len > cluster_size.min(file_size) {
                 return Err(header_err(100, format!("header length {len} is not a multiple of 8 between 104 and the cluster (and file) size")));
             }
             (len, be64(&h, 72))
@@ -487,7 +487,7 @@ impl Qcow2 {
         if l1_entries * 8 > MAX_L1_BYTES {
             return Err(l1_err("is larger than 32 MiB"));
         }
-        if l1_offset % cluster_size != 0 {
+        if !l1_offset.is_multiple_of(cluster_size) {
             return Err(l1_err("is not cluster-aligned"));
         }
         // Only the entries the disk size needs are used (and so read).
@@ -506,7 +506,7 @@ impl Qcow2 {
             if l2_offset == 0 {
                 continue;
             }
-            let reason = if l2_offset % cluster_size != 0 {
+            let reason = if !l2_offset.is_multiple_of(cluster_size) {
                 "not cluster-aligned"
             } else if l2_offset + cluster_size > file_size {
                 "past the end of the file"
@@ -654,7 +654,7 @@ impl Qcow2 {
         }
         let host = entry & OFFSET_MASK;
         let data = |host: u64, at: u64| -> io::Result<Loc> {
-            let reason = if host % cluster_size != 0 {
+            let reason = if !host.is_multiple_of(cluster_size) {
                 "not cluster-aligned"
             } else if host + cluster_size > self.src.size() {
                 "past the end of the file"
@@ -923,9 +923,9 @@ mod tests {
         let mut img = image(4 * CS as u64);
         img.extend_from_slice(&[0x11; CS]); // cluster 3
         img.extend_from_slice(&[0x22; CS]); // cluster 4
-        set_l2(&mut img, 0, 3 * CS as u64 | 1 << 63);
+        set_l2(&mut img, 0, (3 * CS as u64) | (1 << 63));
         set_l2(&mut img, 1, 4 * CS as u64);
-        set_l2(&mut img, 2, 4 * CS as u64 | L2_ZERO); // zero flag wins
+        set_l2(&mut img, 2, (4 * CS as u64) | L2_ZERO); // zero flag wins
         let d = open(img).unwrap();
         assert_eq!(d.describe(), "qcow2 v3 16 KiB, 4 KiB clusters, zlib");
         let all = read_all(&d).unwrap();

@@ -319,7 +319,7 @@ fn parse_footer(b: &[u8; FOOTER_LEN], offset: u64) -> Result<Footer, VhdError> {
     // current_size equal to or above the geometry's size, so current_size is
     // the one that never truncates the disk.
     let size = be64(b, 48);
-    if size % SECTOR != 0 {
+    if !size.is_multiple_of(SECTOR) {
         return Err(VhdError::DiskSize {
             offset,
             size,
