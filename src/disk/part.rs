@@ -72,7 +72,9 @@ pub enum PartError {
         backup: GptProblem,
     },
     /// [`Partition::open`] on a disk too small for the partition.
-    #[error("partition {number} ends at byte {end}, past the end of the {disk_size}-byte disk")]
+    #[error(
+        "part: partition {number} ends at byte {end}, past the end of the {disk_size}-byte disk"
+    )]
     OutsideDisk {
         /// Partition number.
         number: u32,
@@ -719,34 +721,51 @@ fn parse_gpt_at(disk: &dyn ReadAt, ss: u64, lba: u64) -> Result<Gpt, GptProblem>
 fn read_gpt(disk: &dyn ReadAt) -> Result<PartitionTable, PartError> {
     let size = disk.size();
     // The header is at LBA 1: byte 512 on 512-byte-sector disks, byte 4096
-    // on 4Kn disks (whose images keep the 4 KiB layout).
-    let mut ss = MBR_SECTOR;
-    for candidate in [512u64, 4096] {
+    // on 4Kn disks (whose images keep the 4 KiB layout). When neither has a
+    // signature, the backup may still be found at either sector size.
+    let sizes: Vec<u64> = [512u64, 4096]
+        .into_iter()
+        .filter(|ss| size >= 2 * ss)
+        .collect();
+    let found = sizes.iter().copied().find(|&ss| {
         let mut sig = [0u8; 8];
-        if size >= 2 * candidate
-            && disk.read_exact_at(&mut sig, candidate).is_ok()
-            && &sig == b"EFI PART"
-        {
-            ss = candidate;
-            break;
-        }
-    }
+        disk.read_exact_at(&mut sig, ss).is_ok() && &sig == b"EFI PART"
+    });
+    let primary_ss = found.unwrap_or(MBR_SECTOR);
     let mut notes = Vec::new();
-    let gpt = match parse_gpt_at(disk, ss, 1) {
+    let gpt = match parse_gpt_at(disk, primary_ss, 1) {
         Ok(g) => g,
         Err(primary) => {
             // The primary's alternate-LBA field cannot be trusted when the
             // primary is bad: the backup is in the last sector of the disk.
-            let last = (size / ss).saturating_sub(1);
-            match parse_gpt_at(disk, ss, last) {
-                Ok(g) => {
+            let mut backup_err = None;
+            let mut backup = None;
+            for ss in found.map_or(sizes.clone(), |ss| vec![ss]) {
+                match parse_gpt_at(disk, ss, size / ss - 1) {
+                    Ok(g) => {
+                        backup = Some(g);
+                        break;
+                    }
+                    Err(e) => {
+                        backup_err.get_or_insert(e);
+                    }
+                }
+            }
+            match (backup, backup_err) {
+                (Some(g), _) => {
                     notes.push(format!(
                         "primary GPT header unusable ({primary}); using the backup at offset {}",
                         g.header_offset
                     ));
                     g
                 }
-                Err(backup) => return Err(PartError::Gpt { primary, backup }),
+                (None, Some(backup)) => return Err(PartError::Gpt { primary, backup }),
+                (None, None) => {
+                    let backup = GptProblem::NoSignature {
+                        offset: size.saturating_sub(MBR_SECTOR),
+                    };
+                    return Err(PartError::Gpt { primary, backup });
+                }
             }
         }
     };
@@ -1109,6 +1128,20 @@ mod tests {
             .unwrap();
         assert_eq!(t.sector_size, 4096);
         assert_eq!(t.partitions[0].start_bytes, 6 * 4096);
+    }
+
+    #[test]
+    fn gpt_4k_backup_without_primary_signature() {
+        let mut img = gpt_disk(4096);
+        img[4096] = b'X';
+        let t = PartitionTable::read(&disk(img)).unwrap().unwrap();
+        assert_eq!(t.sector_size, 4096);
+        assert_eq!(t.partitions.len(), 2);
+        assert!(
+            t.notes[0].contains("no \"EFI PART\" signature at offset 512"),
+            "{:?}",
+            t.notes
+        );
     }
 
     #[test]

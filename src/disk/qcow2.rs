@@ -888,18 +888,23 @@ mod tests {
     /// L2 at cluster 2; the caller appends data clusters from cluster 3 and
     /// sets L2 entries with [`set_l2`].
     fn image(size: u64) -> Vec<u8> {
-        let mut img = vec![0u8; 3 * CS];
+        image_bits(CB, size)
+    }
+
+    fn image_bits(cb: u32, size: u64) -> Vec<u8> {
+        let cs = 1usize << cb;
+        let mut img = vec![0u8; 3 * cs];
         img[..4].copy_from_slice(MAGIC);
         img[4..8].copy_from_slice(&3u32.to_be_bytes());
-        img[20..24].copy_from_slice(&CB.to_be_bytes());
+        img[20..24].copy_from_slice(&cb.to_be_bytes());
         img[24..32].copy_from_slice(&size.to_be_bytes());
-        let l1 = size.div_ceil((CS * CS / 8) as u64) as u32;
+        let l1 = size.div_ceil((cs * cs / 8) as u64) as u32;
         img[36..40].copy_from_slice(&l1.max(1).to_be_bytes());
-        img[40..48].copy_from_slice(&(CS as u64).to_be_bytes());
+        img[40..48].copy_from_slice(&(cs as u64).to_be_bytes());
         img[96..100].copy_from_slice(&4u32.to_be_bytes());
         img[100..104].copy_from_slice(&104u32.to_be_bytes());
-        let l1e = (2 * CS as u64) | (1 << 63);
-        img[CS..CS + 8].copy_from_slice(&l1e.to_be_bytes());
+        let l1e = (2 * cs as u64) | (1 << 63);
+        img[cs..cs + 8].copy_from_slice(&l1e.to_be_bytes());
         img
     }
 
@@ -1158,6 +1163,46 @@ mod tests {
                 if *offset == 2 * CS as u64 + 8 && *host == 1 << 40),
             "{inner}"
         );
+    }
+
+    /// 16 KiB clusters with extended L2 entries (16 bytes each): cluster 0
+    /// at file cluster 3 with subclusters 0 and 2 allocated, 1 zero, the
+    /// rest unallocated (backing: none, so zeros).
+    #[test]
+    fn extended_l2_subclusters() {
+        let cs = 1usize << 14;
+        let sub = cs / 32;
+        let mut img = image_bits(14, cs as u64);
+        img[79] |= INCOMPAT_EXTL2 as u8;
+        img.extend((0..cs).map(|i| (i / sub) as u8 + 1));
+        let l2 = 2 * cs;
+        img[l2..l2 + 8].copy_from_slice(&(3 * cs as u64).to_be_bytes());
+        let bitmap: u64 = 0b101 | (0b10 << 32);
+        img[l2 + 8..l2 + 16].copy_from_slice(&bitmap.to_be_bytes());
+        let d = open(img.clone()).unwrap();
+        assert!(d.describe().contains("extended L2"), "{}", d.describe());
+        let all = read_all(&d).unwrap();
+        assert!(all[..sub].iter().all(|b| *b == 1));
+        assert!(all[sub..2 * sub].iter().all(|b| *b == 0));
+        assert!(all[2 * sub..3 * sub].iter().all(|b| *b == 3));
+        assert!(all[3 * sub..].iter().all(|b| *b == 0));
+        // Allocated and zero at once is corruption.
+        let bitmap: u64 = 0b1 | (0b1 << 32);
+        img[l2 + 8..l2 + 16].copy_from_slice(&bitmap.to_be_bytes());
+        let d = open(img.clone()).unwrap();
+        let e = read_all(&d).unwrap_err();
+        let inner = e.get_ref().unwrap().downcast_ref::<Qcow2Error>().unwrap();
+        assert!(
+            matches!(inner, Qcow2Error::Subcluster { offset, sub: 0 } if *offset == l2 as u64),
+            "{inner}"
+        );
+        // Extended L2 entries need 16 KiB clusters or more.
+        let mut img = image_bits(13, 8192);
+        img[79] |= INCOMPAT_EXTL2 as u8;
+        assert!(matches!(
+            open(img),
+            Err(Qcow2Error::Header { offset: 20, .. })
+        ));
     }
 
     #[test]
