@@ -10,6 +10,8 @@ pkgs=(
   busybox-static mmdebstrap
   # compressors for input tests, tools the tests call
   zstd xz-utils bzip2 pigz jq attr libcap2-bin python3 util-linux
+  # disk-container and partition-table tests (qemu-img, qemu-io, sfdisk)
+  qemu-utils fdisk
   # peers measured by the benchmarks
   hyperfine bubblewrap
 )

@@ -13,6 +13,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod part;
+pub mod qcow2;
+pub mod vhd;
+
 /// A read-only, random-access byte source of known size.
 ///
 /// ```
