@@ -51,7 +51,7 @@ fn parse_entries(
         } else {
             usize::from(raw_rec & 65532) | (usize::from(raw_rec & 3) << 16)
         };
-        if rec_len < 8 || rec_len % 4 != 0 || pos + rec_len > buf.len() {
+        if rec_len < 8 || !rec_len.is_multiple_of(4) || pos + rec_len > buf.len() {
             return Err(bad(format!(
                 "record length {rec_len} is impossible at offset {pos} of a {}-byte block",
                 buf.len()

@@ -178,9 +178,7 @@ impl ExtError {
             | ExtError::BadBlockMap { path, .. }
             | ExtError::BadDirEntry { path, .. }
             | ExtError::BadXattr { path, .. } => {
-                if path.0.is_none() {
-                    path.0 = Some(p.to_string());
-                }
+                path.0.get_or_insert_with(|| p.to_string());
             }
             _ => {}
         }

@@ -87,7 +87,7 @@ impl Inode {
         } else {
             0
         };
-        if 128 + extra_isize > raw.len() || extra_isize % 4 != 0 {
+        if 128 + extra_isize > raw.len() || !extra_isize.is_multiple_of(4) {
             return Err(ExtError::BadInode {
                 ino,
                 path: PathCtx::default(),
