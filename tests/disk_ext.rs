@@ -662,9 +662,26 @@ fn bench_walk() {
         Ok(())
     })
     .unwrap();
+    let took = start.elapsed();
+    if let Ok(src) = std::env::var("KILN_EXT_BENCH_SRC") {
+        // The tree the image was made from, with mke2fs -d.
+        let mut want = Tree::new();
+        kiln::source::dir::walk(src.as_ref(), &mut |e: Entry, r: &mut dyn Read| {
+            want.insert(e.path.clone(), describe(&e, r));
+            Ok(())
+        })
+        .unwrap();
+        let mut got = walk_image(img.as_ref()).tree;
+        got.remove("");
+        want.remove("");
+        assert_eq!(got.len(), want.len());
+        for (p, w) in &want {
+            assert_eq!(got.get(p), Some(w), "{p}");
+        }
+    }
     eprintln!(
         "{}: {files} entries, {bytes} bytes in {:?}",
         fs.describe(),
-        start.elapsed()
+        took
     );
 }

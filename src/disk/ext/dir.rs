@@ -124,6 +124,7 @@ impl ExtFs {
                 let mut done = 0;
                 while done < r.len {
                     let n = (r.len - done).min((READ_CHUNK as u64 / bs).max(1));
+                    self.charge(n * bs)?;
                     buf.resize((n * bs) as usize, 0);
                     let at = (r.physical + done) * bs;
                     read_exact(&*self.dev, &mut buf, at)?;

@@ -159,6 +159,13 @@ pub enum ExtError {
         /// What is wrong.
         reason: String,
     },
+    /// The walk read far more metadata than the device holds: blocks are
+    /// shared between many inodes, as only a hostile image does.
+    #[error("ext: the walk read more than {limit} bytes of metadata, more than the device holds: directories or block maps are shared between inodes (hostile image?)")]
+    MetadataAmplification {
+        /// The limit, in bytes.
+        limit: u64,
+    },
     /// A path longer than kiln accepts (a hostile, absurdly deep tree).
     #[error("ext: path /{prefix}... is longer than {limit} bytes")]
     PathTooLong {

@@ -230,6 +230,7 @@ impl MapCtx<'_> {
             ));
         }
         let bs = self.fs.sb.block_size;
+        self.fs.charge(bs)?;
         let mut buf = vec![0u8; bs as usize];
         read_exact(&*self.fs.dev, &mut buf, block * bs)?;
         Ok(buf)

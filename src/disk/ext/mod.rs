@@ -51,9 +51,11 @@ const SYMLINK_MAX: u64 = 4095;
 /// copies its path, so this bounds the work per entry).
 const PATH_LIMIT: usize = 32 * 1024;
 /// Inode table cache: chunks of this many bytes...
-const ITABLE_CHUNK: u64 = 64 * 1024;
-/// ...and this many of them (8 MiB).
-const ITABLE_CHUNKS: usize = 128;
+const ITABLE_CHUNK: u64 = 16 * 1024;
+/// ...and this many of them (16 MiB).
+const ITABLE_CHUNKS: usize = 1024;
+/// External xattr blocks cached (they are often shared by many files).
+const XATTR_BLOCKS: usize = 64;
 
 /// Which generation of the ext family an image is, judged by its features.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +111,7 @@ pub struct Extent {
 /// A small FIFO cache of inode-table chunks: the walk visits names in sorted
 /// order, which jumps around the inode table.
 #[derive(Default)]
-struct ChunkCache {
+pub(crate) struct ChunkCache {
     map: HashMap<u64, Arc<Vec<u8>>>,
     order: VecDeque<u64>,
 }
@@ -136,7 +138,21 @@ pub struct ExtFs {
     sb: Superblock,
     groups: Vec<GroupDesc>,
     cache: Mutex<ChunkCache>,
+    xattr_cache: Mutex<ChunkCache>,
     sockets: AtomicU64,
+    /// Metadata bytes read since the walk started (see [`ExtFs::charge`]).
+    meta_read: AtomicU64,
+    /// Walks under way: metadata reads are only counted during walks.
+    walks: AtomicU64,
+}
+
+/// Marks a walk as under way while alive.
+struct WalkGuard<'a>(&'a AtomicU64);
+
+impl Drop for WalkGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl fmt::Debug for ExtFs {
@@ -179,7 +195,10 @@ impl ExtFs {
             sb,
             groups,
             cache: Mutex::new(ChunkCache::default()),
+            xattr_cache: Mutex::new(ChunkCache::default()),
             sockets: AtomicU64::new(0),
+            meta_read: AtomicU64::new(0),
+            walks: AtomicU64::new(0),
         })
     }
 
@@ -337,27 +356,63 @@ impl ExtFs {
         Ok(inode)
     }
 
-    fn itable_chunk(&self, idx: u64) -> Result<Arc<Vec<u8>>, ExtError> {
-        if let Ok(c) = self.cache.lock() {
-            if let Some(v) = c.map.get(&idx) {
+    /// Counts metadata bytes read by a walk. In a sound file system every
+    /// directory block, block-map node and inode-table chunk belongs to one
+    /// object, so a walk reads about the device's size of metadata at most.
+    /// A hostile image can make thousands of inodes share one huge
+    /// directory or extent tree, turning a small image into an endless
+    /// walk: past a few times the device size, the walk stops.
+    pub(crate) fn charge(&self, bytes: u64) -> Result<(), ExtError> {
+        if self.walks.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        let limit = self.dev.size().saturating_mul(4).saturating_add(256 << 20);
+        let total = self.meta_read.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if total > limit {
+            return Err(ExtError::MetadataAmplification { limit });
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `start` through `cache` (FIFO, `max` entries).
+    pub(crate) fn cached_read(
+        &self,
+        cache: &Mutex<ChunkCache>,
+        max: usize,
+        start: u64,
+        len: u64,
+    ) -> Result<Arc<Vec<u8>>, ExtError> {
+        if let Ok(c) = cache.lock() {
+            if let Some(v) = c.map.get(&start) {
                 return Ok(v.clone());
             }
         }
-        let start = idx * ITABLE_CHUNK;
-        let len = ITABLE_CHUNK.min(self.dev.size().saturating_sub(start));
+        self.charge(len)?;
         let mut buf = vec![0u8; len as usize];
         read_exact(&*self.dev, &mut buf, start)?;
         let buf = Arc::new(buf);
-        if let Ok(mut c) = self.cache.lock() {
-            if c.order.len() >= ITABLE_CHUNKS {
+        if let Ok(mut c) = cache.lock() {
+            if c.order.len() >= max {
                 if let Some(old) = c.order.pop_front() {
                     c.map.remove(&old);
                 }
             }
-            c.order.push_back(idx);
-            c.map.insert(idx, buf.clone());
+            c.order.push_back(start);
+            c.map.insert(start, buf.clone());
         }
         Ok(buf)
+    }
+
+    fn itable_chunk(&self, idx: u64) -> Result<Arc<Vec<u8>>, ExtError> {
+        let start = idx * ITABLE_CHUNK;
+        let len = ITABLE_CHUNK.min(self.dev.size().saturating_sub(start));
+        self.cached_read(&self.cache, ITABLE_CHUNKS, start, len)
+    }
+
+    /// An external xattr block, cached: many files often share one.
+    pub(crate) fn xattr_block(&self, block: u64) -> Result<Arc<Vec<u8>>, ExtError> {
+        let bs = self.sb.block_size;
+        self.cached_read(&self.xattr_cache, XATTR_BLOCKS, block * bs, bs)
     }
 
     /// Whether a symlink's target is stored in i_block itself.
@@ -453,6 +508,10 @@ impl ExtFs {
             /// Length of this directory's path in the shared path buffer.
             path_len: usize,
         }
+        if self.walks.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.meta_read.store(0, Ordering::Relaxed);
+        }
+        let _guard = WalkGuard(&self.walks);
         let root = self.inode(ROOT_INO).map_err(|e| e.at_path(""))?;
         if root.kind() != S_IFDIR {
             return Err(ExtError::BadInode {

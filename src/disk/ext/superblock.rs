@@ -266,6 +266,14 @@ impl Superblock {
         if incompat & INCOMPAT_64BIT != 0 {
             blocks_count |= u64::from(le32(&sb, 0x150)) << 32;
         }
+        // Every block number below the count can then be turned into a byte
+        // offset without overflow.
+        if blocks_count.checked_mul(block_size).is_none() {
+            return Err(bad(
+                "s_blocks_count",
+                format!("{blocks_count} blocks of {block_size} bytes overflow 64 bits"),
+            ));
+        }
         let first_data_block = le32(&sb, 0x14);
         if u64::from(first_data_block) >= blocks_count {
             return Err(bad(

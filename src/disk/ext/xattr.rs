@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::error::{ExtError, PathCtx};
 use super::inode::{Inode, FL_EA_INODE};
-use super::superblock::{le16, le32, read_exact};
+use super::superblock::{le16, le32};
 use super::ExtFs;
 
 const XATTR_MAGIC: u32 = 0xEA02_0000;
@@ -164,8 +164,7 @@ impl ExtFs {
                 ));
             }
             let at = blk * bs;
-            let mut buf = vec![0u8; bs as usize];
-            read_exact(&*self.dev, &mut buf, at)?;
+            let buf = self.xattr_block(blk)?;
             if le32(&buf, 0) != XATTR_MAGIC {
                 return Err(bad(inode, at, "xattr block magic is not 0xea020000"));
             }
