@@ -6,6 +6,8 @@
 //! above. Each reader has its own error type that names the reader and the
 //! byte offset where the input went wrong.
 
+pub mod ext;
+
 use std::fmt;
 use std::fs::File;
 use std::io;
