@@ -6,6 +6,10 @@
 //! above. Each reader has its own error type that names the reader and the
 //! byte offset where the input went wrong.
 
+pub mod chunks;
+pub mod iso9660;
+pub mod xva;
+
 use std::fmt;
 use std::fs::File;
 use std::io;
