@@ -1144,6 +1144,287 @@ mod tests {
         assert_eq!(symlink_target(&[c(0, "a")]), b"a");
     }
 
+    fn both32(v: u32) -> Vec<u8> {
+        [v.to_le_bytes(), v.to_be_bytes()].concat()
+    }
+
+    fn rec(lba: u32, len: u32, flags: u8, name: &[u8], su: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; 33];
+        r[2..10].copy_from_slice(&both32(lba));
+        r[10..18].copy_from_slice(&both32(len));
+        r[18..25].copy_from_slice(&[124, 1, 2, 3, 4, 5, 0]);
+        r[25] = flags;
+        r[28] = 1;
+        r[31] = 1;
+        r[32] = name.len() as u8;
+        r.extend_from_slice(name);
+        if name.len() % 2 == 0 {
+            r.push(0);
+        }
+        r.extend_from_slice(su);
+        if r.len() % 2 == 1 {
+            r.push(0);
+        }
+        r[0] = r.len() as u8;
+        r
+    }
+
+    fn entry(sig: &[u8; 2], data: &[u8]) -> Vec<u8> {
+        let mut e = vec![sig[0], sig[1], (data.len() + 4) as u8, 1];
+        e.extend_from_slice(data);
+        e
+    }
+
+    fn px(mode: u32) -> Vec<u8> {
+        let d: Vec<u8> = [mode, 1, 1000, 100, 7]
+            .iter()
+            .flat_map(|&v| both32(v))
+            .collect();
+        entry(b"PX", &d)
+    }
+
+    fn sp() -> Vec<u8> {
+        [entry(b"SP", &[0xbe, 0xef, 0]), entry(b"ER", &[0, 0, 0, 1])].concat()
+    }
+
+    fn ce(lba: u32, off: u32, len: u32) -> Vec<u8> {
+        entry(b"CE", &[both32(lba), both32(off), both32(len)].concat())
+    }
+
+    /// A 24-sector image: PVD at 16, terminator at 17, root dir at 18,
+    /// then `extra` sectors.
+    fn image(root: &[Vec<u8>], extra: &[(usize, Vec<u8>)]) -> Arc<dyn ReadAt> {
+        let mut img = vec![0u8; 2048 * 24];
+        let pvd = &mut img[16 * 2048..17 * 2048];
+        pvd[..6].copy_from_slice(b"\x01CD001");
+        pvd[6] = 1;
+        pvd[40..44].copy_from_slice(b"TEST");
+        pvd[80..88].copy_from_slice(&both32(24));
+        pvd[128..130].copy_from_slice(&2048u16.to_le_bytes());
+        pvd[130..132].copy_from_slice(&2048u16.to_be_bytes());
+        pvd[156..190].copy_from_slice(&rec(18, 2048, 2, &[0], &[]));
+        img[17 * 2048..17 * 2048 + 7].copy_from_slice(b"\xffCD001\x01");
+        let dir: Vec<u8> = root.concat();
+        img[18 * 2048..18 * 2048 + dir.len()].copy_from_slice(&dir);
+        for (sec, data) in extra {
+            img[sec * 2048..sec * 2048 + data.len()].copy_from_slice(data);
+        }
+        Arc::new(img)
+    }
+
+    fn walk_err(iso: &Iso) -> IsoError {
+        iso.walk::<IsoError, _>("", |_, r| {
+            io::copy(r, &mut io::sink()).unwrap();
+            Ok(())
+        })
+        .unwrap_err()
+    }
+
+    #[test]
+    fn multi_extent_file_is_one_source() {
+        let root = [
+            rec(18, 2048, 2, &[0], &[]),
+            rec(18, 2048, 2, &[1], &[]),
+            rec(20, 2048, 0x80, b"BIG.;1", &[]),
+            rec(21, 100, 0, b"BIG.;1", &[]),
+        ];
+        let iso = Iso::open(image(
+            &root,
+            &[(20, vec![b'a'; 2048]), (21, vec![b'b'; 100])],
+        ))
+        .unwrap();
+        assert_eq!(iso.name_mode(), NameMode::Plain);
+        let n = iso.lookup("BIG").unwrap().unwrap();
+        assert_eq!((n.size, n.extents().len(), n.mode), (2148, 2, 0o644));
+        let f = iso.open_file(&n).unwrap();
+        let mut b = [0u8; 16];
+        f.read_exact_at(&mut b, 2040).unwrap();
+        assert_eq!(&b, b"aaaaaaaabbbbbbbb");
+        assert!(f.read_exact_at(&mut b, 2140).is_err());
+        // A multi-extent file without its final record.
+        let root = [
+            rec(18, 2048, 2, &[0], &[]),
+            rec(18, 2048, 2, &[1], &[]),
+            rec(20, 2048, 0x80, b"BIG.;1", &[]),
+        ];
+        let iso = Iso::open(image(&root, &[])).unwrap();
+        assert!(matches!(
+            iso.read_dir(iso.root()).unwrap_err(),
+            IsoError::BadRecord { .. }
+        ));
+    }
+
+    #[test]
+    fn hostile_trees() {
+        let dots = || [rec(18, 2048, 2, &[0], &sp()), rec(18, 2048, 2, &[1], &[])];
+        // A directory pointing at its ancestor (the root).
+        let [a, b] = dots();
+        let iso = Iso::open(image(&[a, b, rec(18, 2048, 2, b"LOOP", &[])], &[])).unwrap();
+        let e = walk_err(&iso);
+        assert!(
+            matches!(&e, IsoError::DirLoop { offset, path } if *offset > 18 * 2048 && path == "LOOP"),
+            "{e}"
+        );
+        // Two directories sharing one extent.
+        let [a, b] = dots();
+        let iso = Iso::open(image(
+            &[
+                a,
+                b,
+                rec(20, 2048, 2, b"D1", &[]),
+                rec(20, 2048, 2, b"D2", &[]),
+            ],
+            &[],
+        ))
+        .unwrap();
+        assert!(matches!(walk_err(&iso), IsoError::DirTwice { .. }));
+        // An extent past the end of the image.
+        let [a, b] = dots();
+        let iso = Iso::open(image(&[a, b, rec(1000, 4096, 0, b"X.;1", &[])], &[])).unwrap();
+        assert!(matches!(
+            walk_err(&iso),
+            IsoError::ExtentPastEnd {
+                start: 2_048_000,
+                ..
+            }
+        ));
+        // A CE continuation pointing at itself.
+        let [a, b] = dots();
+        let su = [px(0o100644), ce(22, 0, 28)].concat();
+        let iso = Iso::open(image(
+            &[a, b, rec(19, 0, 0, b"F.;1", &su)],
+            &[(22, ce(22, 0, 28))],
+        ))
+        .unwrap();
+        assert_eq!(iso.name_mode(), NameMode::RockRidge);
+        assert!(matches!(walk_err(&iso), IsoError::CeLoop { offset: 45056 }));
+        // Rock Ridge names that are not path components.
+        for bad in [&b".."[..], b"a/b", b"", b"\xff"] {
+            let [a, b] = dots();
+            let su = [px(0o100644), entry(b"NM", &[[0].as_slice(), bad].concat())].concat();
+            let iso = Iso::open(image(&[a, b, rec(19, 0, 0, b"F.;1", &su)], &[])).unwrap();
+            assert!(matches!(walk_err(&iso), IsoError::BadName { .. }));
+        }
+        // A record crossing the end of its (short) directory extent.
+        let [a, b] = dots();
+        let sub = [rec(19, 50, 2, &[0], &[]), rec(18, 2048, 2, &[1], &[])].concat();
+        let iso = Iso::open(image(&[a, b, rec(19, 50, 2, b"D", &[])], &[(19, sub)])).unwrap();
+        let d = iso.lookup("D").unwrap().unwrap();
+        let e = iso.read_dir(&d).unwrap_err();
+        assert!(
+            matches!(&e, IsoError::BadRecord { offset, why } if why.contains("sector") && *offset == 19 * 2048 + 34),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rock_ridge_symlink_across_ce_and_long_tf() {
+        let dot = rec(18, 2048, 2, &[0], &sp());
+        let dotdot = rec(18, 2048, 2, &[1], &[]);
+        let mut tf = vec![0x80 | 0x02];
+        tf.extend_from_slice(b"2024022912000000\x00");
+        let su = [
+            px(0o120777),
+            entry(b"NM", b"\x01lo"),
+            entry(b"NM", b"\x00ng-name"),
+            entry(b"TF", &tf),
+            entry(b"SL", &[1, 8, 0, 0, 3, b'u', b's', b'r']),
+            ce(22, 100, 14),
+        ]
+        .concat();
+        let mut cont = vec![0u8; 100];
+        cont.extend(entry(b"SL", &[0, 1, 2, b'l', b'o', 0, 3, b'c', b'a', b'l']));
+        let dev = [
+            px(0o020640),
+            entry(b"NM", b"\x00null"),
+            entry(b"PN", &[both32(1), both32(3)].concat()),
+        ]
+        .concat();
+        let iso = Iso::open(image(
+            &[
+                dot,
+                dotdot,
+                rec(19, 0, 0, b"LONGNAME.;1", &su),
+                rec(19, 0, 0, b"NULL.;1", &dev),
+            ],
+            &[(22, cont)],
+        ))
+        .unwrap();
+        let mut seen = Vec::new();
+        iso.walk::<IsoError, _>("", |e, _| {
+            seen.push(e);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 3);
+        let l = &seen[1];
+        assert_eq!(l.path, "long-name");
+        assert_eq!(l.kind, EntryKind::Symlink);
+        assert_eq!(l.link.as_deref(), Some(&b"/usr/local"[..]));
+        assert_eq!(
+            (l.mode, l.uid, l.gid, l.mtime),
+            (0o777, 1000, 100, 1_709_208_000)
+        );
+        let d = &seen[2];
+        assert_eq!(
+            (d.path.as_str(), d.kind, d.dev_major, d.dev_minor),
+            ("null", EntryKind::Char, 1, 3)
+        );
+    }
+
+    #[test]
+    fn mutation_no_panic() {
+        let dot = rec(18, 2048, 2, &[0], &sp());
+        let dotdot = rec(18, 2048, 2, &[1], &[]);
+        let su = [px(0o100644), entry(b"NM", b"\x00file"), ce(22, 0, 40)].concat();
+        let sl = [
+            px(0o120777),
+            entry(b"SL", &[0, 8, 0, 0, 3, b'e', b't', b'c']),
+        ]
+        .concat();
+        let cont = [entry(b"NM", b"\x00more"), entry(b"ST", &[])].concat();
+        let seed = image(
+            &[
+                dot,
+                dotdot,
+                rec(20, 300, 0, b"F.;1", &su),
+                rec(19, 2048, 2, b"D", &[]),
+                rec(0, 0, 0, b"L.;1", &sl),
+            ],
+            &[
+                (
+                    19,
+                    [
+                        rec(19, 2048, 2, &[0], &[]),
+                        rec(18, 2048, 2, &[1], &[]),
+                        rec(21, 10, 0, b"G.;1", &[]),
+                    ]
+                    .concat(),
+                ),
+                (22, cont),
+            ],
+        );
+        let mut base = vec![0u8; usize::try_from(seed.size()).unwrap()];
+        seed.read_exact_at(&mut base, 0).unwrap();
+        fuzz_input(&base);
+        let mut x = 0x853c49e6748fea9bu64;
+        let start = std::time::Instant::now();
+        for round in 0..4000 {
+            let mut d = base.clone();
+            for _ in 0..1 + round % 4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // The metadata: descriptors (16-17), directories (18-19), CE (22).
+                let sec = [16usize, 17, 18, 18, 18, 19, 22][(x % 7) as usize];
+                let pos = sec * 2048 + (x >> 8) as usize % 300;
+                d[pos] ^= (x >> 32) as u8 | 1;
+            }
+            fuzz_input(&d);
+        }
+        assert!(start.elapsed().as_secs() < 60);
+    }
+
     #[test]
     fn not_an_iso() {
         let e = Iso::open(Arc::new(vec![0u8; 40_000])).unwrap_err();
