@@ -10,6 +10,8 @@ pkgs=(
   busybox-static mmdebstrap
   # compressors for input tests, tools the tests call
   zstd xz-utils bzip2 pigz jq attr libcap2-bin python3 util-linux
+  # disk-image readers: test ISOs, DDK-like chunk streams and XVAs
+  xorriso qemu-utils fdisk e2fsprogs gzip
   # peers measured by the benchmarks
   hyperfine bubblewrap
 )
