@@ -1,6 +1,9 @@
 //! Disk-image readers against real tools: ISOs from xorriso, DDK-like chunked
 //! streams and XVA exports from scripts/make-ddk-like-iso.sh.
 
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -620,6 +620,9 @@ impl Chunk {
     }
 }
 
+/// A decompressed span: its start offset in the chunk and its bytes.
+type Span = (u64, Arc<Vec<u8>>);
+
 struct Cache {
     cap: usize,
     tick: u64,
@@ -1076,7 +1079,7 @@ impl ChunkedStream {
     }
 
     /// The decompressed span holding chunk offset `off`: (span start, data).
-    fn span_at(&self, ci: usize, off: u64) -> Result<Option<(u64, Arc<Vec<u8>>)>, ChunkError> {
+    fn span_at(&self, ci: usize, off: u64) -> Result<Option<Span>, ChunkError> {
         let c = &self.chunks[ci];
         let (k, start, end, point) = {
             let needs = {
@@ -1505,7 +1508,7 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 // Mostly the header and the first deflate block headers.
-                let pos = if x % 3 == 0 {
+                let pos = if x.is_multiple_of(3) {
                     (x >> 8) as usize % d.len()
                 } else {
                     (x >> 8) as usize % 64.min(d.len())

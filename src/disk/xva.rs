@@ -662,15 +662,11 @@ impl Xva {
                     why: "appears twice".into(),
                 };
                 match ext {
-                    "" => {
-                        if e.0.replace((data, len, trimmed.to_string())).is_some() {
-                            return Err(dup());
-                        }
+                    "" if e.0.replace((data, len, trimmed.to_string())).is_some() => {
+                        return Err(dup());
                     }
-                    "checksum" => {
-                        if e.1.replace((data, len)).is_some() {
-                            return Err(dup());
-                        }
+                    "checksum" if e.1.replace((data, len)).is_some() => {
+                        return Err(dup());
                     }
                     _ => {}
                 }
@@ -956,7 +952,7 @@ mod tests {
                 x ^= x << 17;
                 // Headers and ova.xml are the metadata: the first 2 KiB and
                 // each header at 512-byte boundaries.
-                let pos = if x % 2 == 0 {
+                let pos = if x.is_multiple_of(2) {
                     (x >> 8) as usize % 2048
                 } else {
                     ((x >> 8) as usize % (d.len() / 512)) * 512 + (x >> 40) as usize % 512
