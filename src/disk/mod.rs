@@ -6,7 +6,6 @@
 //! above. Each reader has its own error type that names the reader and the
 //! byte offset where the input went wrong.
 
-pub mod ext;
 
 use std::fmt;
 use std::fs::File;
@@ -15,9 +14,13 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod chunks;
+pub mod ext;
+pub mod iso9660;
 pub mod part;
 pub mod qcow2;
 pub mod vhd;
+pub mod xva;
 
 /// A read-only, random-access byte source of known size.
 ///
