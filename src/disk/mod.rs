@@ -6,7 +6,6 @@
 //! above. Each reader has its own error type that names the reader and the
 //! byte offset where the input went wrong.
 
-
 use std::fmt;
 use std::fs::File;
 use std::io;

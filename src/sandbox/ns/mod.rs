@@ -318,7 +318,11 @@ pub(crate) fn run(
     } else {
         None
     };
-    let result = supervise(cmd, spec, &map, sigfd.as_ref(), pty, start, &img, events);
+    let relay = Relay {
+        sigfd: sigfd.as_ref(),
+        pty,
+    };
+    let result = supervise(cmd, spec, &map, relay, start, &img, events);
     if spec.forward_signals {
         let _ = crate::sys::sigmask(&sigs, false);
     }
@@ -437,16 +441,22 @@ fn pump(
     }
 }
 
+/// What kiln relays while the sandbox runs: forwarded signals and the pty.
+struct Relay<'a> {
+    sigfd: Option<&'a std::os::fd::OwnedFd>,
+    pty: Option<super::pty::Pty>,
+}
+
 fn supervise(
     mut cmd: Command,
     spec: &RunSpec,
     map: &IdMap,
-    sigfd: Option<&std::os::fd::OwnedFd>,
-    pty: Option<super::pty::Pty>,
+    relay: Relay<'_>,
     start: Instant,
     img: &crate::store::Image,
     mut events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
 ) -> Result<RunResult, RunError> {
+    let Relay { sigfd, pty } = relay;
     if events.is_some() {
         cmd.stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
