@@ -67,15 +67,12 @@ fn namespaces_hostname_network_and_pid_1() {
     let (code, out, err) = run_sh(
         &k,
         &[],
-        "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; echo $$; ls /sys/class/net; id -u",
+        "hostname; cat /proc/1/comm; echo $$; ls /sys/class/net; id -u",
     );
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "kiln", "{out}");
-    assert!(
-        lines[1].contains("__sandbox-init"),
-        "PID 1 is not kiln's init: {out}"
-    );
+    assert_eq!(lines[1], "kiln-init", "PID 1 is not kiln's init: {out}");
     assert_ne!(lines[2], "1", "the command must not be PID 1");
     assert_eq!(lines[3], "lo", "--network none must leave only lo: {out}");
     assert_eq!(lines[4], "0");

@@ -40,13 +40,17 @@ impl Pty {
 
     /// The slave end, as a child's stdio.
     pub fn slave(&self) -> Result<Stdio, RunError> {
-        let fd = rustix::fs::open(
+        Ok(Stdio::from(self.slave_fd()?))
+    }
+
+    /// The slave end (close-on-exec).
+    pub fn slave_fd(&self) -> Result<OwnedFd, RunError> {
+        rustix::fs::open(
             self.name.as_c_str(),
             OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| RunError::host("open the pty slave", e.into()))?;
-        Ok(Stdio::from(fd))
+        .map_err(|e| RunError::host("open the pty slave", e.into()))
     }
 
     /// Copies the caller's terminal size to the pty (on start and SIGWINCH).

@@ -86,9 +86,10 @@ pub fn dev_major_minor(rdev: u64) -> (u32, u32) {
 /// Only called by kiln's own single-threaded sandbox helper process (never
 /// by the library's caller), so the child may use the allocator freely.
 pub fn fork() -> io::Result<i32> {
-    // SAFETY: fork has no memory-safety preconditions of its own; the caller
-    // (the sandbox helper) is single-threaded, so no lock can be held by a
-    // thread that does not exist in the child.
+    // SAFETY: fork has no memory-safety preconditions of its own; every
+    // caller is single-threaded (the sandbox helper, or kiln after checking
+    // `single_threaded`), so no lock can be held by a thread that does not
+    // exist in the child.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         Err(io::Error::last_os_error())
@@ -338,4 +339,28 @@ pub fn user_name(uid: u32) -> Option<String> {
     // `buf`, which is still alive.
     let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
     name.to_str().ok().map(str::to_string)
+}
+
+/// Whether this process has exactly one thread (so fork without exec is safe).
+pub fn single_threaded() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim() == "1"))
+        })
+        .unwrap_or(false)
+}
+
+/// `dup2(fd, target)`: makes `target` (e.g. 0, 1, 2) a copy of `fd`,
+/// without close-on-exec.
+pub fn dup_onto(fd: std::os::fd::BorrowedFd<'_>, target: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 only manipulates the fd table; `fd` is open for the
+    // duration of the call, and replacing `target` is the caller's intent.
+    let r = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -49,6 +49,12 @@ impl<T, E: std::fmt::Display> OrDie<T> for Result<T, E> {
 pub fn helper_main() -> ! {
     let json = std::env::var(CONFIG_ENV).or_die("read configuration");
     let cfg: InitConfig = serde_json::from_str(&json).or_die("parse configuration");
+    helper_run(&cfg)
+}
+
+/// Stage 1, in the helper process (exec'd, or forked from a
+/// single-threaded kiln). Never returns.
+pub(crate) fn helper_run(cfg: &InitConfig) -> ! {
     sys::unblock_all_signals().or_die("unblock signals");
     // PDEATHSIG was set before exec; if kiln already died, stop now.
     if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
@@ -74,7 +80,7 @@ pub fn helper_main() -> ! {
     sys::sigmask(&WAITED, true).or_die("block signals");
     let init = sys::fork().or_die("fork init");
     if init == 0 {
-        init_main(&cfg);
+        init_main(cfg);
     }
     let init_pid = Pid::from_raw(init).unwrap_or_else(|| die("fork init", "bad pid"));
     loop {
@@ -99,6 +105,9 @@ pub fn helper_main() -> ! {
 fn init_main(cfg: &InitConfig) -> ! {
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
         .or_die("set parent-death signal");
+    // A recognizable name in `ps` (the helper may be a fork of kiln, whose
+    // command line it keeps).
+    let _ = rustix::thread::set_name(c"kiln-init");
     setup_root(cfg);
     let cmd = sys::fork().or_die("fork command");
     if cmd == 0 {

@@ -163,15 +163,17 @@ impl RunDir {
             .tempdir_in(&runs)
             .map_err(|e| RunError::host("create run directory", e))?;
         let path = dir.keep();
-        // Lock first, then give the lock file the name reapers look for, so
-        // no reaper can ever see an unlocked "lock" of a live run.
-        let lock = fs::File::create(path.join("lock.new"))
-            .map_err(|e| RunError::host("create run lock", e))?;
-        lock.try_lock()
+        // The lock is a flock on the directory itself, taken before `upper`
+        // exists: a reaper only removes a directory that has `upper` and
+        // whose lock is free (or an old one without `upper`), so it can
+        // never take a run that is still being set up. A reaper may hold the
+        // lock for a moment while it looks, hence the blocking lock.
+        let lock = fs::File::open(&path).map_err(|e| RunError::host("open run directory", e))?;
+        lock.lock()
             .map_err(|e| RunError::host("lock run directory", io::Error::other(e.to_string())))?;
-        fs::rename(path.join("lock.new"), path.join("lock"))
-            .map_err(|e| RunError::host("create run lock", e))?;
-        for d in ["upper", "work", "merged"] {
+        // The overlay is mounted on the run directory itself (inside the
+        // sandbox's mount namespace), so no separate mount point is needed.
+        for d in ["upper", "work"] {
             fs::create_dir(path.join(d))
                 .map_err(|e| RunError::host(format!("create run {d} directory"), e))?;
         }
@@ -190,24 +192,26 @@ impl Drop for RunDir {
 }
 
 /// Removes run directories whose owner died (their lock is free). A
-/// directory without a lock file yet is left alone for a minute: its run may
-/// be creating it right now.
+/// directory without `upper` yet is left alone for a minute: its run may be
+/// creating it right now.
 pub fn reap_dead_runs(runs: &Path, helper: Option<&Path>) -> u64 {
     let mut n = 0;
     let Ok(list) = fs::read_dir(runs) else {
         return 0;
     };
     for e in list.flatten() {
-        let lock = e.path().join("lock");
-        let free = match fs::File::open(&lock) {
-            Ok(f) => f.try_lock().is_ok(),
-            Err(_) => e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > std::time::Duration::from_secs(60)),
+        let Ok(dir) = fs::File::open(e.path()) else {
+            continue;
         };
+        // The lock stays held while the tree is removed, so a second
+        // reaper skips it.
+        let free = dir.try_lock().is_ok()
+            && (e.path().join("upper").exists()
+                || e.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(60)));
         if free && remove_tree_mapped(&e.path(), helper).is_ok() {
             n += 1;
         }
@@ -261,7 +265,7 @@ pub(crate) fn run(
         lower: rootfs.path.clone(),
         upper: rundir.path.join("upper"),
         work: rundir.path.join("work"),
-        merged: rundir.path.join("merged"),
+        merged: rundir.path.clone(),
         read_only: spec.read_only,
         argv,
         env,
@@ -294,18 +298,30 @@ pub(crate) fn run(
     };
     let mut cfg = cfg;
     cfg.tty_name = pty.as_ref().map(|p| p.path());
-    let json = serde_json::to_string(&cfg)
-        .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
-    let mut cmd = Command::new(crate::userns::helper_path(helper));
-    cmd.arg(HELPER_ARG).env_clear().env(CONFIG_ENV, json);
-    if let Some(pty) = &pty {
-        cmd.stdin(pty.slave()?)
-            .stdout(pty.slave()?)
-            .stderr(pty.slave()?);
-    } else if !spec.stdin {
-        cmd.stdin(std::process::Stdio::null());
-    }
-    crate::sys::pre_exec_pdeathsig(&mut cmd);
+    // A single-threaded kiln (the CLI) forks the helper: no second exec of
+    // kiln, no dynamic loading; an embedder's threads make fork unsafe, so
+    // there (or with an explicit helper, or KILN_HELPER_EXEC=1) the helper
+    // is exec'd.
+    let launch = if helper.is_none()
+        && std::env::var_os("KILN_HELPER_EXEC").is_none()
+        && crate::sys::single_threaded()
+    {
+        Launch::Fork(Box::new(cfg))
+    } else {
+        let json = serde_json::to_string(&cfg)
+            .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
+        let mut cmd = Command::new(crate::userns::helper_path(helper));
+        cmd.arg(HELPER_ARG).env_clear().env(CONFIG_ENV, json);
+        if let Some(pty) = &pty {
+            cmd.stdin(pty.slave()?)
+                .stdout(pty.slave()?)
+                .stderr(pty.slave()?);
+        } else if !spec.stdin {
+            cmd.stdin(std::process::Stdio::null());
+        }
+        crate::sys::pre_exec_pdeathsig(&mut cmd);
+        Launch::Exec(cmd)
+    };
     // Forwarded signals are handled through a signalfd below; the helper
     // unblocks everything itself.
     let mut sigs = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -322,7 +338,7 @@ pub(crate) fn run(
         sigfd: sigfd.as_ref(),
         pty,
     };
-    let result = supervise(cmd, spec, &map, relay, start, &img, events);
+    let result = supervise(launch, spec, &map, relay, start, &img, events);
     if spec.forward_signals {
         let _ = crate::sys::sigmask(&sigs, false);
     }
@@ -447,8 +463,74 @@ struct Relay<'a> {
     pty: Option<super::pty::Pty>,
 }
 
+/// How the helper process starts.
+enum Launch {
+    /// exec `kiln __sandbox-init` with the configuration in the environment.
+    Exec(Command),
+    /// fork this (single-threaded) process and run stage 1 directly.
+    Fork(Box<InitConfig>),
+}
+
+/// Forks the helper; in the child, sets up stdio and runs stage 1.
+fn fork_helper(
+    cfg: &InitConfig,
+    stdin: bool,
+    pty: Option<&super::pty::Pty>,
+    piped: bool,
+) -> Result<(i32, Vec<(std::os::fd::OwnedFd, super::Stream)>), RunError> {
+    use std::os::fd::AsFd;
+    let parent = rustix::process::getpid();
+    let slave = pty.map(|p| p.slave_fd()).transpose()?;
+    let devnull = if slave.is_none() && !stdin {
+        Some(
+            rustix::fs::open(
+                "/dev/null",
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| RunError::host("open /dev/null", e.into()))?,
+        )
+    } else {
+        None
+    };
+    let pipe = || {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| RunError::host("pipe", e.into()))
+    };
+    let pipes = if piped && slave.is_none() {
+        Some((pipe()?, pipe()?))
+    } else {
+        None
+    };
+    let pid = crate::sys::fork().map_err(|e| RunError::host("fork sandbox helper", e))?;
+    if pid == 0 {
+        // The child: nothing here may return into kiln's code.
+        let ok = rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).is_ok()
+            && rustix::process::getppid() == Some(parent);
+        let dup = |fd: std::os::fd::BorrowedFd<'_>, to: &[i32]| {
+            to.iter().all(|t| crate::sys::dup_onto(fd, *t).is_ok())
+        };
+        let stdio_ok = match (&slave, &pipes) {
+            (Some(s), _) => dup(s.as_fd(), &[0, 1, 2]),
+            (None, p) => {
+                devnull.as_ref().is_none_or(|n| dup(n.as_fd(), &[0]))
+                    && p.as_ref()
+                        .is_none_or(|(o, e)| dup(o.1.as_fd(), &[1]) && dup(e.1.as_fd(), &[2]))
+            }
+        };
+        if !ok || !stdio_ok {
+            crate::sys::exit_now(125);
+        }
+        init::helper_run(cfg);
+    }
+    let outs = pipes
+        .map(|(o, e)| vec![(o.0, super::Stream::Stdout), (e.0, super::Stream::Stderr)])
+        .unwrap_or_default();
+    Ok((pid, outs))
+}
+
 fn supervise(
-    mut cmd: Command,
+    launch: Launch,
     spec: &RunSpec,
     map: &IdMap,
     relay: Relay<'_>,
@@ -457,24 +539,34 @@ fn supervise(
     mut events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
 ) -> Result<RunResult, RunError> {
     let Relay { sigfd, pty } = relay;
-    if events.is_some() {
-        cmd.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| RunError::host(format!("start sandbox helper {:?}", cmd.get_program()), e))?;
-    // The pty slave copies in `cmd` must close, or the master never sees EOF.
-    drop(cmd);
-    let raw = child.id() as i32;
-    // Output pipes (only when the caller takes events), non-blocking.
+    // Output pipes (only when the caller takes events and there is no pty).
     let mut outs: Vec<(std::os::fd::OwnedFd, super::Stream)> = Vec::new();
-    if let Some(o) = child.stdout.take() {
-        outs.push((std::os::fd::OwnedFd::from(o), super::Stream::Stdout));
-    }
-    if let Some(e) = child.stderr.take() {
-        outs.push((std::os::fd::OwnedFd::from(e), super::Stream::Stderr));
-    }
+    let raw = match launch {
+        Launch::Exec(mut cmd) => {
+            if events.is_some() && pty.is_none() {
+                cmd.stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+            }
+            let mut child = cmd.spawn().map_err(|e| {
+                RunError::host(format!("start sandbox helper {:?}", cmd.get_program()), e)
+            })?;
+            // The pty slave copies in `cmd` must close, or the master never
+            // sees EOF.
+            drop(cmd);
+            if let Some(o) = child.stdout.take() {
+                outs.push((std::os::fd::OwnedFd::from(o), super::Stream::Stdout));
+            }
+            if let Some(e) = child.stderr.take() {
+                outs.push((std::os::fd::OwnedFd::from(e), super::Stream::Stderr));
+            }
+            child.id() as i32
+        }
+        Launch::Fork(cfg) => {
+            let (pid, o) = fork_helper(&cfg, spec.stdin, pty.as_ref(), events.is_some())?;
+            outs = o;
+            pid
+        }
+    };
     for (fd, _) in &outs {
         let fl = rustix::fs::fcntl_getfl(fd).map_err(|e| RunError::host("fcntl", e.into()))?;
         rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)
