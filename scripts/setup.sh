@@ -5,7 +5,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(
   # the image clients kiln must interoperate with
-  skopeo umoci podman crun uidmap catatonit
+  skopeo umoci podman crun uidmap catatonit fuse-overlayfs
   # example image and toolchain test input
   busybox-static mmdebstrap
   # compressors for input tests, tools the tests call

@@ -3,6 +3,23 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// How a run's writable root file system is made over the cached image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootfsMode {
+    /// Kernel overlayfs; where it cannot be mounted, fuse-overlayfs (when
+    /// installed), else a private copy of the image, each with a warning.
+    #[default]
+    Auto,
+    /// Kernel overlayfs only (`userxattr` in the user namespace).
+    Overlay,
+    /// fuse-overlayfs only (its daemon runs inside the sandbox).
+    FuseOverlay,
+    /// A private copy of the image (slow for big images; `--commit` is
+    /// refused, since a copy cannot tell deletions apart).
+    Copy,
+}
+
 /// How a run's user namespace is mapped (see [`crate::userns`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -259,10 +276,8 @@ pub struct RunSpec {
     pub source_date_epoch: Option<i64>,
     /// How the user namespace is mapped. Default [`Userns::Auto`].
     pub userns: Userns,
-    /// Give the run a private copy of the image instead of an overlay (the
-    /// fallback kiln also takes, with a warning, when overlayfs cannot be
-    /// mounted). Default false.
-    pub copy_rootfs: bool,
+    /// How the run's writable root is made. Default [`RootfsMode::Auto`].
+    pub rootfs: RootfsMode,
     /// Capabilities the command keeps (numbers, see [`capability`]).
     /// Default none: every capability is dropped.
     pub cap_add: Vec<u32>,
@@ -300,7 +315,7 @@ impl RunSpec {
             commit: None,
             source_date_epoch: None,
             userns: Userns::Auto,
-            copy_rootfs: false,
+            rootfs: RootfsMode::Auto,
             cap_add: Vec::new(),
             ulimits: Vec::new(),
             memory: None,
@@ -353,8 +368,8 @@ impl RunSpec {
                 ));
             }
         }
-        if self.commit.is_some() && self.copy_rootfs {
-            return bad("--commit needs an overlay (not --rootfs-copy): a copy cannot tell deletions from the image".into());
+        if self.commit.is_some() && self.rootfs == RootfsMode::Copy {
+            return bad("--commit needs an overlay (not --rootfs copy): a copy cannot tell deletions from the image".into());
         }
         if self.commit.is_some() && self.read_only {
             return bad("--commit needs a writable root (not --read-only)".into());

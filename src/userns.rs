@@ -94,7 +94,8 @@ pub fn parse_subid(db: &str, name: Option<&str>, id: u32) -> Option<(u32, u32)> 
     })
 }
 
-fn find_tool(name: &str) -> Option<PathBuf> {
+/// `name` in PATH (or /usr/bin, /usr/sbin).
+pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])

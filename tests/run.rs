@@ -485,12 +485,50 @@ fn stdin_is_closed_unless_interactive() {
 
 #[test]
 fn commit_round_trip_adds_changes_and_deletes() {
+    commit_round_trip("overlay");
+}
+
+#[test]
+fn fuse_overlayfs_backend_runs_commits_and_leaves_no_daemon() {
+    require("fuse-overlayfs");
+    let k = with_busybox();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--rootfs", "fuse-overlay"],
+        "grep -c fuse /proc/mounts; echo x > /etc/new && cat /etc/new",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1\nx\n", "not on fuse-overlayfs: {out}");
+    let (_, out, _) = run_sh(&k, &[], "ls /etc/new 2>&1 || true");
+    assert!(
+        out.contains("No such file"),
+        "a fuse run changed the image: {out}"
+    );
+    // Its daemon lived in the sandbox's pid namespace and died with it.
+    let store = k.store().display().to_string();
+    let left: Vec<String> = processes_with("fuse-overlayfs")
+        .into_iter()
+        .filter(|p| p.contains(&store))
+        .collect();
+    assert!(left.is_empty(), "fuse-overlayfs left running: {left:?}");
+    // --commit reads fuse-overlayfs's whiteouts and opaque markers.
+    commit_round_trip("fuse-overlay");
+}
+
+fn commit_round_trip(rootfs: &str) {
     let k = with_busybox();
     let script = "echo new > /etc/added && echo changed > /etc/hostname && rm /etc/group && rm -rf /var/tmp \
                   && rm -rf /home && mkdir /home && echo f > /home/fresh && mkdir -p /opt/tool && ln /etc/added /opt/tool/link";
     let (code, _, err) = run_sh(
         &k,
-        &["--commit", "bb-plus:1", "--source-date-epoch", "1700000000"],
+        &[
+            "--rootfs",
+            rootfs,
+            "--commit",
+            "bb-plus:1",
+            "--source-date-epoch",
+            "1700000000",
+        ],
         script,
     );
     assert_eq!(code, 0, "{err}");
@@ -683,7 +721,7 @@ fn rootfs_copy_fallback_runs_and_refuses_commit() {
         out.contains("No such file"),
         "a copy run changed the image: {out}"
     );
-    let err = k.fails(["run", "--rootfs-copy", "--commit", "c", "bb", "true"]);
+    let err = k.fails(["run", "--rootfs", "copy", "--commit", "c", "bb", "true"]);
     assert!(err.contains("--commit needs an overlay"), "{err}");
 }
 

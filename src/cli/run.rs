@@ -65,8 +65,11 @@ pub struct RunArgs {
     /// and gid inside) or self (only the caller is mapped, as root).
     #[arg(long, default_value = "auto", value_parser = ["auto", "keep-id", "self"])]
     pub userns: String,
-    /// Copy the image for this run instead of mounting an overlay (the
-    /// fallback used automatically, with a warning, where overlayfs fails).
+    /// The run's writable root: auto (kernel overlayfs, else fuse-overlayfs,
+    /// else a copy, with a warning), overlay, fuse-overlay or copy.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "overlay", "fuse-overlay", "copy"])]
+    pub rootfs: String,
+    /// Same as --rootfs copy.
     #[arg(long)]
     pub rootfs_copy: bool,
     /// Keep a capability (CAP_NAME or NAME; repeatable).
@@ -164,7 +167,12 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         "self" => kiln::spec::Userns::SelfOnly,
         _ => kiln::spec::Userns::Auto,
     };
-    spec.copy_rootfs = a.rootfs_copy;
+    spec.rootfs = match (a.rootfs_copy, a.rootfs.as_str()) {
+        (true, _) | (_, "copy") => kiln::spec::RootfsMode::Copy,
+        (_, "overlay") => kiln::spec::RootfsMode::Overlay,
+        (_, "fuse-overlay") => kiln::spec::RootfsMode::FuseOverlay,
+        _ => kiln::spec::RootfsMode::Auto,
+    };
     spec.pids_limit = a.pids_limit;
     spec.commit = a.commit.clone();
     spec.source_date_epoch = a.source_date_epoch;

@@ -30,7 +30,18 @@ pub struct CommitReport {
 }
 
 fn is_overlay_xattr(k: &str) -> bool {
-    k.starts_with("user.overlay.") || k.starts_with("trusted.overlay.")
+    k.starts_with("user.overlay.")
+        || k.starts_with("trusted.overlay.")
+        || k.starts_with("user.fuseoverlayfs.")
+}
+
+/// fuse-overlayfs marks an opaque directory with both a `.wh..opq`
+/// whiteout device and a `.wh..wh..opq` file (and an xattr, handled as the
+/// kernel's): neither is content.
+fn is_fuse_opaque_marker(e: &Entry) -> bool {
+    let name = e.path.rsplit('/').next().unwrap_or(&e.path);
+    (name == ".wh..opq" && e.kind == EntryKind::Char)
+        || (name == ".wh..wh..opq" && e.kind == EntryKind::File)
 }
 
 /// Turns `upper` into a layer on top of `base` and tags it `name`.
@@ -54,7 +65,7 @@ pub(crate) fn commit(
     );
     let rootless = my_uid != 0;
     crate::source::dir::walk(upper, &mut |mut e: Entry, data: &mut dyn io::Read| {
-        if e.path.is_empty() {
+        if e.path.is_empty() || is_fuse_opaque_marker(&e) {
             return Ok(()); // the upper dir itself is not part of the image
         }
         if rootless {
@@ -84,9 +95,10 @@ pub(crate) fn commit(
             return layer.add(w, &mut io::empty(), 0);
         }
         let opaque = e.kind == EntryKind::Dir
-            && e.xattrs
-                .iter()
-                .any(|(k, v)| k.ends_with("overlay.opaque") && v.as_slice() == b"y");
+            && e.xattrs.iter().any(|(k, v)| {
+                (k.ends_with("overlay.opaque") || k == "user.fuseoverlayfs.opaque")
+                    && v.as_slice() == b"y"
+            });
         e.xattrs.retain(|k, _| !is_overlay_xattr(k));
         let path = e.path.clone();
         let mtime = e.mtime;

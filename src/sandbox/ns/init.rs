@@ -14,7 +14,7 @@ use rustix::mount::{self as m, MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::process::{Pid, Signal, WaitOptions};
 use rustix::thread::UnshareFlags;
 
-use super::{InitConfig, CONFIG_ENV};
+use super::{InitConfig, CONFIG_ENV, COPY_MARKER};
 use crate::spec::Network;
 use crate::sys;
 
@@ -180,18 +180,39 @@ fn setup_root(cfg: &InitConfig) {
             cfg.upper.display(),
             cfg.work.display()
         );
-        let forced_copy = cfg.copy_rootfs;
-        let overlay = if forced_copy {
-            Err(io::Error::other("--rootfs-copy was given"))
-        } else {
-            mnt("overlay", root, "overlay", MountFlags::empty(), &data)
-        };
-        if let Err(e) = overlay {
-            // The explicit fallback: a private copy of the image for this run.
-            // Slow for big images, so say so.
-            if !forced_copy {
-                eprintln!("kiln: warning: overlayfs is unavailable here ({e}); copying the image for this run instead (slow for large images)");
+        use crate::spec::RootfsMode;
+        let mut done = false;
+        if matches!(cfg.rootfs, RootfsMode::Auto | RootfsMode::Overlay) {
+            match mnt("overlay", root, "overlay", MountFlags::empty(), &data) {
+                Ok(()) => done = true,
+                Err(e) if cfg.rootfs == RootfsMode::Overlay => die("mount overlayfs", e),
+                Err(e) => eprintln!("kiln: warning: kernel overlayfs is unavailable here ({e})"),
             }
+        }
+        if !done && matches!(cfg.rootfs, RootfsMode::Auto | RootfsMode::FuseOverlay) {
+            match fuse_overlay(cfg, root) {
+                Ok(()) => {
+                    done = true;
+                    if cfg.rootfs == RootfsMode::Auto {
+                        eprintln!(
+                            "kiln: warning: using fuse-overlayfs instead (slower file access)"
+                        );
+                    }
+                }
+                Err(e) if cfg.rootfs == RootfsMode::FuseOverlay => die("mount fuse-overlayfs", e),
+                Err(e) => eprintln!("kiln: warning: fuse-overlayfs is unavailable here ({e})"),
+            }
+        }
+        if !done {
+            // The last resort: a private copy of the image for this run.
+            // Slow for big images, so say so.
+            if cfg.rootfs != RootfsMode::Copy {
+                eprintln!(
+                    "kiln: warning: copying the image for this run instead (slow for large images)"
+                );
+            }
+            // Tell kiln (for --commit): the upper dir is a full copy, not a diff.
+            fs::write(cfg.work.join(COPY_MARKER), b"").or_die("mark the copy");
             copy_tree(&cfg.lower, &cfg.upper);
             m::mount_bind_recursive(&cfg.upper, root).or_die("bind the copied root");
         }
@@ -292,6 +313,40 @@ fn setup_root(cfg: &InitConfig) {
 
 /// Copies the image tree `from` into `to` with its modes, owners, links and
 /// xattrs (the no-overlay fallback).
+/// Mounts fuse-overlayfs on `root`. Its daemon is started by init, so it
+/// lives in the sandbox's pid namespace and dies with it.
+fn fuse_overlay(cfg: &InitConfig, root: &Path) -> io::Result<()> {
+    let bin = cfg.fuse_overlayfs.as_ref().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "fuse-overlayfs is not installed (Debian package fuse-overlayfs)",
+        )
+    })?;
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        cfg.lower.display(),
+        cfg.upper.display(),
+        cfg.work.display()
+    );
+    let out = std::process::Command::new(bin)
+        .arg("-o")
+        .arg(opts)
+        .arg(root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{} failed ({}): {}",
+        bin.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
 fn copy_tree(from: &Path, to: &Path) {
     let mut u = crate::unpack::Unpacker::new(to, true).or_die("open the copy target");
     crate::source::dir::walk(from, &mut |e, data| {

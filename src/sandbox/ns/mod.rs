@@ -38,6 +38,8 @@ pub use init::helper_main;
 
 /// Name of the hidden subcommand the helper runs as.
 pub const HELPER_ARG: &str = "__sandbox-init";
+/// Written into the run's work directory when the root is a copy.
+const COPY_MARKER: &str = ".kiln-copy";
 /// Environment variable carrying the helper's configuration (JSON).
 const CONFIG_ENV: &str = "KILN_SANDBOX_CONFIG";
 
@@ -63,7 +65,9 @@ pub(crate) struct InitConfig {
     pub cap_add: Vec<u32>,
     pub ulimits: Vec<crate::spec::Ulimit>,
     pub keep_id: bool,
-    pub copy_rootfs: bool,
+    pub rootfs: crate::spec::RootfsMode,
+    /// fuse-overlayfs on the host, if installed.
+    pub fuse_overlayfs: Option<PathBuf>,
     pub tty: bool,
     /// The pty slave's host path (bound to /dev/console).
     pub tty_name: Option<PathBuf>,
@@ -274,7 +278,8 @@ pub(crate) fn run(
         network: spec.network,
         user,
         keep_id: spec.userns == Userns::KeepId && uid != 0,
-        copy_rootfs: spec.copy_rootfs,
+        rootfs: spec.rootfs,
+        fuse_overlayfs: crate::userns::find_tool("fuse-overlayfs"),
         tty: spec.tty,
         tty_name: None,
         volumes: spec
@@ -345,11 +350,7 @@ pub(crate) fn run(
     let mut result = result?;
     result.warnings.extend(cgroup_warning(spec));
     if let (Some(_), 0) = (&spec.commit, result.exit_code) {
-        // overlayfs leaves work/work behind; the copy fallback does not.
-        let used_overlay = fs::read_dir(rundir.path.join("work"))
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false);
-        if !used_overlay {
+        if rundir.path.join("work").join(COPY_MARKER).exists() {
             return Err(RunError::Unsupported(
                 "--commit needs overlayfs, and this run fell back to a copy of the image (see the warning above): nothing was committed".into(),
             ));
