@@ -869,3 +869,26 @@ fn tty_gives_the_command_a_terminal_and_relays_input() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("33 99"), "{out:?}");
 }
+
+#[test]
+fn disabled_user_namespaces_get_an_error_naming_the_sysctl() {
+    // user.max_user_namespaces is per user namespace: set it to 0 in a
+    // throwaway one and run kiln there (works as root and unprivileged).
+    require("unshare");
+    let k = with_busybox();
+    let script = format!(
+        "echo 0 > /proc/sys/user/max_user_namespaces && exec {} --store {} run bb true",
+        kiln_bin().display(),
+        k.store().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-Ur", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("user namespaces are disabled (sysctl user.max_user_namespaces=0)"),
+        "{err}"
+    );
+}

@@ -6,6 +6,7 @@
 //! network namespaces, an overlay over the image's cached root file system,
 //! and kiln's own init as PID 1. The VM backend is planned.
 
+mod cgroup;
 pub(crate) mod commit;
 pub mod ns;
 mod pty;

@@ -264,6 +264,29 @@ pub(crate) fn run(
     }
     let rootfs = store.rootfs_mapped(&img, &map, helper)?;
     let rundir = RunDir::create(store, helper)?;
+    let mut warnings = Vec::new();
+    let cgroup = if spec.memory.is_some() || spec.pids_limit.is_some() {
+        let limits = super::cgroup::Limits {
+            memory: spec.memory,
+            pids: spec.pids_limit,
+        };
+        let id = rundir
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match super::cgroup::Hierarchy::detect()
+            .and_then(|h| super::cgroup::RunCgroup::create(&h, limits, &id))
+        {
+            Ok(c) => Some(c),
+            Err(reason) => {
+                warnings.push(format!("--memory/--pids-limit ignored: {reason}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let uid = rustix::process::getuid().as_raw();
     let cfg = InitConfig {
         lower: rootfs.path.clone(),
@@ -342,13 +365,14 @@ pub(crate) fn run(
     let relay = Relay {
         sigfd: sigfd.as_ref(),
         pty,
+        cgroup: cgroup.as_ref(),
     };
     let result = supervise(launch, spec, &map, relay, start, &img, events);
     if spec.forward_signals {
         let _ = crate::sys::sigmask(&sigs, false);
     }
     let mut result = result?;
-    result.warnings.extend(cgroup_warning(spec));
+    result.warnings.extend(warnings);
     if let (Some(_), 0) = (&spec.commit, result.exit_code) {
         if rundir.path.join("work").join(COPY_MARKER).exists() {
             return Err(RunError::Unsupported(
@@ -390,47 +414,6 @@ pub(crate) fn run(
     Ok(result)
 }
 
-/// cgroup limits need a delegated cgroup v2 with the controllers enabled;
-/// without one the run goes on and says so once.
-fn cgroup_warning(spec: &RunSpec) -> Option<String> {
-    if spec.memory.is_none() && spec.pids_limit.is_none() {
-        return None;
-    }
-    let own = fs::read_to_string("/proc/self/cgroup")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("0::").map(str::to_string));
-    let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .find(|m| Path::new(m).join("cgroup.controllers").exists());
-    let reason = match (own, mount) {
-        (Some(own), Some(mount)) => {
-            let dir = Path::new(mount).join(own.trim_start_matches('/'));
-            let controllers =
-                fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-            let missing: Vec<&str> = [
-                ("memory", spec.memory.is_some()),
-                ("pids", spec.pids_limit.is_some()),
-            ]
-            .into_iter()
-            .filter(|(c, wanted)| *wanted && !controllers.split_whitespace().any(|x| x == *c))
-            .map(|(c, _)| c)
-            .collect();
-            if missing.is_empty() {
-                "applying limits in a delegated cgroup is not implemented yet".to_string()
-            } else {
-                format!(
-                    "the cgroup v2 controller(s) {} are not delegated to {}",
-                    missing.join(", "),
-                    dir.display()
-                )
-            }
-        }
-        _ => "no cgroup v2 hierarchy is available to this user".to_string(),
-    };
-    Some(format!("--memory/--pids-limit ignored: {reason}"))
-}
-
 fn cfg_argv_display(argv: &Option<Vec<String>>) -> String {
     argv.as_ref()
         .map(|a| a.join(" "))
@@ -462,6 +445,7 @@ fn pump(
 struct Relay<'a> {
     sigfd: Option<&'a std::os::fd::OwnedFd>,
     pty: Option<super::pty::Pty>,
+    cgroup: Option<&'a super::cgroup::RunCgroup>,
 }
 
 /// How the helper process starts.
@@ -539,7 +523,7 @@ fn supervise(
     img: &crate::store::Image,
     mut events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
 ) -> Result<RunResult, RunError> {
-    let Relay { sigfd, pty } = relay;
+    let Relay { sigfd, pty, cgroup } = relay;
     // Output pipes (only when the caller takes events and there is no pty).
     let mut outs: Vec<(std::os::fd::OwnedFd, super::Stream)> = Vec::new();
     let raw = match launch {
@@ -590,6 +574,18 @@ fn supervise(
         }
         Ok(None) => return Err(RunError::Unsupported("the sandbox helper vanished".into())),
         Err(e) => return Err(RunError::host("wait for sandbox helper", e.into())),
+    }
+    // Into the run's cgroup before it forks anything: every sandbox
+    // process inherits it.
+    if let Some(cg) = cgroup {
+        if let Err(e) = cg.add(raw) {
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+            let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+            return Err(RunError::host(
+                format!("move the sandbox into {}", cg.path().display()),
+                e,
+            ));
+        }
     }
     if let Err(e) = map.apply(raw) {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
