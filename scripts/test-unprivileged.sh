@@ -50,7 +50,7 @@ for u in kiln-sub kiln-nosub; do
     if ! (cd "$dest" && runuser -u "$u" -- env -i \
         HOME="$home" USER="$u" LOGNAME="$u" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR=/tmp \
         CI="${CI:-}" KILN_BIN="$dest/bin/kiln" KILN_TEST_DATA="$dest/repo" \
-        KILN_BUILDD_TAR="${KILN_BUILDD_TAR:-}" RUST_BACKTRACE=1 \
+        KILN_BUILDD_TAR="${KILN_BUILDD_TAR:-}" KILN_BUILDD_ISO="${KILN_BUILDD_ISO:-}" RUST_BACKTRACE=1 \
         "$exe" --test-threads=2); then
       failed+=("$(basename "$e") as $u")
     fi

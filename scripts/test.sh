@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 export KILN_BUILDD_TAR=${KILN_BUILDD_TAR:-/var/cache/kiln-ci/buildd.tar}
 scripts/make-buildd-tar.sh "$KILN_BUILDD_TAR"
+export KILN_BUILDD_ISO=${KILN_BUILDD_ISO:-/var/cache/kiln-ci/buildd-ddk.iso}
+scripts/make-buildd-iso.sh "$KILN_BUILDD_ISO"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -20,6 +20,9 @@ pub enum Event {
         /// Total, when known.
         total: Option<u64>,
     },
+    /// A disk-image source's detected chain, outermost first, e.g.
+    /// `iso9660 "DDK" ▸ chunks (457 × gzip) ▸ vhd dynamic ▸ mbr p1 ▸ ext4`.
+    DiskChain(String),
     /// A non-fatal oddity worth telling the user about.
     Warning(String),
     /// A layer blob was written.

@@ -62,9 +62,69 @@ pub struct ImportArgs {
     /// Refuse compressed inputs that expand more than N times (checked after 64 MiB).
     #[arg(long, value_name = "N")]
     pub max_ratio: Option<u64>,
+    #[command(flatten)]
+    pub disk: DiskArgs,
     /// Output format of the result.
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
+}
+
+/// Choices for disk-image sources (ISO, chunk folders, XVA, VHD, qcow2,
+/// raw disks), where detection alone cannot decide.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DiskArgs {
+    /// A file or folder inside an ISO to import from (default: the folder
+    /// of disk chunks, else the ISO's own root tree).
+    #[arg(long, value_name = "IN_ISO")]
+    pub path: Option<String>,
+    /// The partition to import (Linux numbering: MBR logicals from 5;
+    /// default: the one holding a Linux root).
+    #[arg(long, value_name = "N")]
+    pub partition: Option<u32>,
+    /// The parent disk of a differencing VHD.
+    #[arg(long, value_name = "FILE")]
+    pub parent: Option<PathBuf>,
+    /// The backing file of a qcow2 overlay.
+    #[arg(long, value_name = "FILE")]
+    pub backing: Option<PathBuf>,
+}
+
+impl DiskArgs {
+    pub fn options(&self) -> kiln::disk::chain::ChainOptions {
+        kiln::disk::chain::ChainOptions {
+            path: self.path.clone(),
+            partition: self.partition,
+            parent: self.parent.clone(),
+            backing: self.backing.clone(),
+            max_stream: None,
+        }
+    }
+}
+
+/// `kiln probe`: what a disk-image source holds.
+#[derive(clap::Args, Debug)]
+pub struct ProbeArgs {
+    /// An ISO, XVA, VHD, qcow2 or raw disk image, or a folder of chunks.
+    pub source: PathBuf,
+    #[command(flatten)]
+    pub disk: DiskArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+pub fn probe(a: &ProbeArgs) -> Result<i32> {
+    let chain = kiln::disk::chain::Chain::open(&a.source, &a.disk.options())
+        .with_context(|| format!("probe {}", a.source.display()))?;
+    if a.format == Format::Json {
+        print_json(&serde_json::json!({
+            "source": a.source.display().to_string(),
+            "chain": chain.steps,
+        }))?;
+    } else {
+        println!("{chain}");
+    }
+    Ok(0)
 }
 
 fn parse_compression(s: &str) -> Result<Compression, String> {
@@ -113,6 +173,7 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
         limits.max_ratio = r;
     }
     opts.limits = limits;
+    opts.disk = a.disk.options();
 
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new_spinner();
@@ -141,14 +202,15 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
                 }
             }
             Event::Progress { done, .. } => b.set_position(*done),
+            Event::DiskChain(c) => b.println(format!("kiln: {c}")),
             Event::Warning(w) => b.println(format!("warning: {w}")),
             _ => {}
         }));
     } else {
-        opts.progress = Some(Arc::new(|e: &Event| {
-            if let Event::Warning(w) = e {
-                eprintln!("kiln: warning: {w}");
-            }
+        opts.progress = Some(Arc::new(|e: &Event| match e {
+            Event::Warning(w) => eprintln!("kiln: warning: {w}"),
+            Event::DiskChain(c) => eprintln!("kiln: {c}"),
+            _ => {}
         }));
     }
     let source = if a.source.as_os_str() == "-" {

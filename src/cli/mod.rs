@@ -37,7 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Run a command inside an image (rootless namespace sandbox).
     Run(Box<run::RunArgs>),
-    /// Import a directory, tarball, docker-save or OCI archive as an image.
+    /// Import a directory, tarball, docker-save or OCI archive, or a disk
+    /// image (ISO, chunk folder, XVA, VHD, qcow2, raw; MBR/GPT; ext2/3/4).
     Import(Box<import::ImportArgs>),
     /// List images.
     Images(images::ImagesArgs),
@@ -58,6 +59,9 @@ pub enum Command {
     /// Print the path of the image's cached, read-only root file system
     /// (unpacked once per layer chain, shared by every run).
     Rootfs(unpack::RootfsArgs),
+    /// Show what a disk image, ISO, XVA or chunk folder holds: the detected
+    /// chain down to the file system.
+    Probe(import::ProbeArgs),
     /// Print the OCI digest (sha256:...) of files, or of stdin with `-`.
     Digest(export::DigestArgs),
 }
@@ -84,6 +88,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Fsck(a) => images::fsck(&cli, a),
         Command::Export(a) => export::run(&cli, a),
         Command::Digest(a) => export::digest(a),
+        Command::Probe(a) => import::probe(a),
         Command::Unpack(a) => unpack::run(&cli, a),
         Command::Rootfs(a) => unpack::rootfs(&cli, a),
     }

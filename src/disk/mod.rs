@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod chain;
 pub mod chunks;
 pub mod ext;
 pub mod iso9660;

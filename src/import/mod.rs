@@ -92,6 +92,15 @@ pub enum ImportError {
         /// What it is.
         what: String,
     },
+    /// A disk image, ISO or chunk stream could not be read (the reason
+    /// names the reader and the offset).
+    #[error("import: {path}: {reason}")]
+    Disk {
+        /// The input.
+        path: String,
+        /// What went wrong, where.
+        reason: String,
+    },
     /// An image archive is inconsistent or ambiguous.
     #[error("import: {path}: {reason}")]
     Archive {
@@ -191,6 +200,9 @@ pub struct ImportOptions {
     pub image: Option<String>,
     /// Decompression-bomb limits.
     pub limits: ExpansionLimits,
+    /// Choices for disk-image sources (`--path`, `--partition`,
+    /// `--parent`, `--backing`). Default: detect everything.
+    pub disk: crate::disk::chain::ChainOptions,
     /// Progress callback. Default none.
     pub progress: Option<ProgressFn>,
 }
@@ -212,6 +224,7 @@ impl ImportOptions {
             labels: BTreeMap::new(),
             image: None,
             limits: ExpansionLimits::default(),
+            disk: crate::disk::chain::ChainOptions::default(),
             progress: None,
         }
     }
@@ -442,6 +455,9 @@ impl Store {
                     path: display.clone(),
                     source: e,
                 })?;
+                if crate::disk::chain::recognizes(&p) {
+                    return self.import_disk(&p, &display, &name, opts);
+                }
                 if md.is_dir() {
                     // Through a symlink to a directory: walk the directory itself.
                     let real = std::fs::canonicalize(&p).map_err(|e| ImportError::Open {
@@ -641,6 +657,79 @@ impl Store {
             );
         }
         self.finish_rootfs(layer, name, opts, "directory")
+    }
+
+    /// A disk image, ISO, XVA or chunk folder: the file system at the end of
+    /// the detected chain, walked in userspace (no loop device, no mount).
+    fn import_disk(
+        &self,
+        path: &std::path::Path,
+        display: &str,
+        name: &ImageName,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport, ImportError> {
+        let mut copts = opts.disk.clone();
+        copts.max_stream.get_or_insert(opts.limits.max_bytes);
+        let disk_err = |e: crate::disk::chain::DiskError| ImportError::Disk {
+            path: display.to_string(),
+            reason: e.to_string(),
+        };
+        let chain = crate::disk::chain::Chain::open(path, &copts).map_err(disk_err)?;
+        let total = (chain.outer_size > 0).then_some(chain.outer_size);
+        emit(&opts.progress, Event::DiskChain(chain.to_string()));
+        emit(
+            &opts.progress,
+            Event::Detected {
+                kind: chain.to_string(),
+                total,
+            },
+        );
+        let mut layer = LayerBuilder::new(self, opts, display)?;
+        let mut n = 0u64;
+        /// The walk fails in a reader or in the layer writer.
+        enum Fail {
+            Disk(crate::disk::chain::DiskError),
+            Import(ImportError),
+        }
+        impl From<crate::disk::chain::DiskError> for Fail {
+            fn from(e: crate::disk::chain::DiskError) -> Self {
+                Fail::Disk(e)
+            }
+        }
+        let walked = chain.walk(|e, data| -> Result<(), Fail> {
+            n += 1;
+            if n.is_multiple_of(256) {
+                emit(
+                    &opts.progress,
+                    Event::Progress {
+                        done: chain.bytes_read().min(chain.outer_size),
+                        total,
+                    },
+                );
+            }
+            layer.add(e, data, 0).map_err(Fail::Import)
+        });
+        match walked {
+            Ok(()) => {}
+            Err(Fail::Disk(e)) => return Err(disk_err(e)),
+            Err(Fail::Import(e)) => return Err(e),
+        }
+        if chain.sockets_skipped() > 0 {
+            emit(
+                &opts.progress,
+                Event::Warning(format!(
+                    "skipped {} socket(s): sockets cannot be stored in a layer",
+                    chain.sockets_skipped()
+                )),
+            );
+        }
+        let kind = chain
+            .steps
+            .iter()
+            .map(|s| s.reader.as_str())
+            .collect::<Vec<_>>()
+            .join(" > ");
+        self.finish_rootfs(layer, name, opts, &kind)
     }
 
     fn finish_rootfs(

@@ -1,0 +1,536 @@
+//! Stacks the disk readers by content detection into one chain, from the
+//! outermost file to the file system:
+//!
+//! ```text
+//! ISO 9660 ──▸ chunk folder ──┐
+//! chunk folder on disk ───────┼─▸ VHD / qcow2 / raw ─▸ MBR / GPT ─▸ ext2/3/4
+//! XVA ─▸ disk ────────────────┘
+//! ISO 9660 holding a root tree ──────────────────────────────────▸ (walked directly)
+//! ```
+//!
+//! Every step is detected from bytes, never from file names, and every step
+//! reads the one below through [`ReadAt`], so nothing is copied to a
+//! temporary file and nothing is mounted.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::chunks::{self, ChunkOptions, ChunkedStream};
+use super::ext::{ExtError, ExtFs};
+use super::iso9660::{Iso, IsoNode};
+use super::part::{PartitionKind, PartitionTable};
+use super::qcow2::Qcow2;
+use super::vhd::Vhd;
+use super::xva::Xva;
+use super::{FileSource, ReadAt};
+use crate::import::Entry;
+
+/// Why a disk-image chain could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The outermost file could not be opened.
+    #[error("open {path}: {source}")]
+    Open {
+        /// The path.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A reader failed (its message names the reader and the offset).
+    #[error("{0}")]
+    Reader(String),
+    /// The chain has no file system kiln can read, or a choice is needed.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+macro_rules! reader_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for DiskError {
+            fn from(e: $t) -> Self {
+                DiskError::Reader(e.to_string())
+            }
+        }
+    )*};
+}
+reader_errors!(
+    super::iso9660::IsoError,
+    super::chunks::ChunkError,
+    super::xva::XvaError,
+    super::vhd::VhdError,
+    super::qcow2::Qcow2Error,
+    super::part::PartError,
+    ExtError
+);
+
+/// Choices for the steps detection cannot make alone.
+#[derive(Debug, Clone, Default)]
+pub struct ChainOptions {
+    /// A file or folder inside an ISO to use (`--path`).
+    pub path: Option<String>,
+    /// The partition number to use (`--partition`, Linux numbering).
+    pub partition: Option<u32>,
+    /// The parent of a differencing VHD (`--parent`).
+    pub parent: Option<PathBuf>,
+    /// The backing file of a qcow2 overlay (`--backing`).
+    pub backing: Option<PathBuf>,
+    /// Upper bound of a chunked stream's size when no descriptor gives it.
+    pub max_stream: Option<u64>,
+}
+
+/// One step of a chain, for display.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Step {
+    /// The reader: `iso9660`, `chunks`, `xva`, `vhd`, `qcow2`, `raw`,
+    /// `mbr`/`gpt`, `ext2`/`ext3`/`ext4`, `tree`.
+    pub reader: String,
+    /// What it holds, e.g. `vhd dynamic 626 MiB`.
+    pub detail: String,
+}
+
+/// The file system at the end of a chain.
+enum Root {
+    Ext(ExtFs),
+    Iso(Iso, String),
+}
+
+/// A [`ReadAt`] that counts the bytes read through it (progress of the
+/// outermost source).
+struct Counting {
+    inner: Arc<dyn ReadAt>,
+    read: Arc<AtomicU64>,
+}
+
+impl ReadAt for Counting {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let n = self.inner.read_at(buf, offset)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+}
+
+/// An opened chain: its steps and the file system to walk.
+///
+/// ```no_run
+/// use kiln::disk::chain::{Chain, ChainOptions};
+/// let chain = Chain::open("kit.iso".as_ref(), &ChainOptions::default())?;
+/// println!("{chain}");
+/// chain.walk(|entry, _data| -> Result<(), kiln::disk::chain::DiskError> {
+///     println!("{}", entry.path);
+///     Ok(())
+/// })?;
+/// # Ok::<(), kiln::disk::chain::DiskError>(())
+/// ```
+pub struct Chain {
+    /// The steps, outermost first.
+    pub steps: Vec<Step>,
+    root: Root,
+    /// Size of the outermost source in bytes (0 for a chunk folder).
+    pub outer_size: u64,
+    read: Arc<AtomicU64>,
+}
+
+impl fmt::Display for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<&str> = self.steps.iter().map(|s| s.detail.as_str()).collect();
+        f.write_str(&parts.join(" ▸ "))
+    }
+}
+
+const ISO_MAGIC_AT: usize = 0x8001;
+
+fn read_head(src: &dyn ReadAt, n: usize) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(src.size()).unwrap_or(usize::MAX).min(n);
+    let mut buf = vec![0u8; len];
+    src.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
+fn is_iso(head: &[u8]) -> bool {
+    head.len() > ISO_MAGIC_AT + 5 && &head[ISO_MAGIC_AT..ISO_MAGIC_AT + 5] == b"CD001"
+}
+
+/// An XVA export: a tar whose first member is `ova.xml`.
+fn is_xva(head: &[u8]) -> bool {
+    head.len() >= 512 && crate::source::tar_header_ok(head) && head.starts_with(b"ova.xml\0")
+}
+
+fn has_vhd_footer(src: &dyn ReadAt) -> bool {
+    let mut b = [0u8; 8];
+    let size = src.size();
+    (src.read_exact_at(&mut b, 0).is_ok() && &b == b"conectix")
+        || (size >= 512 && src.read_exact_at(&mut b, size - 512).is_ok() && &b == b"conectix")
+}
+
+/// Whether `path` is something this module imports (a disk image, an ISO,
+/// an XVA or a folder of chunks) rather than a tarball or a directory tree.
+pub fn recognizes(path: &Path) -> bool {
+    if path.is_dir() {
+        return chunk_dir(path);
+    }
+    let Ok(src) = FileSource::open(path) else {
+        return false;
+    };
+    let Ok(head) = read_head(&src, 64 << 10) else {
+        return false;
+    };
+    if is_iso(&head) || is_xva(&head) || head.starts_with(b"QFI\xfb") || has_vhd_footer(&src) {
+        return true;
+    }
+    if crate::source::tar_header_ok(&head) || crate::source::sniff_codec(&head).is_some() {
+        return false;
+    }
+    // A raw disk (MBR/GPT boot signature) or a bare ext file system.
+    (head.len() >= 512 && head[510..512] == [0x55, 0xaa])
+        || (head.len() >= 1082 && head[1080..1082] == [0x53, 0xef])
+}
+
+fn chunk_dir(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| matches!(chunks::parse_chunk_name(n), Ok(Some(_))))
+        })
+    })
+}
+
+fn open_file(path: &Path) -> Result<Arc<dyn ReadAt>, DiskError> {
+    Ok(Arc::new(FileSource::open(path).map_err(|e| {
+        DiskError::Open {
+            path: path.display().to_string(),
+            source: e,
+        }
+    })?))
+}
+
+fn chunk_opts(opts: &ChainOptions) -> ChunkOptions {
+    let mut c = ChunkOptions::default();
+    if let Some(m) = opts.max_stream {
+        c.limit = m;
+    }
+    c
+}
+
+impl Chain {
+    /// Opens `path` and detects every step down to the file system.
+    pub fn open(path: &Path, opts: &ChainOptions) -> Result<Chain, DiskError> {
+        let read = Arc::new(AtomicU64::new(0));
+        let mut steps = Vec::new();
+        if path.is_dir() {
+            let stream = ChunkedStream::from_dir(path, chunk_opts(opts))?;
+            steps.push(Step {
+                reader: "chunks".into(),
+                detail: stream.describe(),
+            });
+            let disk: Arc<dyn ReadAt> = Arc::new(stream);
+            let root = open_disk(disk, opts, &mut steps)?;
+            return Ok(Chain {
+                steps,
+                root,
+                outer_size: 0,
+                read,
+            });
+        }
+        let file = open_file(path)?;
+        let outer_size = file.size();
+        let outer: Arc<dyn ReadAt> = Arc::new(Counting {
+            inner: file,
+            read: Arc::clone(&read),
+        });
+        let head = read_head(&*outer, 64 << 10).map_err(|e| DiskError::Open {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let root = if is_iso(&head) {
+            open_iso(outer, opts, &mut steps)?
+        } else if is_xva(&head) {
+            let xva = Xva::open(outer)?;
+            steps.push(Step {
+                reader: "xva".into(),
+                detail: xva.describe(),
+            });
+            let disk = xva
+                .disks()
+                .first()
+                .cloned()
+                .ok_or_else(|| DiskError::Unsupported("the XVA export holds no disk".into()))?;
+            open_disk(disk, opts, &mut steps)?
+        } else {
+            open_disk(outer, opts, &mut steps)?
+        };
+        Ok(Chain {
+            steps,
+            root,
+            outer_size,
+            read,
+        })
+    }
+
+    /// Bytes of the outermost source read so far (progress).
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    /// Walks the file system: every object as an [`Entry`] with its data,
+    /// parents first, children sorted by name.
+    pub fn walk<E, F>(&self, f: F) -> Result<(), E>
+    where
+        E: From<DiskError>,
+        F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
+    {
+        match &self.root {
+            Root::Ext(fs) => {
+                let mut f = f;
+                // mke2fs's lost+found is file-system housekeeping, not part
+                // of the tree the vendor put there.
+                fs.walk(|e, d| {
+                    if e.path == "lost+found" || e.path.starts_with("lost+found/") {
+                        return Ok(());
+                    }
+                    f(e, d).map_err(WalkErr)
+                })
+                .map_err(|e: WalkErr<E>| e.0)
+            }
+            Root::Iso(iso, sub) => {
+                let mut f = f;
+                iso.walk(sub, |e, d| f(e, d).map_err(WalkErr))
+                    .map_err(|e: WalkErr<E>| e.0)
+            }
+        }
+    }
+
+    /// Sockets the file system held, which a layer cannot store.
+    pub fn sockets_skipped(&self) -> u64 {
+        match &self.root {
+            Root::Ext(fs) => fs.sockets_skipped(),
+            Root::Iso(..) => 0,
+        }
+    }
+}
+
+/// Carries the caller's error through a reader's walk.
+struct WalkErr<E>(E);
+
+impl<E: From<DiskError>> From<ExtError> for WalkErr<E> {
+    fn from(e: ExtError) -> Self {
+        WalkErr(E::from(DiskError::from(e)))
+    }
+}
+
+impl<E: From<DiskError>> From<super::iso9660::IsoError> for WalkErr<E> {
+    fn from(e: super::iso9660::IsoError) -> Self {
+        WalkErr(E::from(DiskError::from(e)))
+    }
+}
+
+/// Inside an ISO: `--path`, else a folder of chunks, else a root tree.
+fn open_iso(
+    src: Arc<dyn ReadAt>,
+    opts: &ChainOptions,
+    steps: &mut Vec<Step>,
+) -> Result<Root, DiskError> {
+    let iso = Iso::open(src)?;
+    steps.push(Step {
+        reader: "iso9660".into(),
+        detail: iso.describe(),
+    });
+    let node = match &opts.path {
+        Some(p) => iso.lookup(p)?.ok_or_else(|| {
+            DiskError::Unsupported(format!("--path {p}: no such file or folder in the ISO"))
+        })?,
+        None => match find_chunk_dir(&iso, iso.root(), 0)? {
+            Some(n) => n,
+            None if looks_like_root(&iso, iso.root())? => iso.root().clone(),
+            None => {
+                return Err(DiskError::Unsupported(
+                    "the ISO holds no folder of disk chunks and no root file system (etc/, usr/); pick a file or folder with --path".into(),
+                ))
+            }
+        },
+    };
+    if node.is_dir() {
+        if iso.read_dir(&node)?.iter().any(|c| is_chunk(&c.name)) {
+            let stream = ChunkedStream::from_iso(&iso, &node, ChunkOptions::default())?;
+            steps.push(Step {
+                reader: "chunks".into(),
+                detail: format!("{} in /{}", stream.describe(), node.path),
+            });
+            let disk: Arc<dyn ReadAt> = Arc::new(stream);
+            return open_disk(disk, opts, steps);
+        }
+        steps.push(Step {
+            reader: "tree".into(),
+            detail: format!("tree /{}", node.path),
+        });
+        let sub = node.path.clone();
+        return Ok(Root::Iso(iso, sub));
+    }
+    let file = iso.open_file(&node)?;
+    open_disk(file, opts, steps)
+}
+
+fn is_chunk(name: &str) -> bool {
+    matches!(chunks::parse_chunk_name(name), Ok(Some(_)))
+}
+
+fn looks_like_root(iso: &Iso, dir: &IsoNode) -> Result<bool, DiskError> {
+    Ok(iso
+        .read_dir(dir)?
+        .iter()
+        .any(|c| c.is_dir() && (c.name == "etc" || c.name == "usr")))
+}
+
+/// The first folder (breadth-first, sorted, at most 4 levels deep) that
+/// holds chunk files.
+fn find_chunk_dir(iso: &Iso, dir: &IsoNode, depth: u32) -> Result<Option<IsoNode>, DiskError> {
+    let mut level = vec![dir.clone()];
+    for _ in depth..4 {
+        let mut next = Vec::new();
+        for d in &level {
+            let mut kids = iso.read_dir(d)?;
+            kids.sort_by(|a, b| a.name.cmp(&b.name));
+            if kids.iter().any(|c| !c.is_dir() && is_chunk(&c.name)) {
+                return Ok(Some(d.clone()));
+            }
+            next.extend(kids.into_iter().filter(IsoNode::is_dir));
+        }
+        level = next;
+    }
+    Ok(None)
+}
+
+/// A disk (container format detected) down to its file system.
+fn open_disk(
+    src: Arc<dyn ReadAt>,
+    opts: &ChainOptions,
+    steps: &mut Vec<Step>,
+) -> Result<Root, DiskError> {
+    let mut magic = [0u8; 4];
+    let _ = src.read_exact_at(&mut magic, 0);
+    let disk: Arc<dyn ReadAt> = if &magic == b"QFI\xfb" {
+        let q = match &opts.backing {
+            Some(b) => Qcow2::open_with_backing(src, open_file(b)?)?,
+            None => Qcow2::open(src)?,
+        };
+        steps.push(Step {
+            reader: "qcow2".into(),
+            detail: q.describe(),
+        });
+        Arc::new(q)
+    } else if has_vhd_footer(&*src) {
+        let v = match &opts.parent {
+            Some(p) => Vhd::open_with_parent(src, open_file(p)?)?,
+            None => Vhd::open(src)?,
+        };
+        steps.push(Step {
+            reader: "vhd".into(),
+            detail: v.describe(),
+        });
+        Arc::new(v)
+    } else {
+        steps.push(Step {
+            reader: "raw".into(),
+            detail: format!("raw {}", human(src.size())),
+        });
+        src
+    };
+    let Some(table) = PartitionTable::read(&disk)? else {
+        return open_fs(disk, steps);
+    };
+    let parts = &table.partitions;
+    let chosen = match opts.partition {
+        Some(n) => parts.iter().find(|p| p.number == n).ok_or_else(|| {
+            DiskError::Unsupported(format!(
+                "--partition {n}: no such partition ({})",
+                table.describe()
+            ))
+        })?,
+        None => {
+            // The partition that holds a Linux root (etc/ or usr/).
+            let mut found = None;
+            for p in parts {
+                let slice: Arc<dyn ReadAt> = Arc::new(p.open(&disk)?);
+                if ExtFs::open(slice)
+                    .and_then(|fs| fs.has_linux_root())
+                    .unwrap_or(false)
+                {
+                    found = Some(p);
+                    break;
+                }
+            }
+            found.ok_or_else(|| {
+                DiskError::Unsupported(format!(
+                    "no partition holds an ext2/3/4 Linux root ({}); pick one with --partition",
+                    table.describe()
+                ))
+            })?
+        }
+    };
+    let scheme = if matches!(chosen.kind, PartitionKind::Gpt { .. }) {
+        "gpt"
+    } else {
+        "mbr"
+    };
+    let kind = match &chosen.kind {
+        PartitionKind::Mbr(t) => format!("0x{t:02x}"),
+        PartitionKind::Gpt { type_guid, name } => type_guid
+            .name()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{name:?}")),
+    };
+    steps.push(Step {
+        reader: scheme.into(),
+        detail: format!(
+            "{scheme} p{} {kind} {}{}",
+            chosen.number,
+            human(chosen.size_bytes),
+            if opts.partition.is_none() {
+                " (has a Linux root)"
+            } else {
+                ""
+            }
+        ),
+    });
+    let slice: Arc<dyn ReadAt> = Arc::new(chosen.open(&disk)?);
+    open_fs(slice, steps)
+}
+
+fn open_fs(src: Arc<dyn ReadAt>, steps: &mut Vec<Step>) -> Result<Root, DiskError> {
+    match ExtFs::open(src) {
+        Ok(fs) => {
+            steps.push(Step {
+                reader: fs.kind().to_string(),
+                detail: fs.describe(),
+            });
+            Ok(Root::Ext(fs))
+        }
+        Err(ExtError::NotExt { found }) => Err(DiskError::Unsupported(format!(
+            "the file system is {found}, which kiln cannot read (it reads ext2/3/4)"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.0} {}", UNITS[u])
+    }
+}
