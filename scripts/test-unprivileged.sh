@@ -43,6 +43,8 @@ if [ $# -gt 0 ]; then
 fi
 for e in "${exes[@]}"; do cp "$e" "$dest/bin/"; done
 cp -r images scripts "$dest/repo/"
+mkdir -p "$dest/repo/tests"
+cp -r tests/bad-images "$dest/repo/tests/"
 chmod -R a+rX "$dest"
 
 failed=()
