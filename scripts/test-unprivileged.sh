@@ -2,7 +2,8 @@
 # Runs kiln's integration tests as unprivileged users (kiln is rootless first):
 #   kiln-sub    has /etc/subuid and /etc/subgid ranges
 #   kiln-nosub  has none
-# Optional arguments name test binaries to run (e.g. `run unpack`); default all.
+# Optional arguments name test binaries to build and run (e.g. `run unpack`);
+# default all. Honours CARGO_TARGET_DIR.
 # The toolchain lives under /root (mode 0700), so the test binaries and kiln
 # are built here as root and copied to a world-readable temp dir first.
 set -euo pipefail
@@ -23,8 +24,11 @@ dest=$(mktemp -d /tmp/kiln-unpriv.XXXXXX)
 trap 'rm -rf "$dest"' EXIT
 mkdir -p "$dest/bin" "$dest/repo"
 cargo build --release --quiet
-cp target/release/kiln "$dest/bin/kiln"
-mapfile -t exes < <(cargo test --release --no-run --message-format=json 2>/dev/null \
+cp "${CARGO_TARGET_DIR:-target}/release/kiln" "$dest/bin/kiln"
+# Build only the named test binaries when some are named.
+only=()
+for want in "$@"; do only+=(--test "$want"); done
+mapfile -t exes < <(cargo test --release --no-run --message-format=json ${only[@]+"${only[@]}"} 2>/dev/null \
   | jq -r 'select(.reason == "compiler-artifact" and .profile.test == true
                   and (.target.kind | index("test"))) | .executable')
 [ "${#exes[@]}" -gt 0 ] || { echo "test-unprivileged: no integration test binaries found" >&2; exit 1; }
@@ -39,6 +43,8 @@ if [ $# -gt 0 ]; then
 fi
 for e in "${exes[@]}"; do cp "$e" "$dest/bin/"; done
 cp -r images scripts "$dest/repo/"
+mkdir -p "$dest/repo/tests"
+cp -r tests/bad-images "$dest/repo/tests/"
 chmod -R a+rX "$dest"
 
 failed=()

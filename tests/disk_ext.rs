@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -17,10 +17,22 @@ use kiln::disk::{FileSource, ReadAt};
 use kiln::import::{Entry, EntryKind};
 use sha2::{Digest, Sha256};
 
+/// The path of `prog`: on PATH, else in the sbin directories an
+/// unprivileged user's PATH often lacks (mke2fs, debugfs, e2fsck, setcap).
+fn tool(prog: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| PathBuf::from(prog))
+}
+
 /// Runs a tool, failing the test with its output (or a clear message when
 /// the tool is missing).
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
+    let out = Command::new(tool(cmd))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd} (is it installed?): {e}"));
@@ -77,22 +89,32 @@ fn vfs_acl() -> Vec<u8> {
     v
 }
 
-/// The source tree, built once.
+/// The source tree, built once: with device nodes, foreign owners, a
+/// trusted.* xattr and a file capability when root, the same tree without
+/// those objects otherwise.
 fn source() -> &'static Path {
     static SRC: OnceLock<tempfile::TempDir> = OnceLock::new();
     SRC.get_or_init(|| {
-        assert!(
-            is_root(),
-            "these tests need root (mknod, chown, trusted xattrs)"
-        );
         let t = tempfile::tempdir().unwrap();
-        build_tree(t.path());
+        build_tree(t.path(), is_root());
         t
     })
     .path()
 }
 
-fn build_tree(s: &Path) {
+/// The caller's uid and gid (from /proc: no unsafe getuid).
+fn my_ids() -> (u32, u32) {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// `privileged`: also make what needs root (mknod of devices, chown to
+/// other ids, trusted.* xattrs, setcap).
+fn build_tree(s: &Path, privileged: bool) {
     let w = |p: &str, data: &[u8]| fs::write(s.join(p), data).unwrap();
     fs::create_dir_all(s.join("etc")).unwrap();
     fs::create_dir_all(s.join("usr/bin")).unwrap();
@@ -143,44 +165,53 @@ fn build_tree(s: &Path) {
     fs::hard_link(s.join("etc/hello"), s.join("usr/hello-link")).unwrap();
     fs::hard_link(s.join("etc/hello"), s.join("a/b/hello-link2")).unwrap();
     run("mkfifo", &[s.join("fifo").to_str().unwrap()]);
-    run("mknod", &[s.join("null").to_str().unwrap(), "c", "1", "3"]);
-    run("mknod", &[s.join("loop0").to_str().unwrap(), "b", "7", "0"]);
-    // Needs the new device number encoding (major > 255, minor > 255).
-    run(
-        "mknod",
-        &[s.join("bigdev").to_str().unwrap(), "c", "300", "70000"],
-    );
+    if privileged {
+        run("mknod", &[s.join("null").to_str().unwrap(), "c", "1", "3"]);
+        run("mknod", &[s.join("loop0").to_str().unwrap(), "b", "7", "0"]);
+        // Needs the new device number encoding (major > 255, minor > 255).
+        run(
+            "mknod",
+            &[s.join("bigdev").to_str().unwrap(), "c", "300", "70000"],
+        );
+    }
     let sock = std::os::unix::net::UnixListener::bind(s.join("sock")).unwrap();
     drop(sock);
     for (p, m) in [
         ("usr/bin/13blocks", 0o4755),
         ("usr/bin/big", 0o2711),
         ("etc/5000", 0o600),
-        ("etc/empty", 0o000),
+        // mke2fs -d must open files to copy them: mode 0 only for root.
+        ("etc/empty", if privileged { 0o000 } else { 0o400 }),
     ] {
         fs::set_permissions(s.join(p), fs::Permissions::from_mode(m)).unwrap();
     }
     fs::create_dir(s.join("tmp")).unwrap();
     fs::set_permissions(s.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
-    std::os::unix::fs::lchown(s.join("etc/5000"), Some(1234), Some(5678)).unwrap();
-    std::os::unix::fs::lchown(s.join("a/b"), Some(100_000), Some(100_001)).unwrap();
-    std::os::unix::fs::lchown(s.join("etc/long"), Some(70_000), Some(3)).unwrap();
+    if privileged {
+        std::os::unix::fs::lchown(s.join("etc/5000"), Some(1234), Some(5678)).unwrap();
+        std::os::unix::fs::lchown(s.join("a/b"), Some(100_000), Some(100_001)).unwrap();
+        std::os::unix::fs::lchown(s.join("etc/long"), Some(70_000), Some(3)).unwrap();
+    }
     // Extended attributes: small (in the inode when there is room), large
     // (external block), capabilities, ACLs (access and default).
     let set = |p: &str, k: &str, v: &[u8]| xattr::set(s.join(p), k, v).unwrap();
     set("etc/hello", "user.comment", b"a greeting");
-    set("etc/hello", "trusted.x", b"t");
+    if privileged {
+        set("etc/hello", "trusted.x", b"t");
+    }
     set("usr/bin/big", "user.big", &noise(7, 700));
     set("a/b", "user.dir", b"on a directory");
     set("etc/5000", "system.posix_acl_access", &vfs_acl());
     set("tmp", "system.posix_acl_default", &vfs_acl());
-    run(
-        "setcap",
-        &[
-            "cap_net_raw+ep",
-            s.join("usr/bin/13blocks").to_str().unwrap(),
-        ],
-    );
+    if privileged {
+        run(
+            "setcap",
+            &[
+                "cap_net_raw+ep",
+                s.join("usr/bin/13blocks").to_str().unwrap(),
+            ],
+        );
+    }
     // Modification times last: everything above touched the directories.
     for (p, when) in [
         ("etc/hello", "2001-02-03 04:05:06 UTC"),
@@ -302,7 +333,7 @@ fn check_variant_sized(
     if index_dirs {
         // e2fsck -D turns large directories into htrees; it exits 1 when it
         // changed something.
-        let st = Command::new("e2fsck")
+        let st = Command::new(tool("e2fsck"))
             .args(["-fyD", img_s])
             .output()
             .expect("cannot run e2fsck (is e2fsprogs installed?)");
@@ -352,6 +383,39 @@ fn check_variant_sized(
     }
     for p in w.tree.keys() {
         assert!(src.contains_key(p), "{name}: unexpected {p}");
+    }
+    // What only root can make is really in the image on the root pass; the
+    // unprivileged tree is all the caller's own.
+    if is_root() {
+        for (p, want) in [
+            ("null", "Char "),
+            ("loop0", "Block "),
+            ("bigdev", "dev=300,70000 "),
+            ("etc/5000", "owner=1234:5678 "),
+            ("a/b", "owner=100000:100001 "),
+            ("etc/long", "owner=70000:3 "),
+            ("etc/hello", "\"trusted.x=74\""),
+            ("usr/bin/13blocks", "\"security.capability="),
+        ] {
+            assert!(w.tree[p].contains(want), "{name}: {p}: {}", w.tree[p]);
+        }
+    } else {
+        let (uid, gid) = my_ids();
+        let own = format!("owner={uid}:{gid} ");
+        for p in ["etc/5000", "a/b", "etc/long", "usr/bin/13blocks"] {
+            assert!(w.tree[p].contains(&own), "{name}: {p}: {}", w.tree[p]);
+        }
+        for p in ["null", "loop0", "bigdev"] {
+            assert!(!w.tree.contains_key(p), "{name}: {p}");
+        }
+    }
+    for (p, want) in [
+        ("fifo", "Fifo "),
+        ("etc/hello", "\"user.comment=61206772656574696e67\""),
+        ("etc/5000", "\"system.posix_acl_access="),
+        ("usr/bin/13blocks", "mode=4755 "),
+    ] {
+        assert!(w.tree[p].contains(want), "{name}: {p}: {}", w.tree[p]);
     }
 
     // The sparse file is reported as sparse with exactly its data stored.

@@ -11,6 +11,8 @@ use super::ExtFs;
 pub(crate) struct DirEnt {
     pub name: Vec<u8>,
     pub ino: u32,
+    /// Device byte offset of the entry (for error messages).
+    pub offset: u64,
 }
 
 /// Parses the directory entries in `buf` (a directory block, or the inline
@@ -82,6 +84,7 @@ fn parse_entries(
                 out.push(DirEnt {
                     name: name.to_vec(),
                     ino,
+                    offset: eat,
                 });
             }
         }

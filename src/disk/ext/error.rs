@@ -131,7 +131,7 @@ pub enum ExtError {
     },
     /// A directory reachable by two paths (a cycle, or a hard-linked
     /// directory): walking on would never end or duplicate a tree.
-    #[error("ext: directory inode {ino} is reachable as both /{first} and /{second} (directory cycle or hard-linked directory)")]
+    #[error("ext: directory inode {ino} is reachable as both /{first} and /{second} (directory cycle or hard-linked directory; the second entry is at byte offset {offset})")]
     DirCycle {
         /// The directory inode.
         ino: u32,
@@ -139,6 +139,8 @@ pub enum ExtError {
         first: String,
         /// The second path.
         second: String,
+        /// Device byte offset of the directory entry naming the second path.
+        offset: u64,
     },
     /// A file name that is not UTF-8 (kiln paths are strings, as for tar
     /// sources).

@@ -602,6 +602,7 @@ impl ExtFs {
                             ino,
                             first: first.clone(),
                             second: path.clone(),
+                            offset: child.offset,
                         }
                         .into());
                     }

@@ -341,10 +341,15 @@ fn directory_cycle_names_both_paths() {
     let at = dirent_offset(&fs, &img, m["a/sub"], b"x");
     put32(&mut img, at, m["a"]);
     match walk_err(&img) {
-        ExtError::DirCycle { ino, first, second } => {
+        ExtError::DirCycle {
+            ino,
+            first,
+            second,
+            offset,
+        } => {
             assert_eq!(
-                (ino, first.as_str(), second.as_str()),
-                (m["a"], "a", "a/sub/x")
+                (ino, first.as_str(), second.as_str(), offset),
+                (m["a"], "a", "a/sub/x", at)
             );
         }
         other => panic!("{other}"),
