@@ -25,4 +25,6 @@ cargo test --release
 if [ "$(id -u)" = 0 ] && [ "${KILN_SKIP_UNPRIVILEGED:-0}" != 1 ]; then
   scripts/test-unprivileged.sh
 fi
+echo "== fuzz: every disk-image parser, ${KILN_FUZZ_SECONDS:-10}s each"
+scripts/fuzz.sh "${KILN_FUZZ_SECONDS:-10}"
 echo "== all tests passed"
