@@ -504,7 +504,8 @@ fn fuse_overlayfs_backend_runs_commits_and_leaves_no_daemon() {
         .is_err()
     {
         // This user may not use FUSE here (/dev/fuse is 0600 root on these
-        // hosts): a clear error naming the device, and auto mode falls back.
+        // hosts): a clear error naming the device; the default root (kernel
+        // overlayfs) is unaffected.
         assert_eq!(code, 125, "{err}");
         assert!(err.contains("/dev/fuse"), "{err}");
         let (code, out, err) = run_sh(&k, &[], "echo auto");
