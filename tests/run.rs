@@ -907,3 +907,59 @@ fn disabled_user_namespaces_get_an_error_naming_the_sysctl() {
         "{err}"
     );
 }
+
+#[test]
+fn no_inherited_fds_no_host_terminal_and_no_writable_sys_submounts() {
+    let k = with_busybox();
+    // A descriptor kiln inherited without close-on-exec stays outside.
+    let script = format!(
+        "exec 7</etc/hostname; exec {} --store {} run bb ls /proc/self/fd",
+        kiln_bin().display(),
+        k.store().display()
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .expect("bash");
+    let fds = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !fds.lines().any(|l| l.trim() == "7"),
+        "fd 7 leaked into the sandbox: {fds}"
+    );
+    // With kiln on a terminal (script gives it one) the command is in a
+    // session of its own, without a controlling terminal: no TIOCSTI into
+    // the caller's shell.
+    require("script");
+    let cmd = format!(
+        "{} --store {} run bb sh -c 'echo tty_nr=$(cut -d\" \" -f7 /proc/self/stat); cat /dev/tty 2>&1 | head -c 40'",
+        kiln_bin().display(),
+        k.store().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("tty_nr=0"),
+        "the command has a controlling tty: {text}"
+    );
+    // With the host's network /sys is the host's, read-only all the way
+    // down (a plain ro remount would leave /sys/fs/cgroup writable).
+    let (code, out, err) = run_sh(
+        &k,
+        &["--network", "host"],
+        "awk '$5 ~ \"^/sys\" {print $5, $6}' /proc/self/mountinfo",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().count() > 1, "no submounts under /sys: {out}");
+    for l in out.lines() {
+        let opts = l.split_whitespace().nth(1).unwrap_or("");
+        assert!(
+            opts.split(',').any(|o| o == "ro"),
+            "writable mount under /sys: {l}"
+        );
+    }
+}

@@ -364,3 +364,54 @@ pub fn dup_onto(fd: std::os::fd::BorrowedFd<'_>, target: i32) -> io::Result<()> 
     }
     Ok(())
 }
+
+/// Makes the mount at `path` and every mount below it read-only
+/// (`mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)`, Linux >= 5.12). Unlike
+/// a `MS_REMOUNT|MS_BIND|MS_RDONLY` remount it reaches submounts (a
+/// recursive bind of /sys brings /sys/fs/cgroup along), and it only sets a
+/// flag, so mount flags locked by the user namespace are left alone.
+pub fn make_readonly_recursive(path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `c` is a NUL-terminated path and `attr` a fully initialized
+    // mount_attr whose size is passed along; the kernel only reads both.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Marks every descriptor from 3 up close-on-exec, so nothing kiln (or its
+/// embedder, or whoever started it) holds reaches the sandboxed command.
+pub fn cloexec_from_3() -> io::Result<()> {
+    // SAFETY: close_range only changes flags in the fd table; with
+    // CLOSE_RANGE_CLOEXEC it closes nothing now.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

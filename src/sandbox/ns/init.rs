@@ -169,8 +169,7 @@ fn setup_root(cfg: &InitConfig) {
     let root = &cfg.merged;
     if cfg.read_only {
         m::mount_bind_recursive(&cfg.lower, root).or_die("bind the image read-only");
-        m::mount_remount(root, MountFlags::BIND | MountFlags::RDONLY, "")
-            .or_die("remount the image read-only");
+        sys::make_readonly_recursive(root).or_die("make the image read-only");
     } else {
         // Kernel overlayfs inside the user namespace (Linux >= 5.11): the
         // shared read-only image below, this run's writes in `upper`.
@@ -292,8 +291,9 @@ fn setup_root(cfg: &InitConfig) {
     // network (not ours to mount sysfs for) bind the host's, read-only.
     let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     if cfg.network != Network::None || mnt("sysfs", at("sys"), "sysfs", ro, "").is_err() {
+        // Recursively read-only: /sys/fs/cgroup and the like come along.
         m::mount_bind_recursive("/sys", at("sys")).or_die("bind /sys");
-        m::mount_remount(at("sys"), MountFlags::BIND | ro, "").or_die("remount /sys read-only");
+        sys::make_readonly_recursive(&at("sys")).or_die("make /sys read-only");
     }
     for v in &cfg.volumes {
         bind_volume(root, v);
@@ -445,12 +445,10 @@ fn bind_volume(root: &Path, v: &crate::spec::Volume) {
     if v.read_only {
         // Re-resolve: the new fd refers to the mount just made.
         let mounted = resolve();
-        m::mount_remount(
-            format!("/proc/self/fd/{}", mounted.as_raw_fd()).as_str(),
-            MountFlags::BIND | MountFlags::RDONLY,
-            "",
-        )
-        .or_die(&format!("make {} read-only", v.target));
+        // Every mount under the volume too, and without touching flags the
+        // user namespace locked (nosuid, nodev on /home or /tmp).
+        sys::make_readonly_recursive(Path::new(&format!("/proc/self/fd/{}", mounted.as_raw_fd())))
+            .or_die(&format!("make {} read-only", v.target));
     }
 }
 
@@ -461,10 +459,11 @@ fn cstr(s: &str) -> CString {
 /// In the command's process: identity, privileges, then exec. Never returns.
 fn exec_command(cfg: &InitConfig) -> ! {
     sys::unblock_all_signals().or_die("unblock signals");
+    // Always a new session: without -t the command must not share kiln's
+    // controlling terminal (TIOCSTI could type into the caller's shell, as
+    // in bubblewrap's CVE-2017-5226); with -t the pty becomes its own.
+    rustix::process::setsid().or_die("setsid");
     if cfg.tty {
-        // A new session whose controlling terminal is the pty, so job
-        // control and ^C work as on a terminal.
-        rustix::process::setsid().or_die("setsid");
         rustix::process::ioctl_tiocsctty(std::io::stdin())
             .or_die("make the pty the controlling terminal");
     }
@@ -524,6 +523,9 @@ fn exec_command(cfg: &InitConfig) -> ! {
         }
     }
     rustix::thread::set_no_new_privs(true).or_die("set no_new_privs");
+    // Nothing but stdio crosses into the command: descriptors kiln, its
+    // embedder or its own caller left open without close-on-exec close now.
+    sys::cloexec_from_3().or_die("close inherited descriptors");
     if cfg.seccomp {
         // Compiled before the last step so a failure is still reported;
         // installed last, right before exec.

@@ -84,6 +84,15 @@ pub(crate) fn filters(allow_userns: bool) -> Result<Vec<BpfProgram>, String> {
             vec![SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?],
         );
     }
+    // Terminal injection and console ioctls (TIOCSTI pushes input into a
+    // terminal; TIOCLINUX can too on a VT).
+    let mut tty_rules = Vec::new();
+    for cmd in [libc::TIOCSTI, libc::TIOCLINUX] {
+        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)
+            .map_err(|e| e.to_string())?;
+        tty_rules.push(SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?);
+    }
+    rules.insert(libc::SYS_ioctl, tty_rules);
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
