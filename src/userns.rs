@@ -179,7 +179,7 @@ impl IdMap {
         } else if caller_only {
             "--userns self maps only the caller".to_string()
         } else {
-            match Self::subid_ranges(uid, gid) {
+            match Self::subid_ranges(uid) {
                 Ok((u, g)) => return IdMap::subids(uid, gid, u, g),
                 Err(why) => why,
             }
@@ -190,13 +190,13 @@ impl IdMap {
     }
 
     /// The caller's subordinate ranges, or why there are none.
-    fn subid_ranges(uid: u32, gid: u32) -> Result<(Range, Range), String> {
+    fn subid_ranges(uid: u32) -> Result<(Range, Range), String> {
         let name = crate::sys::user_name(uid);
         let who = name.clone().unwrap_or_else(|| format!("uid {uid}"));
         let read = |f: &str| fs::read_to_string(f).unwrap_or_default();
         let su = parse_subid(&read("/etc/subuid"), name.as_deref(), uid);
-        let sg = parse_subid(&read("/etc/subgid"), name.as_deref(), gid)
-            .or_else(|| parse_subid(&read("/etc/subgid"), name.as_deref(), uid));
+        // newgidmap looks /etc/subgid up by user name or uid (not gid).
+        let sg = parse_subid(&read("/etc/subgid"), name.as_deref(), uid);
         let (Some(su), Some(sg)) = (su, sg) else {
             return Err(format!(
                 "there is no /etc/subuid and /etc/subgid entry for {who} (an admin can add one: usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {})",
@@ -374,15 +374,27 @@ pub(crate) fn run_task(helper: Option<&Path>, map: &IdMap, task: &Task) -> io::R
         )
     })?;
     let pid = Pid::from_raw(child.id() as i32).ok_or_else(|| io::Error::other("bad pid"))?;
-    let stopped = matches!(
-        rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED),
-        Ok(Some((_, st))) if st.stopped()
-    );
-    let mapped = if stopped {
-        map.apply(pid.as_raw_nonzero().get())
-    } else {
-        Err(io::Error::other("the userns helper exited early"))
+    let mut child = child;
+    let stopped = loop {
+        match rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(Some((_, st))) => break st.stopped(),
+            _ => break false,
+        }
     };
+    if !stopped {
+        // Already reaped: say what it printed, and signal nothing (the pid
+        // may belong to someone else by now).
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        return Err(io::Error::other(format!(
+            "the userns helper exited early: {}",
+            err.trim()
+        )));
+    }
+    let mapped = map.apply(pid.as_raw_nonzero().get());
     if mapped.is_err() {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
     }

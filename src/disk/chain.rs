@@ -359,7 +359,7 @@ fn open_iso(
     };
     if node.is_dir() {
         if iso.read_dir(&node)?.iter().any(|c| is_chunk(&c.name)) {
-            let stream = ChunkedStream::from_iso(&iso, &node, ChunkOptions::default())?;
+            let stream = ChunkedStream::from_iso(&iso, &node, chunk_opts(opts))?;
             steps.push(Step {
                 reader: "chunks".into(),
                 detail: format!("{} in /{}", stream.describe(), node.path),

@@ -1,6 +1,6 @@
 //! `--memory` and `--pids-limit` in a delegated cgroup v2.
 //!
-//! A run's limits live in a cgroup of its own, `kiln-run-<pid>`, made in
+//! A run's limits live in a cgroup of its own, `kiln-run-<run dir name>`, made in
 //! the cgroup kiln itself runs in, which must be a delegated one (writable
 //! by the caller, as `systemd-run --user --scope -p Delegate=yes` gives).
 //! cgroup v2's "no internal processes" rule forbids enabling controllers
@@ -59,9 +59,18 @@ impl Hierarchy {
             .into_iter()
             .find(|m| Path::new(m).join("cgroup.controllers").exists())
             .ok_or("no cgroup v2 hierarchy is mounted")?;
-        Ok(Hierarchy {
-            own: Path::new(mount).join(own.trim_start_matches('/')),
-        })
+        let mut own = Path::new(mount).join(own.trim_start_matches('/'));
+        // After an earlier run of this process moved it into its leaf, the
+        // delegated cgroup is the leaf's parent (no nesting per run).
+        if own
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("kiln-self-"))
+        {
+            if let Some(p) = own.parent() {
+                own = p.to_path_buf();
+            }
+        }
+        Ok(Hierarchy { own })
     }
 }
 
@@ -118,6 +127,15 @@ impl RunCgroup {
                     to_enable.join(", "),
                     own.display()
                 ));
+            }
+        }
+        // Run cgroups of SIGKILLed runs: empty ones go (rmdir fails on a
+        // busy one).
+        if let Ok(list) = fs::read_dir(own) {
+            for e in list.flatten() {
+                if e.file_name().to_string_lossy().starts_with("kiln-run-") {
+                    let _ = fs::remove_dir(e.path());
+                }
             }
         }
         let dir = own.join(format!("kiln-run-{id}"));

@@ -415,3 +415,20 @@ pub fn cloexec_from_3() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Which of `signals` the calling thread has blocked now.
+pub fn blocked_of(signals: &[i32]) -> io::Result<Vec<i32>> {
+    // SAFETY: sigset_t is plain data; it is filled by pthread_sigmask below.
+    let mut cur: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a NULL new-set pointer only queries; `cur` is writable.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(signals
+        .iter()
+        .copied()
+        // SAFETY: `cur` is initialized; sigismember only reads it.
+        .filter(|s| unsafe { libc::sigismember(&cur, *s) } == 1)
+        .collect())
+}

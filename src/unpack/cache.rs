@@ -203,6 +203,13 @@ impl Store {
             if keep.contains(&name) {
                 continue;
             }
+            // In use by a run (it holds a shared lock): leave it. Our lock
+            // is held until the tree is gone, so no run starts on it.
+            let _lock = match fs::File::open(e.path()) {
+                Ok(f) if f.try_lock().is_err() => continue,
+                Ok(f) => Some(f),
+                Err(_) => None,
+            };
             remove_tree_mapped(&e.path(), None)
                 .map_err(|err| StoreError::io("remove cached rootfs", &e.path(), err))?;
             removed += 1;

@@ -372,7 +372,12 @@ impl Unpacker {
             .map_err(|e| self.err("read opaque directory", dir, e))?;
         for ent in listing {
             let ent = ent.map_err(|e| self.err("read opaque directory", dir, e))?;
-            let Some(n) = ent.file_name().to_str().map(str::to_string) else {
+            let raw = ent.file_name();
+            let Some(n) = raw.to_str().map(str::to_string) else {
+                // Not UTF-8, so not from this layer (its paths are strings):
+                // hidden like every other lower entry.
+                remove_at(pfd, raw.as_os_str())
+                    .map_err(|e| self.err("apply opaque whiteout", dir, e))?;
                 continue;
             };
             let child = if dir.is_empty() {
@@ -439,7 +444,7 @@ fn set_mtime(pfd: &OwnedFd, name: &str, mtime: i64) -> Result<(), Errno> {
 }
 
 /// Removes `name` in `dir` (recursively for a directory), not following symlinks.
-fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
+fn remove_at<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> io::Result<()> {
     match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(e.into()),
@@ -452,13 +457,14 @@ fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            let names: Vec<String> =
+            // Names as bytes: a sandbox may create names that are not UTF-8.
+            let names: Vec<std::ffi::OsString> =
                 fs::read_dir(format!("/proc/self/fd/{}", sub.as_fd().as_raw_fd()))?
                     .filter_map(Result::ok)
-                    .filter_map(|d| d.file_name().to_str().map(str::to_string))
+                    .map(|d| d.file_name())
                     .collect();
-            for n in names {
-                remove_at(&sub, &n)?;
+            for n in &names {
+                remove_at(&sub, n.as_os_str())?;
             }
             rfs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(Into::into)
         }

@@ -212,7 +212,7 @@ fn setup_root(cfg: &InitConfig) {
             }
             // Tell kiln (for --commit): the upper dir is a full copy, not a diff.
             fs::write(cfg.work.join(COPY_MARKER), b"").or_die("mark the copy");
-            copy_tree(&cfg.lower, &cfg.upper);
+            copy_tree(&cfg.lower, &cfg.upper, cfg.copy_rootless);
             m::mount_bind_recursive(&cfg.upper, root).or_die("bind the copied root");
         }
     }
@@ -347,8 +347,8 @@ fn fuse_overlay(cfg: &InitConfig, root: &Path) -> io::Result<()> {
     )))
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    let mut u = crate::unpack::Unpacker::new(to, true).or_die("open the copy target");
+fn copy_tree(from: &Path, to: &Path, rootless: bool) {
+    let mut u = crate::unpack::Unpacker::new(to, rootless).or_die("open the copy target");
     crate::source::dir::walk(from, &mut |e, data| {
         u.entry(e, data)
             .map_err(|err| crate::import::ImportError::Archive {

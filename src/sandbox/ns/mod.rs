@@ -69,6 +69,9 @@ pub(crate) struct InitConfig {
     /// fuse-overlayfs on the host, if installed.
     pub fuse_overlayfs: Option<PathBuf>,
     pub tty: bool,
+    /// Only the caller is mapped: a copied root records owners in
+    /// `user.rootlesscontainers` instead of chown'ing.
+    pub copy_rootless: bool,
     /// The pty slave's host path (bound to /dev/console).
     pub tty_name: Option<PathBuf>,
 }
@@ -263,6 +266,17 @@ pub(crate) fn run(
         )));
     }
     let rootfs = store.rootfs_mapped(&img, &map, helper)?;
+    // A shared lock on the cached tree for the run's lifetime: gc removes
+    // only trees it can lock exclusively, never one a run is using.
+    let _in_use = fs::File::open(&rootfs.path)
+        .and_then(|f| f.lock_shared().map(|()| f).map_err(io::Error::other))
+        .map_err(|e| RunError::host(format!("lock {}", rootfs.path.display()), e))?;
+    if !rootfs.path.join(".").is_dir() {
+        return Err(RunError::host(
+            format!("use {}", rootfs.path.display()),
+            io::Error::other("the cached image was removed by a concurrent gc; run again"),
+        ));
+    }
     let rundir = RunDir::create(store, helper)?;
     let mut warnings = Vec::new();
     let cgroup = if spec.memory.is_some() || spec.pids_limit.is_some() {
@@ -304,6 +318,7 @@ pub(crate) fn run(
         rootfs: spec.rootfs,
         fuse_overlayfs: crate::userns::find_tool("fuse-overlayfs"),
         tty: spec.tty,
+        copy_rootless: map.kind == MapKind::Caller,
         tty_name: None,
         volumes: spec
             .volumes
@@ -356,6 +371,8 @@ pub(crate) fn run(
     if pty.is_some() {
         sigs.push(libc::SIGWINCH);
     }
+    // Restored afterwards to what the caller (an embedder) had.
+    let already_blocked = crate::sys::blocked_of(&sigs).unwrap_or_default();
     let sigfd = if spec.forward_signals {
         crate::sys::sigmask(&sigs, true).map_err(|e| RunError::host("block signals", e))?;
         Some(crate::sys::signalfd(&sigs).map_err(|e| RunError::host("signalfd", e))?)
@@ -369,7 +386,12 @@ pub(crate) fn run(
     };
     let result = supervise(launch, spec, &map, relay, start, &img, events);
     if spec.forward_signals {
-        let _ = crate::sys::sigmask(&sigs, false);
+        let ours: Vec<i32> = sigs
+            .iter()
+            .copied()
+            .filter(|s| !already_blocked.contains(s))
+            .collect();
+        let _ = crate::sys::sigmask(&ours, false);
     }
     let mut result = result?;
     result.warnings.extend(warnings);
@@ -446,6 +468,25 @@ struct Relay<'a> {
     sigfd: Option<&'a std::os::fd::OwnedFd>,
     pty: Option<super::pty::Pty>,
     cgroup: Option<&'a super::cgroup::RunCgroup>,
+}
+
+/// Kills and reaps the helper when supervision ends early (an error after
+/// it started), so an embedder is never left with a stopped or
+/// unsupervised sandbox.
+struct ReapGuard {
+    pid: Pid,
+    armed: bool,
+}
+
+impl Drop for ReapGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = rustix::process::kill_process(self.pid, Signal::KILL);
+            while let Err(rustix::io::Errno::INTR) =
+                rustix::process::waitpid(Some(self.pid), WaitOptions::empty())
+            {}
+        }
+    }
 }
 
 /// How the helper process starts.
@@ -552,6 +593,10 @@ fn supervise(
             pid
         }
     };
+    let pid =
+        Pid::from_raw(raw).ok_or_else(|| RunError::host("spawn", io::Error::other("bad pid")))?;
+    // Until the helper is reaped below, any early return kills and reaps it.
+    let mut guard = ReapGuard { pid, armed: true };
     for (fd, _) in &outs {
         let fl = rustix::fs::fcntl_getfl(fd).map_err(|e| RunError::host("fcntl", e.into()))?;
         rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)
@@ -560,17 +605,23 @@ fn supervise(
     if let Some(ev) = events.as_mut() {
         ev(super::RunEvent::Started { pid: raw as u32 });
     }
-    let pid =
-        Pid::from_raw(raw).ok_or_else(|| RunError::host("spawn", io::Error::other("bad pid")))?;
     // The helper stops itself once its namespaces exist.
-    match rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED) {
+    let stop = loop {
+        match rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r,
+        }
+    };
+    match stop {
         Ok(Some((_, st))) if st.stopped() => {}
         Ok(Some((_, st))) => {
+            // Reaped already: nothing left to kill.
+            guard.armed = false;
             return Err(RunError::Unsupported(format!(
                 "the sandbox helper exited early (status {:?}): {}",
                 st.exit_status(),
                 userns_hint()
-            )))
+            )));
         }
         Ok(None) => return Err(RunError::Unsupported("the sandbox helper vanished".into())),
         Err(e) => return Err(RunError::host("wait for sandbox helper", e.into())),
@@ -579,8 +630,6 @@ fn supervise(
     // process inherits it.
     if let Some(cg) = cgroup {
         if let Err(e) = cg.add(raw) {
-            let _ = rustix::process::kill_process(pid, Signal::KILL);
-            let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
             return Err(RunError::host(
                 format!("move the sandbox into {}", cg.path().display()),
                 e,
@@ -588,8 +637,6 @@ fn supervise(
         }
     }
     if let Err(e) = map.apply(raw) {
-        let _ = rustix::process::kill_process(pid, Signal::KILL);
-        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
         return Err(RunError::host("write uid_map/gid_map", e));
     }
     rustix::process::kill_process(pid, Signal::CONT)
@@ -622,7 +669,8 @@ fn supervise(
             }
         };
     let mut buf = vec![0u8; 16384];
-    let deadline = spec.timeout.map(|t| start + t);
+    // --timeout bounds the sandbox, not a first-time unpack before it.
+    let deadline = spec.timeout.map(|t| Instant::now() + t);
     let mut timed_out = false;
     loop {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -729,6 +777,7 @@ fn supervise(
             Err(e) => return Err(RunError::host("wait for sandbox", e.into())),
         }
     };
+    guard.armed = false;
     let (mut exit_code, mut signal) = match (status.exit_status(), status.terminating_signal()) {
         (Some(c), _) => (c, None),
         (None, Some(s)) => (128 + s, Some(s)),
