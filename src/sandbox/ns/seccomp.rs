@@ -88,7 +88,7 @@ pub(crate) fn filters(allow_userns: bool) -> Result<Vec<BpfProgram>, String> {
     // terminal; TIOCLINUX can too on a VT).
     let mut tty_rules = Vec::new();
     for cmd in [libc::TIOCSTI, libc::TIOCLINUX] {
-        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)
+        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd)
             .map_err(|e| e.to_string())?;
         tty_rules.push(SeccompRule::new(vec![cond]).map_err(|e| e.to_string())?);
     }
