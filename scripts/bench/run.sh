@@ -51,9 +51,9 @@ for i in $(seq 1 300); do
 done
 printf 'SRCS := $(wildcard *.c)\nOBJS := $(SRCS:.c=.o)\nlib.a: $(OBJS)\n\tar rcs $@ $^\n%%.o: %%.c\n\t$(CC) -O2 -c $< -o $@\nclean:\n\trm -f *.o lib.a\n' >"$proj/Makefile"
 chmod -R a+rwX "$proj"
-hyperfine --style none --runs 3 --warmup 1 --prepare "make -s -C $proj clean" --export-json "$w/build-kiln.json" \
+hyperfine --style none --runs 5 --warmup 1 --prepare "make -s -C $proj clean" --export-json "$w/build-kiln.json" \
   "$kiln run -v $proj:/src -w /src buildd make -s -j2" >/dev/null
-hyperfine --style none --runs 3 --warmup 1 --prepare "make -s -C $proj clean" --export-json "$w/build-host.json" \
+hyperfine --style none --runs 5 --warmup 1 --prepare "make -s -C $proj clean" --export-json "$w/build-host.json" \
   "make -s -C $proj -j2" >/dev/null
 
 rss=$(/usr/bin/time -f %M "$kiln" run bb /bin/true 2>&1 >/dev/null | tail -n1)
@@ -70,7 +70,7 @@ rows += [
     ("`kiln run buildd /bin/true` (445 MB image)", m("kiln-buildd"), "`kiln run bb /bin/true` (2 MB image)", m("kiln"), "<= 1.2"),
     ("C build, 300 files, `make -j2` in kiln", m("build-kiln"), "the same build on the host", m("build-host"), "<= 1.05"),
 ]
-print(f"Medians of {runs} runs (builds: 3), hyperfine, same machine, same run.\n")
+print(f"Medians of {runs} runs (builds: 5), hyperfine, same machine, same run.\n")
 print("| kiln | median | peer | median | ratio | target |")
 print("|---|---:|---|---:|---:|---|")
 for a, ta, b, tb, t in rows:
