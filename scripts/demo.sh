@@ -3,7 +3,9 @@
 #   install what is needed, build kiln, build the busybox example rootfs,
 #   import it (gzip'd tarball, detected by content) into a fresh store,
 #   list and inspect it, read it with skopeo and umoci straight from the
-#   store, and export it as an archive that podman/docker load.
+#   store, run build steps in it and --commit, import the same rootfs as a
+#   vendor-kit-like ISO (chunks > VHD > MBR > ext4), and export an archive
+#   that podman/docker load.
 # Run as root on a fresh Debian 12 machine (KILN_SKIP_SETUP=1 to skip apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +63,14 @@ set +e
 "$kiln" run --timeout 1 kiln/busybox:demo sleep 30; echo "timeout -> $?"
 "$kiln" run kiln/busybox:demo no-such-tool 2>/dev/null; echo "not found -> $?"
 set -e
+
+step "a vendor build kit: ISO > gzip chunks > VHD > MBR > ext4, imported without loop devices or mounts"
+CHUNK_BYTES=1048576 scripts/make-ddk-like-iso.sh "$work/busybox.tar" "$work/kit.iso" 2>/dev/null
+losetup -a | wc -l | sed 's/^/loop devices before: /'
+"$kiln" probe "$work/kit.iso"
+"$kiln" import "$work/kit.iso" --tag kiln/kit:demo
+losetup -a | wc -l | sed 's/^/loop devices after:  /'
+"$kiln" run kiln/kit:demo sh -c 'echo "hello from the kit: $(ls /bin | wc -l) programs in /bin"'
 
 step "kiln export (oci-archive and docker-archive), fsck, gc"
 "$kiln" export kiln/busybox:demo -o "$work/busybox-oci.tar"
