@@ -963,3 +963,27 @@ fn no_inherited_fds_no_host_terminal_and_no_writable_sys_submounts() {
         );
     }
 }
+
+#[test]
+fn tty_input_the_command_never_reads_does_not_stall_the_timeout() {
+    let k = with_busybox();
+    // `yes` writes without end; the command never reads. kiln must keep
+    // supervising (here: enforce --timeout) instead of blocking on the pty.
+    let script = format!(
+        "yes | exec {} --store {} run --timeout 2 -t -i bb sleep 60",
+        kiln_bin().display(),
+        k.store().display()
+    );
+    let start = Instant::now();
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .output()
+        .expect("bash");
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+}

@@ -77,22 +77,20 @@ impl Pty {
         }
     }
 
-    /// Writes input for the command.
-    pub fn write_all(&self, mut data: &[u8]) {
-        while !data.is_empty() {
-            match rustix::io::write(&self.master, data) {
-                Ok(n) => data = &data[n..],
+    /// Writes what the pty takes now (the master is non-blocking); returns
+    /// how many bytes were taken. A closed pty takes (drops) everything.
+    pub fn write_some(&self, data: &[u8]) -> usize {
+        let mut done = 0;
+        while done < data.len() {
+            match rustix::io::write(&self.master, &data[done..]) {
+                Ok(0) => break,
+                Ok(n) => done += n,
                 Err(rustix::io::Errno::INTR) => {}
-                Err(rustix::io::Errno::AGAIN) => {
-                    let mut fds = [rustix::event::PollFd::new(
-                        &self.master,
-                        rustix::event::PollFlags::OUT,
-                    )];
-                    let _ = rustix::event::poll(&mut fds, None);
-                }
-                Err(_) => return,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(_) => return data.len(),
             }
         }
+        done
     }
 }
 

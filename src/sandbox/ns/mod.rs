@@ -470,6 +470,10 @@ struct Relay<'a> {
     cgroup: Option<&'a super::cgroup::RunCgroup>,
 }
 
+/// Input bytes kiln holds for a pty that is not reading (then it stops
+/// reading its own stdin until the command catches up).
+const MAX_PENDING: usize = 1 << 20;
+
 /// Kills and reaps the helper when supervision ends early (an error after
 /// it started), so an embedder is never left with a stopped or
 /// unsupervised sandbox.
@@ -669,6 +673,7 @@ fn supervise(
             }
         };
     let mut buf = vec![0u8; 16384];
+    let mut pending: Vec<u8> = Vec::new();
     // --timeout bounds the sandbox, not a first-time unpack before it.
     let deadline = spec.timeout.map(|t| Instant::now() + t);
     let mut timed_out = false;
@@ -690,14 +695,18 @@ fn supervise(
             fds.push(rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
         }
         let stdin = io::stdin();
+        // Input waits in `pending` until the pty takes it, so a command
+        // that does not read never blocks kiln (or its --timeout).
+        let take_input = stdin_open && pending.len() < MAX_PENDING;
         let (pty_slot, stdin_slot) = (fds.len(), fds.len() + usize::from(pty_open));
         if let (Some(p), true) = (&pty, pty_open) {
-            fds.push(rustix::event::PollFd::new(
-                &p.master,
-                rustix::event::PollFlags::IN,
-            ));
+            let mut flags = rustix::event::PollFlags::IN;
+            if !pending.is_empty() {
+                flags |= rustix::event::PollFlags::OUT;
+            }
+            fds.push(rustix::event::PollFd::new(&p.master, flags));
         }
-        if stdin_open {
+        if take_input {
             fds.push(rustix::event::PollFd::new(
                 &stdin,
                 rustix::event::PollFlags::IN,
@@ -715,8 +724,16 @@ fn supervise(
         let exited = fds[0].revents().contains(rustix::event::PollFlags::IN);
         let ready = |i: usize| fds.get(i).is_some_and(|f| !f.revents().is_empty());
         let (pty_ready, stdin_ready) =
-            (pty_open && ready(pty_slot), stdin_open && ready(stdin_slot));
+            (pty_open && ready(pty_slot), take_input && ready(stdin_slot));
+        let pty_writable = pty_open
+            && fds
+                .get(pty_slot)
+                .is_some_and(|f| f.revents().contains(rustix::event::PollFlags::OUT));
         drop(fds);
+        if let (Some(p), true) = (&pty, pty_writable) {
+            let n = p.write_some(&pending);
+            pending.drain(..n);
+        }
         if let (Some(p), true) = (&pty, pty_ready) {
             match p.read(&mut buf) {
                 Some(0) => {}
@@ -724,14 +741,14 @@ fn supervise(
                 None => pty_open = false,
             }
         }
-        if let (Some(p), true) = (&pty, stdin_ready) {
+        if stdin_ready {
             match rustix::io::read(&stdin, &mut buf) {
                 Ok(0) | Err(_) => {
                     // End of input: ^D, as a terminal would send.
-                    p.write_all(&[4]);
+                    pending.push(4);
                     stdin_open = false;
                 }
-                Ok(n) => p.write_all(&buf[..n]),
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
             }
         }
         if let Some(ev) = events.as_mut() {
