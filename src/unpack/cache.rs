@@ -41,6 +41,20 @@ pub fn chain_id(diff_ids: &[String]) -> String {
     chain
 }
 
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// Where a cached root file system is, and whether this call unpacked it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CachedRootfs {
@@ -169,9 +183,37 @@ impl Store {
         rootless: bool,
     ) -> Result<super::UnpackReport, UnpackError> {
         let mut u = Unpacker::new(dest, rootless).map_err(|e| StoreError::io("open", dest, e))?;
-        for layer in img.manifest.layers() {
-            let r = self.layer_reader(layer)?;
-            u.apply_layer(r, layer.digest().as_ref())?;
+        let diff_ids = img.config.rootfs().diff_ids();
+        if diff_ids.len() != img.manifest.layers().len() {
+            return Err(UnpackError::Verify(format!(
+                "image {} has {} layers but its config lists {} diff_ids",
+                img.descriptor.digest(),
+                img.manifest.layers().len(),
+                diff_ids.len()
+            )));
+        }
+        for (layer, want) in img.manifest.layers().iter().zip(diff_ids) {
+            // The cache is keyed by the config's diff_ids, so the unpacked
+            // bytes must be the ones they name: an image that claims
+            // another's diff_ids must not plant its tree under their key.
+            let mut r = HashingReader {
+                inner: self.layer_reader(layer)?,
+                hash: Sha256::new(),
+            };
+            u.apply_layer(&mut r, layer.digest().as_ref())?;
+            std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| UnpackError::Io {
+                step: "read layer",
+                path: String::new(),
+                layer: layer.digest().to_string(),
+                source: e,
+            })?;
+            let got = format!("sha256:{}", hex::encode(r.hash.finalize()));
+            if &got != want {
+                return Err(UnpackError::Verify(format!(
+                    "layer {} uncompresses to {got}, but the image config says {want}",
+                    layer.digest()
+                )));
+            }
         }
         u.finish()
     }

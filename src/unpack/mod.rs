@@ -60,6 +60,9 @@ pub enum UnpackError {
     /// The destination exists and is not empty.
     #[error("unpack: destination {} exists and is not empty", .0.display())]
     NotEmpty(PathBuf),
+    /// A layer's content does not match the image config's diff_id.
+    #[error("unpack: {0}")]
+    Verify(String),
     /// A store operation failed.
     #[error(transparent)]
     Store(#[from] StoreError),
