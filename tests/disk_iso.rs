@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -50,19 +50,7 @@ fn host_tree(root: &Path) -> BTreeMap<String, N> {
     fn visit(p: &Path, rel: String, out: &mut BTreeMap<String, N>) {
         let md = fs::symlink_metadata(p).unwrap();
         let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_char_device() {
-            'c'
-        } else if ft.is_block_device() {
-            'b'
-        } else if ft.is_fifo() {
-            'p'
-        } else {
-            'f'
-        };
+        let kind = common::kind_of(&ft);
         let sha = if kind == 'f' {
             sha_hex(&mut fs::File::open(p).unwrap())
         } else {

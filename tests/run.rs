@@ -31,6 +31,23 @@ fn run_sh(k: &Kiln, flags: &[&str], script: &str) -> (i32, String, String) {
     )
 }
 
+/// Runs `kiln ARGS` (a shell word list, after `prelude`) on a terminal of
+/// its own (util-linux `script`); returns what the terminal showed.
+fn on_a_terminal(k: &Kiln, prelude: &str, args: &str) -> String {
+    require("script");
+    let cmd = format!(
+        "{prelude} {} --store {} {args}",
+        kiln_bin().display(),
+        k.store().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status
         .lines()
@@ -870,19 +887,12 @@ fn tty_gives_the_command_a_terminal_and_relays_input() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("from-42"), "{text}");
     // With a terminal on kiln's side, its size reaches the command.
-    require("script");
-    let cmd = format!(
-        "stty cols 99 rows 33; {} --store {} run --timeout 30 -t bb stty size",
-        kiln_bin().display(),
-        k.store().display()
+    let text = on_a_terminal(
+        &k,
+        "stty cols 99 rows 33;",
+        "run --timeout 30 -t bb stty size",
     );
-    let out = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("script");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("33 99"), "{out:?}");
+    assert!(text.contains("33 99"), "{text}");
 }
 
 #[test]
@@ -930,18 +940,11 @@ fn no_inherited_fds_no_host_terminal_and_no_writable_sys_submounts() {
     // With kiln on a terminal (script gives it one) the command is in a
     // session of its own, without a controlling terminal: no TIOCSTI into
     // the caller's shell.
-    require("script");
-    let cmd = format!(
-        "{} --store {} run bb sh -c 'echo tty_nr=$(cut -d\" \" -f7 /proc/self/stat); cat /dev/tty 2>&1 | head -c 40'",
-        kiln_bin().display(),
-        k.store().display()
+    let text = on_a_terminal(
+        &k,
+        "",
+        "run bb sh -c 'echo tty_nr=$(cut -d\" \" -f7 /proc/self/stat); cat /dev/tty 2>&1 | head -c 40'",
     );
-    let out = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("script");
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("tty_nr=0"),
         "the command has a controlling tty: {text}"

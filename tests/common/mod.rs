@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -391,6 +391,26 @@ pub struct Node {
 
 pub type Tree = BTreeMap<String, Node>;
 
+/// One letter per file type: d l f c b p s.
+pub fn kind_of(ft: &fs::FileType) -> char {
+    use std::os::unix::fs::FileTypeExt as _;
+    if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_file() {
+        'f'
+    } else if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
+    } else if ft.is_fifo() {
+        'p'
+    } else {
+        's'
+    }
+}
+
 fn hex(data: &[u8]) -> String {
     data.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -470,21 +490,7 @@ fn walk(root: &Path, p: &Path, out: &mut Tree, groups: &mut BTreeMap<(u64, u64),
             }
         }
         xattrs.remove("security.selinux");
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_char_device() {
-            'c'
-        } else if ft.is_block_device() {
-            'b'
-        } else if ft.is_fifo() {
-            'p'
-        } else {
-            's'
-        };
+        let kind = kind_of(&ft);
         let sha256 = if kind == 'f' {
             let mut h = Sha256::new();
             let mut f = fs::File::open(&path).expect("open");
