@@ -20,6 +20,26 @@ pub enum RootfsMode {
     Copy,
 }
 
+/// Where a run's writable upper layer (and its overlay work dir) lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Upper {
+    /// In memory unless the run commits: [`Upper::Disk`] with
+    /// [`RunSpec::commit`], else [`Upper::Memory`].
+    #[default]
+    Auto,
+    /// A tmpfs that only the sandbox's mount namespace sees: nothing of the
+    /// run touches the host's disk, and nothing is left to clean up, even
+    /// after SIGKILL. Writes to the root count against memory (the tmpfs
+    /// may grow to half of RAM, and can swap); build outputs belong on a
+    /// volume anyway.
+    Memory,
+    /// A run directory in the store (`.kiln/runs/run-*`), locked for the
+    /// run's lifetime, removed afterwards or, after a crash, by the next
+    /// run or `kiln gc`. Needed by `--commit`.
+    Disk,
+}
+
 /// How a run's user namespace is mapped (see [`crate::userns`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -278,6 +298,8 @@ pub struct RunSpec {
     pub userns: Userns,
     /// How the run's writable root is made. Default [`RootfsMode::Auto`].
     pub rootfs: RootfsMode,
+    /// Where the run's writes to its root go. Default [`Upper::Auto`].
+    pub upper: Upper,
     /// Capabilities the command keeps (numbers, see [`capability`]).
     /// Default none: every capability is dropped.
     pub cap_add: Vec<u32>,
@@ -316,11 +338,21 @@ impl RunSpec {
             source_date_epoch: None,
             userns: Userns::Auto,
             rootfs: RootfsMode::Auto,
+            upper: Upper::Auto,
             cap_add: Vec::new(),
             ulimits: Vec::new(),
             memory: None,
             pids_limit: None,
             forward_signals: false,
+        }
+    }
+
+    /// Whether the run's upper layer goes to a tmpfs (see [`Upper`]).
+    pub fn upper_in_memory(&self) -> bool {
+        match self.upper {
+            Upper::Memory => true,
+            Upper::Disk => false,
+            Upper::Auto => self.commit.is_none(),
         }
     }
 
@@ -370,6 +402,9 @@ impl RunSpec {
         }
         if self.commit.is_some() && self.rootfs == RootfsMode::Copy {
             return bad("--commit needs an overlay (not --rootfs copy): a copy cannot tell deletions from the image".into());
+        }
+        if self.commit.is_some() && self.upper == Upper::Memory {
+            return bad("--commit needs the upper layer on disk (not --upper memory): it is read after the sandbox is gone".into());
         }
         if self.commit.is_some() && self.read_only {
             return bad("--commit needs a writable root (not --read-only)".into());

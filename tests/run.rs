@@ -335,13 +335,21 @@ fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
     let marker = format!("sleep 31{}", std::process::id() % 1000);
     let started = Instant::now();
     for i in 0..200 {
+        // Every other block of 20 runs keeps its upper layer on disk (a run
+        // directory to clean up), the rest in memory (nothing on disk).
+        let upper = if i == 199 || (i / 20) % 2 == 1 {
+            "disk"
+        } else {
+            "memory"
+        };
         match if i == 199 { 0 } else { i % 20 } {
-            // SIGKILL kiln mid-run: the helper, init and command must die with
-            // it (also the very last run, whose directory gc then removes).
+            // SIGKILL kiln mid-run: init and the command must die with it
+            // (also the very last run, whose directory gc then removes).
             0 => {
                 let mut c = k
                     .cmd()
-                    .args(["run", "bb", "sh", "-c", &format!("echo up; {marker}")])
+                    .args(["run", "--upper", upper, "bb", "sh", "-c"])
+                    .arg(format!("echo up; {marker}"))
                     .stdout(Stdio::piped())
                     .spawn()
                     .expect("spawn");
@@ -355,11 +363,21 @@ fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
             }
             // Runs that time out.
             1 => {
-                let out = k.run(["run", "--timeout", "0.2", "bb", "sh", "-c", &marker]);
+                let out = k.run([
+                    "run", "--upper", upper, "--timeout", "0.2", "bb", "sh", "-c", &marker,
+                ]);
                 assert_eq!(out.status.code(), Some(124));
             }
             _ => {
-                let out = k.run(["run", "bb", "sh", "-c", "echo x > /tmp/x; echo y > /y"]);
+                let out = k.run([
+                    "run",
+                    "--upper",
+                    upper,
+                    "bb",
+                    "sh",
+                    "-c",
+                    "echo x > /tmp/x; echo y > /y",
+                ]);
                 assert_eq!(
                     out.status.code(),
                     Some(0),
@@ -406,6 +424,94 @@ fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
         .collect();
     assert!(runs.is_empty(), "run directories left: {runs:?}");
     eprintln!("200 runs in {:?}", started.elapsed());
+}
+
+/// Starts `kiln run [FLAGS] bb` writing to its root and then waiting;
+/// returns the running kiln once the write is done and what the store's
+/// run directory held at that moment.
+fn store_runs_while_running(k: &Kiln, flags: &[&str]) -> (std::process::Child, Vec<String>) {
+    let v = tempfile::tempdir_in(k.dir.path()).expect("tempdir");
+    let mut c = k
+        .cmd()
+        .arg("run")
+        .args(flags)
+        .arg("-v")
+        .arg(format!("{}:/v", v.path().display()))
+        .args(["bb", "sh", "-c"])
+        .arg("head -c 100000 /dev/zero > /etc/big && touch /v/started && sleep 30")
+        .spawn()
+        .expect("spawn kiln");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !v.path().join("started").exists() {
+        assert!(Instant::now() < deadline, "the sandbox never started");
+        if let Ok(Some(st)) = c.try_wait() {
+            panic!("kiln ended early: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let runs = fs::read_dir(k.store().join(".kiln/runs"))
+        .expect("runs dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    (c, runs)
+}
+
+#[test]
+fn the_upper_layer_is_in_memory_by_default_and_on_disk_when_asked() {
+    let k = with_busybox();
+    k.ok(["run", "bb", "true"]); // unpack once
+    // Default: a tmpfs only the sandbox sees; the store has no run directory
+    // even while the run writes to its root, and SIGKILL leaves nothing.
+    let (mut c, runs) = store_runs_while_running(&k, &[]);
+    assert!(runs.is_empty(), "a memory run made {runs:?}");
+    let big = Command::new("find")
+        .arg(k.store())
+        .args(["-name", "big"])
+        .output()
+        .expect("find");
+    assert!(big.stdout.is_empty(), "the run's write reached the store");
+    c.kill().expect("SIGKILL kiln");
+    c.wait().expect("wait");
+    assert_eq!(
+        fs::read_dir(k.store().join(".kiln/runs"))
+            .expect("runs dir")
+            .count(),
+        0
+    );
+    // --upper disk: a locked run directory holds the writes; after SIGKILL
+    // the next run reaps it.
+    let (mut c, runs) = store_runs_while_running(&k, &["--upper", "disk"]);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert!(runs[0].starts_with("run-"), "{runs:?}");
+    let big = k
+        .store()
+        .join(".kiln/runs")
+        .join(&runs[0])
+        .join("upper/etc/big");
+    // The caller is root inside (or its uid is), so it owns what the run
+    // wrote there.
+    assert_eq!(fs::metadata(&big).expect("the write on disk").len(), 100000);
+    c.kill().expect("SIGKILL kiln");
+    c.wait().expect("wait");
+    k.ok(["run", "bb", "true"]);
+    assert_eq!(
+        fs::read_dir(k.store().join(".kiln/runs"))
+            .expect("runs dir")
+            .count(),
+        0,
+        "the killed disk run's directory was not reaped"
+    );
+    // Memory and --commit do not mix; auto picks disk for --commit.
+    let out = k.run(["run", "--upper", "memory", "--commit", "x", "bb", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--commit needs the upper layer on disk"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    k.ok(["run", "--commit", "bb-y", "bb", "sh", "-c", "echo y > /y"]);
+    assert_eq!(k.ok(["run", "bb-y", "cat", "/y"]), "y\n");
 }
 
 #[test]

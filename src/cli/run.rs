@@ -69,6 +69,11 @@ pub struct RunArgs {
     /// else a copy, with a warning), overlay, fuse-overlay or copy.
     #[arg(long, default_value = "auto", value_parser = ["auto", "overlay", "fuse-overlay", "copy"])]
     pub rootfs: String,
+    /// Where the run's writes to its root go: auto (memory, or disk with
+    /// --commit), memory (a tmpfs only the sandbox sees; nothing touches the
+    /// host's disk) or disk (a run directory in the store).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "memory", "disk"])]
+    pub upper: String,
     /// Same as --rootfs copy.
     #[arg(long)]
     pub rootfs_copy: bool,
@@ -172,6 +177,11 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         (_, "overlay") => kiln::spec::RootfsMode::Overlay,
         (_, "fuse-overlay") => kiln::spec::RootfsMode::FuseOverlay,
         _ => kiln::spec::RootfsMode::Auto,
+    };
+    spec.upper = match a.upper.as_str() {
+        "memory" => kiln::spec::Upper::Memory,
+        "disk" => kiln::spec::Upper::Disk,
+        _ => kiln::spec::Upper::Auto,
     };
     spec.pids_limit = a.pids_limit;
     spec.commit = a.commit.clone();

@@ -98,6 +98,40 @@ pub fn fork() -> io::Result<i32> {
     }
 }
 
+/// fork(2) straight into new namespaces: clone(2) with `flags` (CLONE_NEW*)
+/// and no new stack, so the child continues from here as after fork. With
+/// `CLONE_NEWPID` the child is PID 1 of the new pid namespace. This saves
+/// the extra process that `unshare` + `fork` needs (bubblewrap starts its
+/// sandbox the same way).
+///
+/// The child's libc still records the parent's thread id, so it must not
+/// use calls that rely on it (raise, abort, pthread_kill); kiln's init
+/// exits with `_exit` and forks its command with fork(2), which sets the
+/// grandchild's thread id afresh.
+pub fn clone_fork(flags: rustix::thread::UnshareFlags) -> io::Result<i32> {
+    let flags = libc::c_ulong::from(flags.bits()) | libc::SIGCHLD as libc::c_ulong;
+    // SAFETY: clone with a null stack is fork with namespace flags: the
+    // child gets a copy of this address space and returns here. Every
+    // caller is single-threaded (checked with `single_threaded`), so no
+    // lock is held by a thread missing in the child; the remaining
+    // arguments (parent/child tid pointers, tls) are unused and zero.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if pid < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        i32::try_from(pid).map_err(|_| io::Error::other("clone returned a bad pid"))
+    }
+}
+
 /// Drops every capability not in `keep` (a bit mask) from the bounding set
 /// (`PR_CAPBSET_DROP` for each capability number the kernel knows).
 pub fn drop_bounding_set(keep: u64) -> io::Result<()> {
@@ -322,8 +356,27 @@ pub fn kill_all() {
     unsafe { libc::kill(-1, libc::SIGKILL) };
 }
 
-/// The login name of `uid` (through NSS, as newuidmap looks it up), if any.
+/// The login name of `uid`, if any: from /etc/passwd, else through NSS
+/// (as newuidmap looks it up; kiln is linked statically, so NSS modules
+/// other than files load only where the host's glibc matches).
 pub fn user_name(uid: u32) -> Option<String> {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| passwd_name(&p, uid))
+        .or_else(|| nss_user_name(uid))
+}
+
+/// The first name with `uid` in a passwd(5) file.
+fn passwd_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id: u32 = f.nth(1)?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_string())
+    })
+}
+
+fn nss_user_name(uid: u32) -> Option<String> {
     let mut buf = vec![0 as libc::c_char; 16384];
     // SAFETY: all-zero is a valid `passwd` (null pointers and zero ids); it
     // is only read after getpwuid_r filled it.
@@ -343,13 +396,24 @@ pub fn user_name(uid: u32) -> Option<String> {
 
 /// Whether this process has exactly one thread (so fork without exec is safe).
 pub fn single_threaded() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim() == "1"))
-        })
-        .unwrap_or(false)
+    // One read into a page-sized buffer: /proc/self/stat fits, and its
+    // 20th field is the thread count. The command name (field 2) is in
+    // parentheses and may hold spaces, so fields are counted after the
+    // last ')'.
+    let mut buf = [0u8; 4096];
+    let Ok(n) = std::fs::File::open("/proc/self/stat").and_then(|mut f| {
+        use std::io::Read;
+        f.read(&mut buf)
+    }) else {
+        return false;
+    };
+    stat_threads(&String::from_utf8_lossy(&buf[..n])) == Some(1)
+}
+
+/// The thread count (field 20) of a `/proc/PID/stat` line.
+fn stat_threads(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(17)?.parse().ok()
 }
 
 /// `dup2(fd, target)`: makes `target` (e.g. 0, 1, 2) a copy of `fd`,
@@ -431,4 +495,37 @@ pub fn blocked_of(signals: &[i32]) -> io::Result<Vec<i32>> {
         // SAFETY: `cur` is initialized; sigismember only reads it.
         .filter(|s| unsafe { libc::sigismember(&cur, *s) } == 1)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_threads_counts_after_the_command_name() {
+        // A command name may hold spaces and parentheses.
+        let line = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 3 0 99 1 1";
+        assert_eq!(stat_threads(line), Some(3));
+        assert_eq!(stat_threads("garbage"), None);
+    }
+
+    #[test]
+    fn passwd_names_by_uid() {
+        let p = "root:x:0:0:root:/root:/bin/bash\n# comment\nbad\nci:x:1000:1000::/home/ci:/bin/sh\n";
+        assert_eq!(passwd_name(p, 1000).as_deref(), Some("ci"));
+        assert_eq!(passwd_name(p, 0).as_deref(), Some("root"));
+        assert_eq!(passwd_name(p, 7), None);
+    }
+
+    #[test]
+    fn single_threaded_sees_other_threads() {
+        // The test harness runs this on a thread of its own, beside main.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        assert!(!single_threaded());
+        drop(tx);
+        let _ = t.join();
+        let me = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+        assert!(stat_threads(&me).is_some_and(|n| n >= 1));
+    }
 }

@@ -60,22 +60,11 @@ pub(crate) fn helper_run(cfg: &InitConfig) -> ! {
     if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
         die("start", "kiln exited before the sandbox started");
     }
-    let mut flags = UnshareFlags::NEWUSER
-        | UnshareFlags::NEWNS
-        | UnshareFlags::NEWPID
-        | UnshareFlags::NEWIPC
-        | UnshareFlags::NEWUTS
-        | UnshareFlags::NEWCGROUP;
-    if cfg.network == Network::None {
-        flags |= UnshareFlags::NEWNET;
-    }
-    sys::unshare(flags).or_die("unshare(user, mount, pid, ipc, uts, cgroup, net)");
+    sys::unshare(namespaces(cfg.network)).or_die("unshare(user, mount, pid, ipc, uts, cgroup, net)");
     // kiln writes our uid/gid maps while we are stopped, then SIGCONTs us.
     rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)
         .or_die("stop for id mapping");
-    if !cfg.keep_id && !rustix::process::getuid().is_root() {
-        die("id mapping", "uid 0 is not mapped in the user namespace");
-    }
+    check_mapping(cfg);
     // The next child is PID 1 of the new pid namespace.
     sys::sigmask(&WAITED, true).or_die("block signals");
     let init = sys::fork().or_die("fork init");
@@ -99,6 +88,50 @@ pub(crate) fn helper_run(cfg: &InitConfig) -> ! {
             let _ = rustix::process::kill_process(init_pid, s);
         }
     }
+}
+
+/// The namespaces of a sandbox: all of them, net unless `--network host`.
+pub(crate) fn namespaces(network: Network) -> UnshareFlags {
+    let mut flags = UnshareFlags::NEWUSER
+        | UnshareFlags::NEWNS
+        | UnshareFlags::NEWPID
+        | UnshareFlags::NEWIPC
+        | UnshareFlags::NEWUTS
+        | UnshareFlags::NEWCGROUP;
+    if network == Network::None {
+        flags |= UnshareFlags::NEWNET;
+    }
+    flags
+}
+
+fn check_mapping(cfg: &InitConfig) {
+    if !cfg.keep_id && !rustix::process::getuid().is_root() {
+        die("id mapping", "uid 0 is not mapped in the user namespace");
+    }
+}
+
+/// The child of `clone_fork` into the sandbox's namespaces, PID 1 already:
+/// waits until kiln has written the uid/gid maps (one byte on `sync`; end
+/// of file means kiln died first), then runs init. Never returns.
+pub(crate) fn cloned_init(cfg: &InitConfig, sync: std::os::fd::OwnedFd) -> ! {
+    sys::unblock_all_signals().or_die("unblock signals");
+    // Set before the wait: from here on kiln's death kills us, and a death
+    // before it shows as end of file below.
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+        .or_die("set parent-death signal");
+    let mut byte = [0u8; 1];
+    loop {
+        match rustix::io::read(&sync, &mut byte) {
+            Ok(1) => break,
+            Ok(_) => sys::exit_now(125),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => die("wait for id mapping", e),
+        }
+    }
+    drop(sync);
+    check_mapping(cfg);
+    sys::sigmask(&WAITED, true).or_die("block signals");
+    init_main(cfg)
 }
 
 /// PID 1: build the root, start the command, reap, forward signals.
@@ -166,6 +199,21 @@ fn setup_root(cfg: &InitConfig) {
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
     )
     .or_die("make / private");
+    if let Some(scratch) = &cfg.scratch {
+        // The run's upper layer in memory: a tmpfs only this mount
+        // namespace sees, gone with it.
+        mnt(
+            "tmpfs",
+            scratch,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            "mode=0700",
+        )
+        .or_die("mount the run's tmpfs");
+        for d in [&cfg.upper, &cfg.work, &cfg.merged] {
+            mkdirs(d);
+        }
+    }
     let root = &cfg.merged;
     if cfg.read_only {
         m::mount_bind_recursive(&cfg.lower, root).or_die("bind the image read-only");
@@ -311,12 +359,13 @@ fn setup_root(cfg: &InitConfig) {
     mask_proc();
 }
 
-/// Copies the image tree `from` into `to` with its modes, owners, links and
-/// xattrs (the no-overlay fallback).
 /// Mounts fuse-overlayfs on `root`. Its daemon is started by init, so it
 /// lives in the sandbox's pid namespace and dies with it.
 fn fuse_overlay(cfg: &InitConfig, root: &Path) -> io::Result<()> {
-    let bin = cfg.fuse_overlayfs.as_ref().ok_or_else(|| {
+    // Looked up here, not by every run: only a fallback needs it (init
+    // still sees the host's file system).
+    let found = crate::userns::find_tool("fuse-overlayfs");
+    let bin = found.as_ref().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             "fuse-overlayfs is not installed (Debian package fuse-overlayfs)",

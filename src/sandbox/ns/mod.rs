@@ -1,22 +1,28 @@
-//! The namespace backend, host side: prepare the run directory, start the
-//! helper, write its uid/gid maps, wait (with timeout and signal
-//! forwarding), clean up.
+//! The namespace backend, host side: prepare the run, start the sandbox,
+//! write its uid/gid maps, wait (with timeout and signal forwarding), clean
+//! up.
 //!
-//! Process tree of a run (compare bubblewrap, which forks itself the same way):
+//! Process tree of a run from the CLI, or from any single-threaded caller
+//! (compare bubblewrap, which clones itself the same way):
 //!
 //! ```text
-//! kiln (host)                      writes uid_map/gid_map, waits, cleans up
-//!  └─ kiln __sandbox-init          unshare(user, mnt, pid, ipc, uts, net, cgroup);
-//!      │                            SIGSTOP until the maps are written; relays exit
-//!      └─ init (PID 1)             mounts, pivot_root, reaps, forwards signals
-//!          └─ the command          caps dropped, no_new_privs
+//! kiln (host)          clone(user, mnt, pid, ipc, uts, net, cgroup); writes
+//!  │                    uid_map/gid_map, then one byte on a pipe; waits; cleans up
+//!  └─ init (PID 1)     waits for that byte; mounts, pivot_root, reaps, forwards signals
+//!      └─ the command  caps dropped, no_new_privs, seccomp
 //! ```
+//!
+//! A caller with threads cannot clone safely, so there kiln execs a helper,
+//! `kiln __sandbox-init`, which unshares the namespaces, stops itself until
+//! the maps are written, forks init and relays its exit.
 //!
 //! Every process has PDEATHSIG=SIGKILL towards its parent, so SIGKILL of
 //! kiln takes the tree down; the pid namespace dies with its init and the
-//! mount namespace with its last process. The only host-visible state is the
-//! run directory (overlay upper), which carries a lock held by kiln: the next
-//! run or `kiln gc` removes directories whose lock is free.
+//! mount namespace with its last process. The run's upper layer is by
+//! default a tmpfs inside that mount namespace, so nothing of the run is on
+//! the host. With `Upper::Disk` it is a run directory in the store, which
+//! carries a lock held by kiln: the next run or `kiln gc` removes
+//! directories whose lock is free.
 
 mod init;
 mod seccomp;
@@ -50,6 +56,9 @@ pub(crate) struct InitConfig {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub merged: PathBuf,
+    /// Mount a tmpfs here first (inside the sandbox): `upper`, `work` and
+    /// `merged` are in it.
+    pub scratch: Option<PathBuf>,
     pub read_only: bool,
     pub argv: Vec<String>,
     pub env: Vec<String>,
@@ -66,8 +75,6 @@ pub(crate) struct InitConfig {
     pub ulimits: Vec<crate::spec::Ulimit>,
     pub keep_id: bool,
     pub rootfs: crate::spec::RootfsMode,
-    /// fuse-overlayfs on the host, if installed.
-    pub fuse_overlayfs: Option<PathBuf>,
     pub tty: bool,
     /// Only the caller is mapped: a copied root records owners in
     /// `user.rootlesscontainers` instead of chown'ing.
@@ -160,14 +167,10 @@ struct RunDir {
 }
 
 impl RunDir {
-    fn create(store: &Store, helper: Option<&Path>) -> Result<RunDir, RunError> {
-        let runs = store.root().join(".kiln/runs");
-        fs::create_dir_all(&runs)
-            .map_err(|e| RunError::host(format!("create {}", runs.display()), e))?;
-        reap_dead_runs(&runs, helper);
+    fn create(runs: &Path, helper: Option<&Path>) -> Result<RunDir, RunError> {
         let dir = tempfile::Builder::new()
             .prefix("run-")
-            .tempdir_in(&runs)
+            .tempdir_in(runs)
             .map_err(|e| RunError::host("create run directory", e))?;
         let path = dir.keep();
         // The lock is a flock on the directory itself, taken before `upper`
@@ -277,18 +280,40 @@ pub(crate) fn run(
             io::Error::other("the cached image was removed by a concurrent gc; run again"),
         ));
     }
-    let rundir = RunDir::create(store, helper)?;
+    let runs = store.root().join(".kiln/runs");
+    fs::create_dir_all(&runs)
+        .map_err(|e| RunError::host(format!("create {}", runs.display()), e))?;
+    reap_dead_runs(&runs, helper);
+    // In memory, the run has no directory on the host at all: the sandbox
+    // mounts a tmpfs over `runs` in its own mount namespace.
+    let rundir = if spec.upper_in_memory() {
+        None
+    } else {
+        Some(RunDir::create(&runs, helper)?)
+    };
+    let (scratch, base) = match &rundir {
+        Some(d) => (None, d.path.clone()),
+        None => (Some(runs.clone()), runs.join("root")),
+    };
     let mut warnings = Vec::new();
     let cgroup = if spec.memory.is_some() || spec.pids_limit.is_some() {
         let limits = super::cgroup::Limits {
             memory: spec.memory,
             pids: spec.pids_limit,
         };
-        let id = rundir
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = match &rundir {
+            Some(d) => d
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            None => format!(
+                "mem-{}-{}",
+                std::process::id(),
+                RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        };
         match super::cgroup::Hierarchy::detect()
             .and_then(|h| super::cgroup::RunCgroup::create(&h, limits, &id))
         {
@@ -304,9 +329,14 @@ pub(crate) fn run(
     let uid = rustix::process::getuid().as_raw();
     let cfg = InitConfig {
         lower: rootfs.path.clone(),
-        upper: rundir.path.join("upper"),
-        work: rundir.path.join("work"),
-        merged: rundir.path.clone(),
+        upper: scratch
+            .as_ref()
+            .map_or_else(|| base.join("upper"), |s| s.join("upper")),
+        work: scratch
+            .as_ref()
+            .map_or_else(|| base.join("work"), |s| s.join("work")),
+        merged: base,
+        scratch,
         read_only: spec.read_only,
         argv,
         env,
@@ -316,7 +346,6 @@ pub(crate) fn run(
         user,
         keep_id: spec.userns == Userns::KeepId && uid != 0,
         rootfs: spec.rootfs,
-        fuse_overlayfs: crate::userns::find_tool("fuse-overlayfs"),
         tty: spec.tty,
         copy_rootless: map.kind == MapKind::Caller,
         tty_name: None,
@@ -395,14 +424,22 @@ pub(crate) fn run(
     }
     let mut result = result?;
     result.warnings.extend(warnings);
-    if let (Some(_), 0) = (&spec.commit, result.exit_code) {
-        if rundir.path.join("work").join(COPY_MARKER).exists() {
+    // A successful run with --commit: its upper layer becomes a new image.
+    let (name, rundir) = match (&spec.commit, result.exit_code, rundir) {
+        (Some(name), 0, Some(d)) => (name, d),
+        (Some(_), 0, None) => {
             return Err(RunError::Unsupported(
-                "--commit needs overlayfs, and this run fell back to a copy of the image (see the warning above): nothing was committed".into(),
-            ));
+                "--commit needs the upper layer on disk".into(),
+            ))
         }
+        _ => return Ok(result),
+    };
+    if rundir.path.join("work").join(COPY_MARKER).exists() {
+        return Err(RunError::Unsupported(
+            "--commit needs overlayfs, and this run fell back to a copy of the image (see the warning above): nothing was committed".into(),
+        ));
     }
-    if let (Some(name), 0) = (&spec.commit, result.exit_code) {
+    {
         let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
         let upper = rundir.path.join("upper");
         result.committed = Some(if map.kind == MapKind::Subids {
@@ -501,15 +538,23 @@ enum Launch {
     Fork(Box<InitConfig>),
 }
 
-/// Forks the helper; in the child, sets up stdio and runs stage 1.
-fn fork_helper(
+/// What `clone_init` started: the sandbox's PID 1, its output pipes, and
+/// the write end of the pipe it waits on until its id maps are written.
+struct Cloned {
+    pid: i32,
+    outs: Vec<(std::os::fd::OwnedFd, super::Stream)>,
+    sync: std::os::fd::OwnedFd,
+}
+
+/// Clones this (single-threaded) process straight into the sandbox's
+/// namespaces; the child sets up stdio and becomes the sandbox's init.
+fn clone_init(
     cfg: &InitConfig,
     stdin: bool,
     pty: Option<&super::pty::Pty>,
     piped: bool,
-) -> Result<(i32, Vec<(std::os::fd::OwnedFd, super::Stream)>), RunError> {
+) -> Result<Cloned, RunError> {
     use std::os::fd::AsFd;
-    let parent = rustix::process::getpid();
     let slave = pty.map(|p| p.slave_fd()).transpose()?;
     let devnull = if slave.is_none() && !stdin {
         Some(
@@ -532,31 +577,47 @@ fn fork_helper(
     } else {
         None
     };
-    let pid = crate::sys::fork().map_err(|e| RunError::host("fork sandbox helper", e))?;
-    if pid == 0 {
-        // The child: nothing here may return into kiln's code.
-        let ok = rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).is_ok()
-            && rustix::process::getppid() == Some(parent);
-        let dup = |fd: std::os::fd::BorrowedFd<'_>, to: &[i32]| {
-            to.iter().all(|t| crate::sys::dup_onto(fd, *t).is_ok())
-        };
-        let stdio_ok = match (&slave, &pipes) {
-            (Some(s), _) => dup(s.as_fd(), &[0, 1, 2]),
-            (None, p) => {
-                devnull.as_ref().is_none_or(|n| dup(n.as_fd(), &[0]))
-                    && p.as_ref()
-                        .is_none_or(|(o, e)| dup(o.1.as_fd(), &[1]) && dup(e.1.as_fd(), &[2]))
-            }
-        };
-        if !ok || !stdio_ok {
-            crate::sys::exit_now(125);
+    let (sync_r, sync_w) = pipe()?;
+    let pid = match crate::sys::clone_fork(init::namespaces(cfg.network)) {
+        Ok(pid) => pid,
+        Err(e) => {
+            return Err(RunError::Unsupported(format!(
+                "cannot create the sandbox's namespaces: {e}: {}",
+                userns_hint()
+            )))
         }
-        init::helper_run(cfg);
+    };
+    if pid == 0 {
+        // The child: nothing here may return (or unwind) into kiln's code.
+        let child = std::panic::AssertUnwindSafe(move || {
+            drop(sync_w);
+            let dup = |fd: std::os::fd::BorrowedFd<'_>, to: &[i32]| {
+                to.iter().all(|t| crate::sys::dup_onto(fd, *t).is_ok())
+            };
+            let stdio_ok = match (&slave, &pipes) {
+                (Some(s), _) => dup(s.as_fd(), &[0, 1, 2]),
+                (None, p) => {
+                    devnull.as_ref().is_none_or(|n| dup(n.as_fd(), &[0]))
+                        && p.as_ref()
+                            .is_none_or(|(o, e)| dup(o.1.as_fd(), &[1]) && dup(e.1.as_fd(), &[2]))
+                }
+            };
+            if !stdio_ok {
+                crate::sys::exit_now(125);
+            }
+            init::cloned_init(cfg, sync_r)
+        });
+        let _ = std::panic::catch_unwind(child);
+        crate::sys::exit_now(125);
     }
     let outs = pipes
         .map(|(o, e)| vec![(o.0, super::Stream::Stdout), (e.0, super::Stream::Stderr)])
         .unwrap_or_default();
-    Ok((pid, outs))
+    Ok(Cloned {
+        pid,
+        outs,
+        sync: sync_w,
+    })
 }
 
 fn supervise(
@@ -571,6 +632,9 @@ fn supervise(
     let Relay { sigfd, pty, cgroup } = relay;
     // Output pipes (only when the caller takes events and there is no pty).
     let mut outs: Vec<(std::os::fd::OwnedFd, super::Stream)> = Vec::new();
+    // Set when the sandbox's init was cloned directly (it waits on this
+    // pipe); an exec'd helper stops itself instead.
+    let mut sync = None;
     let raw = match launch {
         Launch::Exec(mut cmd) => {
             if events.is_some() && pty.is_none() {
@@ -592,9 +656,10 @@ fn supervise(
             child.id() as i32
         }
         Launch::Fork(cfg) => {
-            let (pid, o) = fork_helper(&cfg, spec.stdin, pty.as_ref(), events.is_some())?;
-            outs = o;
-            pid
+            let c = clone_init(&cfg, spec.stdin, pty.as_ref(), events.is_some())?;
+            outs = c.outs;
+            sync = Some(c.sync);
+            c.pid
         }
     };
     let pid =
@@ -609,14 +674,20 @@ fn supervise(
     if let Some(ev) = events.as_mut() {
         ev(super::RunEvent::Started { pid: raw as u32 });
     }
-    // The helper stops itself once its namespaces exist.
-    let stop = loop {
-        match rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED) {
-            Err(rustix::io::Errno::INTR) => continue,
-            r => break r,
+    // The helper stops itself once its namespaces exist; a cloned init
+    // has them from the start.
+    let stop = if sync.is_some() {
+        Ok(None)
+    } else {
+        loop {
+            match rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => break r,
+            }
         }
     };
     match stop {
+        Ok(None) if sync.is_some() => {}
         Ok(Some((_, st))) if st.stopped() => {}
         Ok(Some((_, st))) => {
             // Reaped already: nothing left to kill.
@@ -643,8 +714,14 @@ fn supervise(
     if let Err(e) = map.apply(raw) {
         return Err(RunError::host("write uid_map/gid_map", e));
     }
-    rustix::process::kill_process(pid, Signal::CONT)
-        .map_err(|e| RunError::host("resume sandbox helper", e.into()))?;
+    match sync {
+        Some(w) => {
+            rustix::io::write(&w, &[1])
+                .map_err(|e| RunError::host("resume the sandbox's init", e.into()))?;
+        }
+        None => rustix::process::kill_process(pid, Signal::CONT)
+            .map_err(|e| RunError::host("resume sandbox helper", e.into()))?,
+    }
     let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
         .map_err(|e| RunError::host("pidfd_open", e.into()))?;
     // The pty: master non-blocking; the caller's input relayed with -i (a
