@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 [ "${KILN_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --quiet
-kiln=$PWD/target/release/kiln
+kiln=$PWD/target/x86_64-unknown-linux-gnu/release/kiln
 work=$(mktemp -d /tmp/kiln-demo.XXXXXX)
 export KILN_HOME=$work/store
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

@@ -24,7 +24,7 @@ dest=$(mktemp -d /tmp/kiln-unpriv.XXXXXX)
 trap 'rm -rf "$dest"' EXIT
 mkdir -p "$dest/bin" "$dest/repo"
 cargo build --release --quiet
-cp "${CARGO_TARGET_DIR:-target}/release/kiln" "$dest/bin/kiln"
+cp "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/kiln" "$dest/bin/kiln"
 # Build only the named test binaries when some are named.
 only=()
 for want in "$@"; do only+=(--test "$want"); done

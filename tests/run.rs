@@ -364,7 +364,15 @@ fn two_hundred_runs_leave_nothing_behind_even_when_kiln_is_killed() {
             // Runs that time out.
             1 => {
                 let out = k.run([
-                    "run", "--upper", upper, "--timeout", "0.2", "bb", "sh", "-c", &marker,
+                    "run",
+                    "--upper",
+                    upper,
+                    "--timeout",
+                    "0.2",
+                    "bb",
+                    "sh",
+                    "-c",
+                    &marker,
                 ]);
                 assert_eq!(out.status.code(), Some(124));
             }
@@ -461,8 +469,8 @@ fn store_runs_while_running(k: &Kiln, flags: &[&str]) -> (std::process::Child, V
 fn the_upper_layer_is_in_memory_by_default_and_on_disk_when_asked() {
     let k = with_busybox();
     k.ok(["run", "bb", "true"]); // unpack once
-    // Default: a tmpfs only the sandbox sees; the store has no run directory
-    // even while the run writes to its root, and SIGKILL leaves nothing.
+                                 // Default: a tmpfs only the sandbox sees; the store has no run directory
+                                 // even while the run writes to its root, and SIGKILL leaves nothing.
     let (mut c, runs) = store_runs_while_running(&k, &[]);
     assert!(runs.is_empty(), "a memory run made {runs:?}");
     let big = Command::new("find")

@@ -22,7 +22,7 @@ cargo build --release --quiet
 w=$(mktemp -d /tmp/kiln-bench-disk.XXXXXX)
 chmod 0755 "$w"
 trap 'umount "$w/mnt" 2>/dev/null || true; rm -rf "$w"' EXIT
-cp target/release/kiln "$w/kiln"
+cp target/x86_64-unknown-linux-gnu/release/kiln "$w/kiln"
 chmod 0755 "$w/kiln"
 user=""
 id -u kiln-sub >/dev/null 2>&1 && user=kiln-sub

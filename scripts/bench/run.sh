@@ -14,7 +14,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 tar=${KILN_BUILDD_TAR:-/var/cache/kiln-ci/buildd.tar}
 scripts/make-buildd-tar.sh "$tar" >/dev/null
 cargo build --release --quiet
-kiln=$PWD/target/release/kiln
+kiln=$PWD/target/x86_64-unknown-linux-gnu/release/kiln
 w=$(mktemp -d /tmp/kiln-bench-run.XXXXXX)
 trap 'rm -rf "$w"' EXIT
 export KILN_HOME=$w/store

@@ -6,7 +6,8 @@
 //! cgroup v2's "no internal processes" rule forbids enabling controllers
 //! for children of a cgroup that holds processes, so kiln first moves
 //! itself into a leaf `kiln-self-<pid>` next to the run's cgroup, as crun
-//! does. Where any of this is impossible (no cgroup v2, controllers not
+//! does; the next kiln that sets limits removes the leaves of kiln
+//! processes that have exited. Where any of this is impossible (no cgroup v2, controllers not
 //! delegated, not writable: hybrid hosts such as these CI machines), the
 //! run goes on and the caller gets one warning naming the reason.
 
@@ -74,6 +75,36 @@ impl Hierarchy {
     }
 }
 
+/// Removes what earlier kiln processes left in `own`: run cgroups of
+/// SIGKILLed runs (rmdir fails on a busy one), and the `kiln-self-<pid>`
+/// leaves of kiln processes that have exited (a process cannot remove the
+/// leaf it is in, so each one leaves its leaf for the next). A leaf whose
+/// process is alive is kept even while empty: that kiln may be about to
+/// move into it.
+fn reap_stale(own: &Path) {
+    let Ok(list) = fs::read_dir(own) else {
+        return;
+    };
+    for e in list.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = if name.starts_with("kiln-run-") {
+            true
+        } else if let Some(pid) = name.strip_prefix("kiln-self-") {
+            pid.parse::<i32>()
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .is_some_and(|p| {
+                    rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH)
+                })
+        } else {
+            false
+        };
+        if stale {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+}
+
 /// A run's cgroup with its limits set; removed on drop.
 #[derive(Debug)]
 pub(crate) struct RunCgroup {
@@ -129,15 +160,7 @@ impl RunCgroup {
                 ));
             }
         }
-        // Run cgroups of SIGKILLed runs: empty ones go (rmdir fails on a
-        // busy one).
-        if let Ok(list) = fs::read_dir(own) {
-            for e in list.flatten() {
-                if e.file_name().to_string_lossy().starts_with("kiln-run-") {
-                    let _ = fs::remove_dir(e.path());
-                }
-            }
-        }
+        reap_stale(own);
         let dir = own.join(format!("kiln-run-{id}"));
         fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let cg = RunCgroup { dir };
@@ -241,6 +264,30 @@ mod tests {
             .exists());
         assert!(cg.path().join("pids.max").exists());
         assert!(!cg.path().join("memory.max").exists());
+    }
+
+    #[test]
+    fn leaves_of_exited_kiln_processes_are_reaped() {
+        let (_t, h) = fake("memory pids", "memory pids");
+        // A pid above pid_max can never be alive.
+        let dead = h.own.join("kiln-self-2147483600");
+        let alive = h.own.join("kiln-self-1");
+        let old_run = h.own.join("kiln-run-old");
+        for d in [&dead, &alive, &old_run] {
+            fs::create_dir(d).unwrap();
+        }
+        let _cg = RunCgroup::create(
+            &h,
+            Limits {
+                memory: None,
+                pids: Some(10),
+            },
+            "10",
+        )
+        .unwrap();
+        assert!(!dead.exists(), "the dead kiln's leaf stayed");
+        assert!(!old_run.exists(), "the old run cgroup stayed");
+        assert!(alive.exists(), "a live process's leaf was removed");
     }
 
     #[test]

@@ -511,7 +511,8 @@ mod tests {
 
     #[test]
     fn passwd_names_by_uid() {
-        let p = "root:x:0:0:root:/root:/bin/bash\n# comment\nbad\nci:x:1000:1000::/home/ci:/bin/sh\n";
+        let p =
+            "root:x:0:0:root:/root:/bin/bash\n# comment\nbad\nci:x:1000:1000::/home/ci:/bin/sh\n";
         assert_eq!(passwd_name(p, 1000).as_deref(), Some("ci"));
         assert_eq!(passwd_name(p, 0).as_deref(), Some("root"));
         assert_eq!(passwd_name(p, 7), None);

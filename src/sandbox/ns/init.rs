@@ -60,7 +60,8 @@ pub(crate) fn helper_run(cfg: &InitConfig) -> ! {
     if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
         die("start", "kiln exited before the sandbox started");
     }
-    sys::unshare(namespaces(cfg.network)).or_die("unshare(user, mount, pid, ipc, uts, cgroup, net)");
+    sys::unshare(namespaces(cfg.network))
+        .or_die("unshare(user, mount, pid, ipc, uts, cgroup, net)");
     // kiln writes our uid/gid maps while we are stopped, then SIGCONTs us.
     rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)
         .or_die("stop for id mapping");
