@@ -38,6 +38,7 @@ pub mod store;
 mod sys;
 pub mod unpack;
 pub mod userns;
+pub mod vm;
 
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
 pub use progress::{Event, ProgressFn};

@@ -6,6 +6,10 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    // kiln is also the guest agent of its VMs (PID 1 of their initramfs).
+    if kiln::vm::agent::is_agent() {
+        kiln::vm::agent::agent_main();
+    }
     // The sandbox helper: kiln re-executes itself to set up namespaces.
     if std::env::args_os()
         .nth(1)

@@ -25,6 +25,8 @@ pub enum Event {
     DiskChain(String),
     /// A non-fatal oddity worth telling the user about.
     Warning(String),
+    /// A slow step begins, e.g. booting a VM to read a file system.
+    Step(String),
     /// A layer blob was written.
     LayerWritten {
         /// Its digest.

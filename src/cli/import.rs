@@ -87,6 +87,10 @@ pub struct DiskArgs {
     /// The backing file of a qcow2 overlay.
     #[arg(long, value_name = "FILE")]
     pub backing: Option<PathBuf>,
+    /// Read the file system inside a throwaway QEMU VM (for xfs, btrfs,
+    /// f2fs, squashfs, ... which kiln has no userspace reader for).
+    #[arg(long)]
+    pub via_vm: bool,
 }
 
 impl DiskArgs {
@@ -97,6 +101,7 @@ impl DiskArgs {
             parent: self.parent.clone(),
             backing: self.backing.clone(),
             max_stream: None,
+            via_vm: self.via_vm.then(kiln::vm::VmOptions::default),
         }
     }
 }
@@ -202,14 +207,14 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
                 }
             }
             Event::Progress { done, .. } => b.set_position(*done),
-            Event::DiskChain(c) => b.println(format!("kiln: {c}")),
+            Event::DiskChain(c) | Event::Step(c) => b.println(format!("kiln: {c}")),
             Event::Warning(w) => b.println(format!("warning: {w}")),
             _ => {}
         }));
     } else {
         opts.progress = Some(Arc::new(|e: &Event| match e {
             Event::Warning(w) => eprintln!("kiln: warning: {w}"),
-            Event::DiskChain(c) => eprintln!("kiln: {c}"),
+            Event::DiskChain(c) | Event::Step(c) => eprintln!("kiln: {c}"),
             _ => {}
         }));
     }

@@ -11,6 +11,10 @@
 //! Every step is detected from bytes, never from file names, and every step
 //! reads the one below through [`ReadAt`], so nothing is copied to a
 //! temporary file and nothing is mounted.
+//!
+//! A file system kiln has no reader for (xfs, btrfs, ...) is read with
+//! [`ChainOptions::via_vm`]: the last step's bytes go to a throwaway VM
+//! that mounts them and sends a tar back ([`crate::vm`]).
 
 use std::fmt;
 use std::fs;
@@ -46,6 +50,9 @@ pub enum DiskError {
     /// The chain has no file system kiln can read, or a choice is needed.
     #[error("{0}")]
     Unsupported(String),
+    /// Reading the file system in a VM failed.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
 }
 
 macro_rules! reader_errors {
@@ -80,6 +87,9 @@ pub struct ChainOptions {
     pub backing: Option<PathBuf>,
     /// Upper bound of a chunked stream's size when no descriptor gives it.
     pub max_stream: Option<u64>,
+    /// Read the file system in a throwaway VM (`--via-vm`), whatever it
+    /// is: the way to import xfs, btrfs, f2fs, squashfs, ... .
+    pub via_vm: Option<crate::vm::VmOptions>,
 }
 
 /// One step of a chain, for display.
@@ -96,6 +106,26 @@ pub struct Step {
 enum Root {
     Ext(ExtFs),
     Iso(Iso, String),
+    /// Read in a VM: the file system's bytes, its `mount` type.
+    Vm(Arc<dyn ReadAt>, &'static str, crate::vm::VmOptions),
+}
+
+/// The `mount` type for what the ext reader's sniffing found, when the VM
+/// can mount it.
+fn mount_type(found: &str) -> Option<&'static str> {
+    Some(match found {
+        "xfs" => "xfs",
+        "btrfs" => "btrfs",
+        "squashfs" => "squashfs",
+        "f2fs" => "f2fs",
+        "erofs" => "erofs",
+        "reiserfs" => "reiserfs",
+        "jfs" => "jfs",
+        "ntfs" => "ntfs3",
+        "exfat" => "exfat",
+        "a FAT file system" => "vfat",
+        _ => return None,
+    })
 }
 
 /// A [`ReadAt`] that counts the bytes read through it (progress of the
@@ -188,9 +218,11 @@ pub fn recognizes(path: &Path) -> bool {
     if crate::source::tar_header_ok(&head) || crate::source::sniff_codec(&head).is_some() {
         return false;
     }
-    // A raw disk (MBR/GPT boot signature) or a bare ext file system.
+    // A raw disk (MBR/GPT boot signature), a bare ext file system, or
+    // another file system a VM can read.
     (head.len() >= 512 && head[510..512] == [0x55, 0xaa])
         || (head.len() >= 1082 && head[1080..1082] == [0x53, 0xef])
+        || mount_type(super::ext::sniff_other(&src)).is_some()
 }
 
 fn chunk_dir(dir: &Path) -> bool {
@@ -287,6 +319,15 @@ impl Chain {
         E: From<DiskError>,
         F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
     {
+        self.walk_noting(&mut |_| {}, f)
+    }
+
+    /// [`Chain::walk`], telling `note` about slow steps (booting a VM).
+    pub fn walk_noting<E, F>(&self, note: &mut dyn FnMut(&str), f: F) -> Result<(), E>
+    where
+        E: From<DiskError>,
+        F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
+    {
         match &self.root {
             Root::Ext(fs) => {
                 let mut f = f;
@@ -305,6 +346,7 @@ impl Chain {
                 iso.walk(sub, |e, d| f(e, d).map_err(WalkErr))
                     .map_err(|e: WalkErr<E>| e.0)
             }
+            Root::Vm(src, fstype, vm) => walk_in_vm(&**src, fstype, vm, note, f),
         }
     }
 
@@ -312,9 +354,47 @@ impl Chain {
     pub fn sockets_skipped(&self) -> u64 {
         match &self.root {
             Root::Ext(fs) => fs.sockets_skipped(),
-            Root::Iso(..) => 0,
+            Root::Iso(..) | Root::Vm(..) => 0,
         }
     }
+}
+
+/// Boots a VM that tars the file system up, then walks the tar.
+fn walk_in_vm<E, F>(
+    src: &dyn ReadAt,
+    fstype: &str,
+    vm: &crate::vm::VmOptions,
+    note: &mut dyn FnMut(&str),
+    mut f: F,
+) -> Result<(), E>
+where
+    E: From<DiskError>,
+    F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
+{
+    let kernel = crate::vm::Kernel::find().map_err(|e| E::from(e.into()))?;
+    let result = crate::vm::export_tree(&kernel, src, fstype, vm, note);
+    let mut out = result.map_err(|e| E::from(e.into()))?;
+    let mut caller: Option<E> = None;
+    let reader = out
+        .reader()
+        .map_err(|e| E::from(DiskError::Reader(format!("vm: read the guest's tar: {e}"))))?;
+    let walked = crate::source::tarball::walk(reader, "the guest's tar", &mut |e, d, _| {
+        // As with the ext reader: lost+found is housekeeping.
+        if e.path == "lost+found" || e.path.starts_with("lost+found/") {
+            return Ok(());
+        }
+        f(e, d).map_err(|err| {
+            caller = Some(err);
+            crate::import::ImportError::Unsupported {
+                path: "the guest's tar".into(),
+                what: "stopped by the caller".into(),
+            }
+        })
+    });
+    if let Some(err) = caller {
+        return Err(err);
+    }
+    walked.map_err(|e| E::from(DiskError::Reader(format!("vm: {e}"))))
 }
 
 /// Carries the caller's error through a reader's walk.
@@ -444,7 +524,7 @@ fn open_disk(
         src
     };
     let Some(table) = PartitionTable::read(&disk)? else {
-        return open_fs(disk, steps);
+        return open_fs(disk, opts, steps);
     };
     let parts = &table.partitions;
     let chosen = match opts.partition {
@@ -455,7 +535,9 @@ fn open_disk(
             ))
         })?,
         None => {
-            // The partition that holds a Linux root (etc/ or usr/).
+            // The partition that holds a Linux root (etc/ or usr/); with
+            // --via-vm, else the first one holding a file system the VM
+            // can mount.
             let mut found = None;
             for p in parts {
                 let slice: Arc<dyn ReadAt> = Arc::new(p.open(&disk)?);
@@ -465,6 +547,15 @@ fn open_disk(
                 {
                     found = Some(p);
                     break;
+                }
+            }
+            if found.is_none() && opts.via_vm.is_some() {
+                for p in parts {
+                    let slice: Arc<dyn ReadAt> = Arc::new(p.open(&disk)?);
+                    if mount_type(super::ext::sniff_other(&*slice)).is_some() {
+                        found = Some(p);
+                        break;
+                    }
                 }
             }
             found.ok_or_else(|| {
@@ -493,18 +584,39 @@ fn open_disk(
             "{scheme} p{} {kind} {}{}",
             chosen.number,
             human(chosen.size_bytes),
-            if opts.partition.is_none() {
-                " (has a Linux root)"
-            } else {
-                ""
+            match (opts.partition, opts.via_vm.is_some()) {
+                (Some(_), _) => "",
+                (None, false) => " (has a Linux root)",
+                (None, true) => " (chosen)",
             }
         ),
     });
     let slice: Arc<dyn ReadAt> = Arc::new(chosen.open(&disk)?);
-    open_fs(slice, steps)
+    open_fs(slice, opts, steps)
 }
 
-fn open_fs(src: Arc<dyn ReadAt>, steps: &mut Vec<Step>) -> Result<Root, DiskError> {
+fn open_fs(
+    src: Arc<dyn ReadAt>,
+    opts: &ChainOptions,
+    steps: &mut Vec<Step>,
+) -> Result<Root, DiskError> {
+    if let Some(vm) = &opts.via_vm {
+        let found = super::ext::sniff_other(&*src);
+        let fstype = if ExtFs::open(Arc::clone(&src)).is_ok() {
+            "ext4"
+        } else {
+            mount_type(found).ok_or_else(|| {
+                DiskError::Unsupported(format!(
+                    "the file system is {found}, which the VM cannot mount either"
+                ))
+            })?
+        };
+        steps.push(Step {
+            reader: "vm".into(),
+            detail: format!("{fstype} {} (read in a VM)", human(src.size())),
+        });
+        return Ok(Root::Vm(src, fstype, vm.clone()));
+    }
     match ExtFs::open(src) {
         Ok(fs) => {
             steps.push(Step {
@@ -513,9 +625,12 @@ fn open_fs(src: Arc<dyn ReadAt>, steps: &mut Vec<Step>) -> Result<Root, DiskErro
             });
             Ok(Root::Ext(fs))
         }
-        Err(ExtError::NotExt { found }) => Err(DiskError::Unsupported(format!(
-            "the file system is {found}, which kiln cannot read (it reads ext2/3/4)"
-        ))),
+        Err(ExtError::NotExt { found }) => Err(DiskError::Unsupported(match mount_type(found) {
+            Some(_) => format!(
+                "the file system is {found}, which kiln cannot read in userspace (it reads ext2/3/4): import it with --via-vm, which mounts it inside a throwaway VM"
+            ),
+            None => format!("the file system is {found}, which kiln cannot read (it reads ext2/3/4)"),
+        })),
         Err(e) => Err(e.into()),
     }
 }

@@ -670,6 +670,26 @@ impl Store {
     ) -> Result<ImportReport, ImportError> {
         let mut copts = opts.disk.clone();
         copts.max_stream.get_or_insert(opts.limits.max_bytes);
+        // A VM's files (a copy of the file system, its output) live in the
+        // store's temp directory for the import only.
+        let mut _vm_work = None;
+        if let Some(vm) = &mut copts.via_vm {
+            if vm.work.as_os_str().is_empty() {
+                let tmp = self.root().join(".kiln/tmp");
+                let dir = tempfile::Builder::new()
+                    .prefix("vm-")
+                    .tempdir_in(&tmp)
+                    .map_err(|e| ImportError::Disk {
+                        path: display.to_string(),
+                        reason: format!("vm: create a work directory in {}: {e}", tmp.display()),
+                    })?;
+                vm.work = dir.path().to_path_buf();
+                _vm_work = Some(dir);
+            }
+            if vm.accel_state.as_os_str().is_empty() {
+                vm.accel_state = self.root().join(".kiln/vm-accel");
+            }
+        }
         let disk_err = |e: crate::disk::chain::DiskError| ImportError::Disk {
             path: display.to_string(),
             reason: e.to_string(),
@@ -696,7 +716,9 @@ impl Store {
                 Fail::Disk(e)
             }
         }
-        let walked = chain.walk(|e, data| -> Result<(), Fail> {
+        let progress = opts.progress.clone();
+        let mut note = |n: &str| emit(&progress, Event::Step(n.to_string()));
+        let walked = chain.walk_noting(&mut note, |e, data| -> Result<(), Fail> {
             n += 1;
             if n.is_multiple_of(256) {
                 emit(

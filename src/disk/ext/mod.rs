@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use error::{ExtError, PathCtx};
+pub(crate) use superblock::sniff_other;
 
 use crate::disk::ReadAt;
 use crate::import::{Entry, EntryKind};

@@ -115,7 +115,7 @@ pub(crate) struct Superblock {
 
 /// Identifies well-known non-ext contents, so "xfs is not supported" can be
 /// said instead of "bad magic".
-fn sniff_other(dev: &dyn ReadAt) -> &'static str {
+pub(crate) fn sniff_other(dev: &dyn ReadAt) -> &'static str {
     let size = dev.size();
     let at = |off: u64, len: usize| -> Option<Vec<u8>> {
         let mut b = vec![0u8; len];

@@ -1,0 +1,582 @@
+//! Throwaway QEMU VMs for work the host kernel should not do for an
+//! untrusted image: today, reading a file system kiln has no userspace
+//! reader for (`kiln import --via-vm`: xfs, btrfs, f2fs, ...).
+//!
+//! A VM boots the host distribution's kernel directly (`-kernel`, no
+//! bootloader, no disk image of its own) with an initramfs that kiln builds
+//! on the fly: `/init` is kiln itself (a static binary), acting as the guest
+//! agent ([`agent`]), plus the few kernel modules it needs (virtio, the
+//! file system). The file system to read is a read-only virtio disk; the
+//! agent mounts it inside the guest and writes a tar of it to a second
+//! virtio disk, which kiln then reads as it reads any tar. Nothing is
+//! mounted on the host, and no loop device is used.
+//!
+//! KVM is used when it really works: `/dev/kvm` opening is not enough (on
+//! some hosts guests hang), so the first VM of a store runs with KVM and a
+//! deadline for the agent's first words; if they do not come, the VM is
+//! killed, TCG is used from then on, and the verdict is kept in the store
+//! (`.kiln/vm-accel`). `KILN_VM_ACCEL=kvm|tcg` forces a choice.
+
+pub mod agent;
+mod cpio;
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::disk::ReadAt;
+
+/// What went wrong starting or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// No kernel to boot.
+    #[error("vm: no kernel to boot: {0} (install linux-image-amd64, or set KILN_VM_KERNEL to a vmlinuz whose modules are in /lib/modules)")]
+    NoKernel(String),
+    /// No QEMU.
+    #[error("vm: {0} not found (install qemu-system-x86)")]
+    NoQemu(String),
+    /// A host-side step failed.
+    #[error("vm: {step}: {path}: {source}")]
+    Io {
+        /// What kiln was doing.
+        step: &'static str,
+        /// The file involved.
+        path: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The guest agent reported an error.
+    #[error("vm: the guest could not {0}")]
+    Agent(String),
+    /// The VM ended without a result.
+    #[error("vm: the VM ({accel}) ended without a result: {why}; its console said:\n{console}")]
+    Failed {
+        /// kvm or tcg.
+        accel: &'static str,
+        /// Exit status or timeout.
+        why: String,
+        /// The last lines of the guest console.
+        console: String,
+    },
+}
+
+fn io_err<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> VmError + 'a {
+    move |source| VmError::Io {
+        step,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A kernel to boot and the modules directory that belongs to it.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// The `vmlinuz` file.
+    pub image: PathBuf,
+    /// `/lib/modules/RELEASE`.
+    pub modules: PathBuf,
+}
+
+impl Kernel {
+    /// `KILN_VM_KERNEL`, else the newest `/boot/vmlinuz-*` that has a
+    /// modules directory.
+    pub fn find() -> Result<Kernel, VmError> {
+        if let Some(k) = std::env::var_os("KILN_VM_KERNEL") {
+            let image = PathBuf::from(k);
+            let release = image
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    VmError::NoKernel(format!(
+                        "KILN_VM_KERNEL={} is not named vmlinuz-RELEASE",
+                        image.display()
+                    ))
+                })?;
+            return Ok(Kernel {
+                image,
+                modules: Path::new("/lib/modules").join(release),
+            });
+        }
+        let mut found: Vec<(PathBuf, PathBuf)> = fs::read_dir("/boot")
+            .map_err(|e| VmError::NoKernel(format!("/boot: {e}")))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let release = name.strip_prefix("vmlinuz-")?;
+                let modules = Path::new("/lib/modules").join(release);
+                modules
+                    .join("modules.dep")
+                    .exists()
+                    .then(|| (e.path(), modules))
+            })
+            .collect();
+        found.sort();
+        let (image, modules) = found
+            .pop()
+            .ok_or_else(|| VmError::NoKernel("no /boot/vmlinuz-* with /lib/modules".into()))?;
+        // /boot/vmlinuz-* is often mode 0600 (Ubuntu): say so clearly.
+        fs::File::open(&image).map_err(io_err("read the kernel", &image))?;
+        Ok(Kernel { image, modules })
+    }
+
+    /// The module files (relative to `modules`) needed for `names`, each
+    /// after its dependencies.
+    fn modules_for(&self, names: &[&str]) -> Result<Vec<String>, VmError> {
+        let dep_path = self.modules.join("modules.dep");
+        let text = fs::read_to_string(&dep_path).map_err(io_err("read", &dep_path))?;
+        let deps: std::collections::HashMap<&str, Vec<&str>> = text
+            .lines()
+            .filter_map(|l| {
+                let (m, d) = l.split_once(':')?;
+                Some((m.trim(), d.split_whitespace().collect()))
+            })
+            .collect();
+        let by_name = |n: &str| {
+            deps.keys()
+                .find(|k| {
+                    let base = k.rsplit('/').next().unwrap_or(k);
+                    let stem = base.split(".ko").next().unwrap_or(base);
+                    stem.replace('-', "_") == n.replace('-', "_")
+                })
+                .copied()
+        };
+        fn visit<'a>(
+            m: &'a str,
+            deps: &std::collections::HashMap<&'a str, Vec<&'a str>>,
+            out: &mut Vec<String>,
+        ) {
+            if out.iter().any(|o| o == m) {
+                return;
+            }
+            for d in deps.get(m).into_iter().flatten() {
+                visit(d, deps, out);
+            }
+            out.push(m.to_string());
+        }
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(m) = by_name(n) {
+                visit(m, &deps, &mut out);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Modules every VM needs: virtio disks, and crc32c, which the file
+/// systems' checksum code asks for at mount time (there is no modprobe in
+/// the guest to load it on demand).
+const BASE_MODULES: &[&str] = &["crc32c_generic", "virtio_pci", "virtio_blk"];
+
+/// The file systems the guest can mount, by the name `mount` uses.
+pub const FILE_SYSTEMS: &[&str] = &[
+    "ext4", "xfs", "btrfs", "f2fs", "squashfs", "erofs", "jfs", "reiserfs", "ntfs3", "exfat",
+    "vfat",
+];
+
+/// Writes the initramfs: kiln as /init, /dev/console, the modules for
+/// `fstype` and their order.
+fn write_initramfs(kernel: &Kernel, fstype: &str, out: &Path) -> Result<(), VmError> {
+    let me = std::env::current_exe().map_err(io_err("find kiln's own binary", Path::new("/proc/self/exe")))?;
+    let agent = fs::read(&me).map_err(io_err("read", &me))?;
+    let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
+    wanted.push(fstype);
+    let mods = kernel.modules_for(&wanted)?;
+    let f = fs::File::create(out).map_err(io_err("create", out))?;
+    let mut c = cpio::Cpio::new(io::BufWriter::new(f));
+    let w = |r: io::Result<()>| r.map_err(io_err("write", out));
+    for d in ["dev", "proc", "sys", "mnt", "modules"] {
+        w(c.dir(d))?;
+    }
+    w(c.char_dev("dev/console", 5, 1))?;
+    w(c.file("init", 0o755, &agent))?;
+    let mut order = String::new();
+    for (i, m) in mods.iter().enumerate() {
+        let src = kernel.modules.join(m);
+        let data = fs::read(&src).map_err(io_err("read module", &src))?;
+        let name = format!("modules/{i:03}.ko");
+        w(c.file(&name, 0o644, &data))?;
+        order.push_str(&format!("/{name} {m}\n"));
+    }
+    w(c.file("modules/order", 0o644, order.as_bytes()))?;
+    let mut inner = c.finish().map_err(io_err("write", out))?;
+    inner.flush().map_err(io_err("write", out))?;
+    Ok(())
+}
+
+/// How guests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// QEMU's emulator.
+    Tcg,
+}
+
+impl Accel {
+    fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// The accelerator to try: forced by `KILN_VM_ACCEL`, else the verdict kept
+/// in `state`, else KVM when /dev/kvm opens read-write.
+fn choose_accel(state: &Path) -> (Accel, bool) {
+    match std::env::var("KILN_VM_ACCEL").as_deref() {
+        Ok("kvm") => return (Accel::Kvm, true),
+        Ok("tcg") => return (Accel::Tcg, true),
+        _ => {}
+    }
+    if let Ok(v) = fs::read_to_string(state) {
+        match v.trim() {
+            "kvm" => return (Accel::Kvm, true),
+            "tcg" => return (Accel::Tcg, true),
+            _ => {}
+        }
+    }
+    let kvm = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    (if kvm { Accel::Kvm } else { Accel::Tcg }, !kvm)
+}
+
+/// Where a VM's work files go and how long it may take.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// A private directory for the VM's files (removed by the caller).
+    /// Empty: a store import puts it in the store's temp directory.
+    pub work: PathBuf,
+    /// The file that keeps the KVM verdict (e.g. the store's
+    /// `.kiln/vm-accel`). Empty: a store import uses that one.
+    pub accel_state: PathBuf,
+    /// Memory of the guest in MiB.
+    pub memory_mib: u32,
+    /// The whole VM's deadline.
+    pub timeout: Duration,
+    /// How long a KVM guest has to say its first words before KVM is
+    /// judged broken.
+    pub kvm_probe: Duration,
+}
+
+impl Default for VmOptions {
+    /// Empty paths (see the fields), 1 GiB of guest memory, an hour's
+    /// deadline, 20 s for a KVM guest's first words.
+    fn default() -> VmOptions {
+        VmOptions::new(PathBuf::new(), PathBuf::new())
+    }
+}
+
+impl VmOptions {
+    /// Defaults for `work`, keeping the KVM verdict in `accel_state`.
+    pub fn new(work: PathBuf, accel_state: PathBuf) -> VmOptions {
+        VmOptions {
+            work,
+            accel_state,
+            memory_mib: 1024,
+            timeout: Duration::from_secs(3600),
+            kvm_probe: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What a VM export left: the tar stream, in a file.
+pub struct TarOut {
+    /// The file holding the stream (at `offset`).
+    pub file: fs::File,
+    /// Where the stream starts.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+    /// How the guest ran.
+    pub accel: Accel,
+}
+
+impl TarOut {
+    /// The tar stream.
+    pub fn reader(&mut self) -> io::Result<impl Read + '_> {
+        self.file.seek(SeekFrom::Start(self.offset))?;
+        Ok(io::Read::take(&mut self.file, self.len))
+    }
+}
+
+/// The result header the agent writes at the start of the output disk.
+pub(crate) const OUT_MAGIC: &[u8; 8] = b"KILNTAR1";
+/// The tar stream starts here on the output disk.
+pub(crate) const OUT_DATA: u64 = 4096;
+
+/// Copies `src` into a sparse file (all-zero blocks become holes).
+fn write_sparse(src: &dyn ReadAt, path: &Path) -> Result<(), VmError> {
+    let mut f = fs::File::create(path).map_err(io_err("create", path))?;
+    let size = src.size();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], off)
+            .map_err(io_err("read the file system", path))?;
+        for chunk in buf[..n].chunks(64 << 10) {
+            if chunk.iter().all(|&b| b == 0) {
+                f.seek(SeekFrom::Current(chunk.len() as i64))
+                    .map_err(io_err("write", path))?;
+            } else {
+                f.write_all(chunk).map_err(io_err("write", path))?;
+            }
+        }
+        off += n as u64;
+    }
+    f.set_len(size).map_err(io_err("write", path))?;
+    Ok(())
+}
+
+/// Boots a VM that mounts the file system in `fs` (of type `fstype`, a
+/// name from [`FILE_SYSTEMS`]) read-only and writes a tar of its tree;
+/// returns that tar.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use kiln::disk::FileSource;
+/// use kiln::vm::{export_tree, Kernel, VmOptions};
+/// let fs = Arc::new(FileSource::open("root.xfs".as_ref())?);
+/// let opts = VmOptions::new("/tmp/vm-work".into(), "/tmp/vm-accel".into());
+/// let mut out = export_tree(&Kernel::find()?, &*fs, "xfs", &opts, &mut |line| eprintln!("{line}"))?;
+/// std::io::copy(&mut out.reader()?, &mut std::io::sink())?;
+/// # Ok(()) }
+/// ```
+pub fn export_tree(
+    kernel: &Kernel,
+    fs: &dyn ReadAt,
+    fstype: &str,
+    opts: &VmOptions,
+    note: &mut dyn FnMut(&str),
+) -> Result<TarOut, VmError> {
+    if !FILE_SYSTEMS.contains(&fstype) {
+        return Err(VmError::Agent(format!("mount a {fstype} file system: not supported")));
+    }
+    let qemu = crate::userns::find_tool("qemu-system-x86_64")
+        .ok_or_else(|| VmError::NoQemu("qemu-system-x86_64".into()))?;
+    fs::create_dir_all(&opts.work).map_err(io_err("create", &opts.work))?;
+    let disk = opts.work.join("in.raw");
+    let out = opts.work.join("out.raw");
+    let initrd = opts.work.join("initrd.cpio");
+    note("copying the file system out of its container for the VM");
+    write_sparse(fs, &disk)?;
+    // Sparse: only what the agent writes takes space. A tar of a tree is
+    // at most a little bigger than the file system holding it.
+    let out_size = fs.size().saturating_mul(2).saturating_add(256 << 20);
+    fs::File::create(&out)
+        .and_then(|f| f.set_len(out_size))
+        .map_err(io_err("create", &out))?;
+    write_initramfs(kernel, fstype, &initrd)?;
+    let (first, decided) = choose_accel(&opts.accel_state);
+    let mut accel = first;
+    loop {
+        note(&format!("booting a {} VM to read the {fstype} file system", accel.name()));
+        let probe = (accel == Accel::Kvm && !decided).then_some(opts.kvm_probe);
+        match boot(&qemu, kernel, &initrd, &disk, &out, fstype, accel, opts, probe) {
+            Ok(()) => break,
+            Err(Boot::Silent(why)) if accel == Accel::Kvm => {
+                note(&format!("kvm does not really work here ({why}); using tcg from now on"));
+                let _ = fs::write(&opts.accel_state, "tcg\n");
+                accel = Accel::Tcg;
+            }
+            Err(Boot::Silent(why)) => {
+                return Err(VmError::Failed {
+                    accel: accel.name(),
+                    why,
+                    console: String::new(),
+                })
+            }
+            Err(Boot::Failed(e)) => return Err(e),
+        }
+    }
+    if accel == Accel::Kvm && !decided {
+        let _ = fs::write(&opts.accel_state, "kvm\n");
+    }
+    let mut file = fs::File::open(&out).map_err(io_err("open", &out))?;
+    let mut head = [0u8; 512];
+    file.read_exact(&mut head).map_err(io_err("read", &out))?;
+    if &head[..8] != OUT_MAGIC {
+        return Err(VmError::Agent("write its result (the output disk has no header)".into()));
+    }
+    let len = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+    let status = head[16];
+    if status != 0 {
+        let msg_len = usize::from(head[17]).min(head.len() - 18);
+        return Err(VmError::Agent(
+            String::from_utf8_lossy(&head[18..18 + msg_len]).into_owned(),
+        ));
+    }
+    if len > out_size - OUT_DATA {
+        return Err(VmError::Agent(format!("write its result (length {len} is past the output disk)")));
+    }
+    Ok(TarOut {
+        file,
+        offset: OUT_DATA,
+        len,
+        accel,
+    })
+}
+
+enum Boot {
+    /// While probing KVM: the guest never spoke (it hung, or QEMU failed
+    /// before it could); why.
+    Silent(String),
+    Failed(VmError),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn boot(
+    qemu: &Path,
+    kernel: &Kernel,
+    initrd: &Path,
+    disk: &Path,
+    out: &Path,
+    fstype: &str,
+    accel: Accel,
+    opts: &VmOptions,
+    probe: Option<Duration>,
+) -> Result<(), Boot> {
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-machine", "q35", "-accel", accel.name()])
+        .args(["-m", &opts.memory_mib.to_string(), "-smp", "1"])
+        .arg("-kernel")
+        .arg(&kernel.image)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init kiln.fstype={fstype}"
+        ))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio,readonly=on", disk.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", out.display()))
+        .args(["-serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    crate::sys::pre_exec_pdeathsig(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| {
+        Boot::Failed(VmError::Io {
+            step: "start",
+            path: qemu.display().to_string(),
+            source: e,
+        })
+    })?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        if let Some(s) = stdout {
+            for line in BufReader::new(s).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let stderr = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let start = Instant::now();
+    let mut console: Vec<String> = Vec::new();
+    let mut heard = false;
+    let mut outcome: Option<Result<(), Boot>> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if line.contains(agent::READY) {
+                    heard = true;
+                }
+                console.push(line);
+                if console.len() > 40 {
+                    console.remove(0);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        let elapsed = start.elapsed();
+        if !heard && probe.is_some_and(|p| elapsed > p) {
+            outcome = Some(Err(Boot::Silent(format!(
+                "the guest said nothing for {:?}",
+                probe.unwrap_or_default()
+            ))));
+            break;
+        }
+        if elapsed > opts.timeout {
+            outcome = Some(Err(Boot::Failed(VmError::Failed {
+                accel: accel.name(),
+                why: format!("no result after {:?}", opts.timeout),
+                console: String::new(),
+            })));
+            break;
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait();
+    let _ = reader.join();
+    let qemu_err = err_reader.join().unwrap_or_default();
+    // Lines that arrived after the loop stopped.
+    console.extend(rx.try_iter());
+    let tail = |console: &[String]| {
+        let n = console.len().saturating_sub(20);
+        let mut t = console[n..].join("\n");
+        if !qemu_err.trim().is_empty() {
+            t.push_str("\nqemu: ");
+            t.push_str(qemu_err.trim());
+        }
+        t
+    };
+    if let Some(o) = outcome {
+        return match o {
+            Err(Boot::Failed(VmError::Failed { accel, why, .. })) => {
+                Err(Boot::Failed(VmError::Failed {
+                    accel,
+                    why,
+                    console: tail(&console),
+                }))
+            }
+            other => other,
+        };
+    }
+    if console.iter().any(|l| l.contains(agent::DONE)) {
+        return Ok(());
+    }
+    if probe.is_some() && !heard {
+        // KVM failed before the guest ran at all (QEMU could not set the
+        // vCPU up, say): as good as silent.
+        let last = qemu_err.lines().last().unwrap_or("").trim().to_string();
+        return Err(Boot::Silent(match status {
+            Ok(s) => format!("qemu exited ({s}) before the guest spoke: {last}"),
+            Err(e) => format!("wait for qemu: {e}"),
+        }));
+    }
+    Err(Boot::Failed(VmError::Failed {
+        accel: accel.name(),
+        why: match status {
+            Ok(s) => format!("qemu exited ({s})"),
+            Err(e) => format!("wait for qemu: {e}"),
+        },
+        console: tail(&console),
+    }))
+}
