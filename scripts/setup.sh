@@ -20,6 +20,11 @@ sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
+# Throwaway VMs (import --via-vm): QEMU, a kernel to boot directly, and the
+# mkfs tools the tests make xfs/btrfs images with. No recommends: the kernel
+# package would pull firmware and bootloader tooling a VM host does not need.
+$sudo apt-get install -y -qq --no-install-recommends \
+  qemu-system-x86 linux-image-amd64 xfsprogs btrfs-progs >/dev/null
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null; then
   echo "setup: no Rust toolchain found: install one with rustup (https://rustup.rs)" >&2

@@ -94,7 +94,8 @@ fn run() -> Result<u64, String> {
     mnt("devtmpfs", "/dev", "devtmpfs", MountFlags::empty())?;
     mnt("proc", "/proc", "proc", MountFlags::empty())?;
     mnt("sysfs", "/sys", "sysfs", MountFlags::empty())?;
-    let order = fs::read_to_string("/modules/order").map_err(|e| format!("read /modules/order: {e}"))?;
+    let order =
+        fs::read_to_string("/modules/order").map_err(|e| format!("read /modules/order: {e}"))?;
     for line in order.lines() {
         let (file, name) = line.split_once(' ').unwrap_or((line, line));
         let f = fs::File::open(file).map_err(|e| format!("open {file}: {e}"))?;
@@ -105,7 +106,8 @@ fn run() -> Result<u64, String> {
             Err(e) => say(&format!("kiln-agent: module {name}: {e}")),
         }
     }
-    let cmdline = fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
+    let cmdline =
+        fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
     let fstype = cmdline
         .split_whitespace()
         .find_map(|w| w.strip_prefix("kiln.fstype="))
@@ -126,8 +128,9 @@ fn run() -> Result<u64, String> {
             _ => None,
         };
         match data {
-            Some(d) => m::mount(src, "/mnt", fstype.as_str(), ro, Some(d))
-                .map_err(|e2| format!("mount the {fstype} file system read-only: {e} (and with {d:?}: {e2})"))?,
+            Some(d) => m::mount(src, "/mnt", fstype.as_str(), ro, Some(d)).map_err(|e2| {
+                format!("mount the {fstype} file system read-only: {e} (and with {d:?}: {e2})")
+            })?,
             None => return Err(format!("mount the {fstype} file system read-only: {e}")),
         }
     }
@@ -144,11 +147,12 @@ fn run() -> Result<u64, String> {
     };
     let mut tar = crate::import::TarWriter::new(counted);
     crate::source::dir::walk(Path::new("/mnt"), &mut |e, data| {
-        tar.append(&e, data).map_err(|err| crate::import::ImportError::ReadFile {
-            step: "write the tar",
-            path: Path::new("/mnt").join(&e.path),
-            source: err,
-        })
+        tar.append(&e, data)
+            .map_err(|err| crate::import::ImportError::ReadFile {
+                step: "write the tar",
+                path: Path::new("/mnt").join(&e.path),
+                source: err,
+            })
     })
     .map_err(|e| format!("read the tree: {e}"))?;
     let entries = tar.entries();
@@ -161,7 +165,8 @@ fn run() -> Result<u64, String> {
     h[8..16].copy_from_slice(&len.to_le_bytes());
     disk.write_all_at(&h, 0)
         .map_err(|e| format!("write the result header: {e}"))?;
-    disk.sync_all().map_err(|e| format!("sync {}: {e}", out.display()))?;
+    disk.sync_all()
+        .map_err(|e| format!("sync {}: {e}", out.display()))?;
     Ok(entries)
 }
 

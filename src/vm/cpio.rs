@@ -126,7 +126,10 @@ mod tests {
                 .output()
                 .unwrap();
             let names = String::from_utf8_lossy(&list.stdout);
-            assert_eq!(names.lines().collect::<Vec<_>>(), ["dev", "dev/console", "init", "odd"]);
+            assert_eq!(
+                names.lines().collect::<Vec<_>>(),
+                ["dev", "dev/console", "init", "odd"]
+            );
         }
     }
 }

@@ -182,7 +182,10 @@ pub const FILE_SYSTEMS: &[&str] = &[
 /// Writes the initramfs: kiln as /init, /dev/console, the modules for
 /// `fstype` and their order.
 fn write_initramfs(kernel: &Kernel, fstype: &str, out: &Path) -> Result<(), VmError> {
-    let me = std::env::current_exe().map_err(io_err("find kiln's own binary", Path::new("/proc/self/exe")))?;
+    let me = std::env::current_exe().map_err(io_err(
+        "find kiln's own binary",
+        Path::new("/proc/self/exe"),
+    ))?;
     let agent = fs::read(&me).map_err(io_err("read", &me))?;
     let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
     wanted.push(fstype);
@@ -361,7 +364,9 @@ pub fn export_tree(
     note: &mut dyn FnMut(&str),
 ) -> Result<TarOut, VmError> {
     if !FILE_SYSTEMS.contains(&fstype) {
-        return Err(VmError::Agent(format!("mount a {fstype} file system: not supported")));
+        return Err(VmError::Agent(format!(
+            "mount a {fstype} file system: not supported"
+        )));
     }
     let qemu = crate::userns::find_tool("qemu-system-x86_64")
         .ok_or_else(|| VmError::NoQemu("qemu-system-x86_64".into()))?;
@@ -381,12 +386,19 @@ pub fn export_tree(
     let (first, decided) = choose_accel(&opts.accel_state);
     let mut accel = first;
     loop {
-        note(&format!("booting a {} VM to read the {fstype} file system", accel.name()));
+        note(&format!(
+            "booting a {} VM to read the {fstype} file system",
+            accel.name()
+        ));
         let probe = (accel == Accel::Kvm && !decided).then_some(opts.kvm_probe);
-        match boot(&qemu, kernel, &initrd, &disk, &out, fstype, accel, opts, probe) {
+        match boot(
+            &qemu, kernel, &initrd, &disk, &out, fstype, accel, opts, probe,
+        ) {
             Ok(()) => break,
             Err(Boot::Silent(why)) if accel == Accel::Kvm => {
-                note(&format!("kvm does not really work here ({why}); using tcg from now on"));
+                note(&format!(
+                    "kvm does not really work here ({why}); using tcg from now on"
+                ));
                 let _ = fs::write(&opts.accel_state, "tcg\n");
                 accel = Accel::Tcg;
             }
@@ -407,7 +419,9 @@ pub fn export_tree(
     let mut head = [0u8; 512];
     file.read_exact(&mut head).map_err(io_err("read", &out))?;
     if &head[..8] != OUT_MAGIC {
-        return Err(VmError::Agent("write its result (the output disk has no header)".into()));
+        return Err(VmError::Agent(
+            "write its result (the output disk has no header)".into(),
+        ));
     }
     let len = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
     let status = head[16];
@@ -418,7 +432,9 @@ pub fn export_tree(
         ));
     }
     if len > out_size - OUT_DATA {
-        return Err(VmError::Agent(format!("write its result (length {len} is past the output disk)")));
+        return Err(VmError::Agent(format!(
+            "write its result (length {len} is past the output disk)"
+        )));
     }
     Ok(TarOut {
         file,
@@ -460,7 +476,10 @@ fn boot(
             "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init kiln.fstype={fstype}"
         ))
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio,readonly=on", disk.display()))
+        .arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            disk.display()
+        ))
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", out.display()))
         .args(["-serial", "stdio"])
