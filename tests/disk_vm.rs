@@ -283,6 +283,39 @@ fn btrfs_and_xfs_import_only_through_a_vm_with_their_trees() {
         })
         .collect();
     assert_eq!(essentials(&got), no_sticky, "xfs tree");
+
+    // A corrupt xfs (its superblock scribbled over after the magic): the
+    // guest kernel refuses it, and kiln says so; nothing is tagged.
+    let mut bytes = fs::read(&xfs).expect("read xfs");
+    for (i, b) in bytes[8..512].iter_mut().enumerate() {
+        *b = (i * 37 % 256) as u8;
+    }
+    let bad = k.dir.path().join("bad.xfs");
+    fs::write(&bad, &bytes).expect("write bad xfs");
+    let before = loop_state();
+    let out = k
+        .cmd()
+        .args([
+            "import",
+            "--via-vm",
+            bad.to_str().expect("utf-8"),
+            "-t",
+            "bad",
+        ])
+        .env("KILN_VM_ACCEL", "tcg")
+        .output()
+        .expect("kiln");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("the guest could not mount the xfs file system read-only"),
+        "{err}"
+    );
+    assert_eq!(before, loop_state(), "a loop device or mount appeared");
+    assert!(
+        !k.ok(["images"]).contains("bad"),
+        "a failed import was tagged"
+    );
 }
 
 /// An xfs protofile for `src` (mkfs.xfs -p): types, modes, owners, content
