@@ -704,7 +704,6 @@ mod tests {
         te.read_to_end(&mut body).unwrap();
         assert_eq!(&body[..enc.len()], &enc[..]);
         assert_eq!(&body[enc.len()..], &data[..]);
-        drop(it);
         // kiln's own reader gives the entry back.
         let mut got = Vec::new();
         crate::source::tarball::walk(&buf[..], "t", &mut |g, r, _| {
