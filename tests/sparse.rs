@@ -72,11 +72,23 @@ fn make_tree(root: &Path) {
         &[(0, &noise(4, 16 << 10)), (32 << 10, &noise(5, 16 << 10))],
     );
     fs::write(root.join("plain"), noise(6, 100_000)).expect("write");
+    // A path longer than a ustar name field (stand-in name truncated).
+    fs::create_dir_all(root.join(long_path()).parent().expect("parent")).expect("mkdir");
+    sparse_file(&root.join(long_path()), 3 * MIB, &[(MIB, b"long")]);
     assert!(
         on_disk(&big) < MIB,
         "the test directory {} does not keep holes (file system without sparse files?)",
         root.display()
     );
+}
+
+/// A sparse file's path of more than 100 bytes.
+fn long_path() -> String {
+    format!(
+        "data/{}/{}",
+        "long-directory-name-".repeat(4),
+        "long-file-name-".repeat(5)
+    )
 }
 
 /// The uncompressed layer tar of image `name` (its only or top layer).
@@ -157,7 +169,12 @@ fn directory_import_stores_sparse_files_in_pax_sparse_and_unpacks_them_sparse() 
     assert!(!has("GNUSparseFile.0/smallhole") && has("smallhole\0"));
 
     // What other tools make of it.
-    check_with_tar_tools(&layer, &src, &["data/big", "allhole"], k.dir.path());
+    check_with_tar_tools(
+        &layer,
+        &src,
+        &["data/big", "allhole", &long_path()],
+        k.dir.path(),
+    );
     let theirs = k.dir.path().join("extracted-tar");
     assert_eq!(
         sha256_file(&theirs.join("smallhole")),
@@ -176,13 +193,14 @@ fn directory_import_stores_sparse_files_in_pax_sparse_and_unpacks_them_sparse() 
             64 << 10,
             "unpack",
         );
+        let long = long_path();
+        assert_sparse_copy(&src.join(&long), &root.join(&long), MIB, "unpack");
         for f in ["smallhole", "plain"] {
             assert_eq!(sha256_file(&root.join(f)), sha256_file(&src.join(f)), "{f}");
         }
     }
 
-    // The layer is the same when the tree comes back through a tarball (its
-    // own layer) or through GNU tar's --sparse archive of the unpacked tree.
+    // The layer itself, imported as a tarball, gives the same layer back.
     let again = k.import(&layer, "from-layer", &[]);
     assert_ne!(again, d1, "a tarball's history differs from a directory's");
     assert_eq!(layer_digest(&k, "from-layer"), layer_digest(&k, "sparse:1"));
@@ -434,7 +452,12 @@ fn ext4_image_with_sparse_files_imports_sparse() {
     let layer = layer_tar(&k, "ext:1", &k.dir.path().join("layer.tar"));
     let tar_len = fs::metadata(&layer).expect("stat").len();
     assert!(tar_len < MIB, "the uncompressed layer is {tar_len} bytes");
-    check_with_tar_tools(&layer, &src, &["data/big", "allhole"], k.dir.path());
+    check_with_tar_tools(
+        &layer,
+        &src,
+        &["data/big", "allhole", &long_path()],
+        k.dir.path(),
+    );
     let out = k.dir.path().join("unpacked");
     k.ok(["unpack", "ext:1", out.to_str().expect("utf8")]);
     assert_sparse_copy(
