@@ -306,4 +306,31 @@ mod tests {
         assert_eq!(resolve_dots("a/b/../c"), Some("a/c".into()));
         assert_eq!(resolve_dots("../x"), None);
     }
+
+    #[test]
+    fn sparse_members_read_with_their_holes() {
+        use crate::import::{Entry, EntryKind, TarWriter};
+        let mut w = TarWriter::new(Vec::new());
+        let mut e = Entry::new("blobs/sha256/aa".into(), EntryKind::File);
+        e.size = 1 << 20;
+        e.sparse = Some(vec![(0, 3), ((1 << 20) - 3, 3)]);
+        w.append(&e, &mut &b"abcxyz"[..]).unwrap();
+        let mut plain = Entry::new("index.json".into(), EntryKind::File);
+        plain.size = 2;
+        w.append(&plain, &mut &b"{}"[..]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar");
+        std::fs::write(&path, w.finish().unwrap()).unwrap();
+        let set = FileSet::index_tar(&path, "a.tar").unwrap();
+        assert!(set.exists("blobs/sha256/aa"));
+        let (mut r, size) = set.open("blobs/sha256/aa").unwrap();
+        assert_eq!(size, 1 << 20);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        want[..3].copy_from_slice(b"abc");
+        want[(1 << 20) - 3..].copy_from_slice(b"xyz");
+        assert!(got == want);
+        assert_eq!(set.read_small("index.json").unwrap(), b"{}");
+    }
 }
