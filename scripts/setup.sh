@@ -10,6 +10,8 @@ pkgs=(
   busybox-static mmdebstrap
   # compressors for input tests, tools the tests call
   zstd xz-utils bzip2 pigz jq attr libcap2-bin python3 util-linux
+  # bsdtar: a second tar implementation that must read kiln's sparse layers
+  libarchive-tools
   # disk-image readers: test ISOs, VHD/qcow2 (qemu-img, qemu-io), partition
   # tables (sfdisk), ext2/3/4 (mke2fs, debugfs, e2fsck), chunk streams, XVAs
   xorriso qemu-utils fdisk e2fsprogs gzip

@@ -230,10 +230,11 @@ fn build_tree(s: &Path, privileged: bool) {
 
 type Tree = BTreeMap<String, String>;
 
-/// Renders an entry and its data as one comparable line.
+/// Renders an entry and its data (the whole content, holes as zeros,
+/// however the source stores them) as one comparable line.
 fn describe(e: &Entry, data: &mut dyn Read) -> String {
     let mut h = Sha256::new();
-    let n = io::copy(data, &mut h).unwrap();
+    let n = io::copy(&mut e.dense(data), &mut h).unwrap();
     if e.kind == EntryKind::File {
         assert_eq!(n, e.size, "{}: content length", e.path);
     }
@@ -277,6 +278,8 @@ struct Walked {
     tree: Tree,
     order: Vec<String>,
     infos: BTreeMap<String, EntryInfo>,
+    /// Data maps of the sparse files.
+    maps: BTreeMap<String, Vec<(u64, u64)>>,
     fs: ExtFs,
 }
 
@@ -286,10 +289,15 @@ fn walk_image(img: &Path) -> Walked {
     let mut tree = Tree::new();
     let mut order = Vec::new();
     let mut infos = BTreeMap::new();
+    let mut maps = BTreeMap::new();
     fs.walk_with(
         |e: Entry, info: &EntryInfo, r: &mut dyn Read| -> Result<(), ExtError> {
             order.push(e.path.clone());
             infos.insert(e.path.clone(), *info);
+            assert_eq!(e.sparse.is_some(), info.sparse, "{}", e.path);
+            if let Some(m) = &e.sparse {
+                maps.insert(e.path.clone(), m.clone());
+            }
             // lost+found is made by mke2fs, not copied from the source.
             if e.path != "lost+found" && !e.path.starts_with("lost+found/") {
                 tree.insert(e.path.clone(), describe(&e, r));
@@ -302,6 +310,7 @@ fn walk_image(img: &Path) -> Walked {
         tree,
         order,
         infos,
+        maps,
         fs,
     }
 }
@@ -459,6 +468,19 @@ fn check_variant_sized(
     assert!(ext
         .windows(2)
         .all(|x| x[0].logical + x[0].len <= x[1].logical));
+    // Its data map holds exactly the stored data: the initialized extents.
+    let map = &w.maps["usr/sparse"];
+    let stored: u64 = map.iter().map(|s| s.1).sum();
+    assert_eq!(stored, info.allocated, "{name}");
+    let mut want: Vec<(u64, u64)> = Vec::new();
+    for x in ext.iter().filter(|x| x.initialized) {
+        match want.last_mut() {
+            Some(l) if l.0 + l.1 == x.logical => l.1 += x.len,
+            _ => want.push((x.logical, x.len)),
+        }
+    }
+    assert_eq!(map, &want, "{name}");
+    assert!(!w.maps.contains_key("usr/bin/big"), "{name}");
     let info = w.infos["usr/allhole"];
     // (Inline data keeps the 60 bytes of i_block, zeros here.)
     assert!(info.sparse && info.allocated <= 60, "{name}: {info:?}");
@@ -610,7 +632,9 @@ fn preallocated_extents_read_as_zeros() {
     let mut got = Vec::new();
     w.fs.walk(|e: Entry, r: &mut dyn Read| -> Result<(), ExtError> {
         if e.path == "f" {
-            r.read_to_end(&mut got).unwrap();
+            // Only the initialized data is stored; the rest is a hole.
+            assert_eq!(e.sparse, Some(vec![(0, 10 * 4096)]));
+            e.dense(r).read_to_end(&mut got).unwrap();
         }
         Ok(())
     })

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use sha2::{Digest, Sha256};
 
 #[test]
 fn skopeo_inspects_and_copies_straight_from_the_store() {
@@ -186,4 +187,74 @@ fn podman_loads_kiln_exports_and_the_image_runs() {
     assert!(out.contains("hello-from-kiln"), "{out}");
     assert!(out.contains("kiln busybox example"), "{out}");
     assert!(out.contains("BusyBox v"), "{out}");
+}
+
+#[test]
+fn sparse_files_reach_umoci_and_podman_with_their_content() {
+    let k = Kiln::new();
+    let src = k.dir.path().join("src");
+    fs::create_dir(&src).expect("mkdir");
+    sparse_file(
+        &src.join("sparse"),
+        200 << 20,
+        &[
+            (0, b"head"),
+            (50 << 20, b"middle"),
+            ((200 << 20) - 3, b"end"),
+        ],
+    );
+    fs::write(src.join("plain"), b"plain\n").expect("write");
+    k.import(&src, "sp", &[]);
+    // umoci reads the PAX sparse entries through Go's archive/tar.
+    let got = umoci_unpack(&k, "sp:latest", &k.dir.path().join("bundle"));
+    let want = tree_of_dir(&src);
+    assert_eq!(got["sparse"].sha256, want["sparse"].sha256, "umoci");
+    assert_eq!(got["plain"].sha256, want["plain"].sha256, "umoci");
+
+    // A sparse file made in a sandbox is committed sparse (the upper dir
+    // keeps the hole); podman loads the exported image and sees the content.
+    let tar = busybox_tar(k.dir.path());
+    k.import(&tar, "bb", &[]);
+    k.ok([
+        "run",
+        "--commit",
+        "bb-sparse",
+        "bb",
+        "sh",
+        "-c",
+        "truncate -s 100M /f && echo in-the-middle | dd of=/f bs=1M seek=50 conv=notrunc 2>/dev/null",
+    ]);
+    let blob = k.top_layer("bb-sparse");
+    let mut layer = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::MultiGzDecoder::new(fs::File::open(&blob).expect("open")),
+        &mut layer,
+    )
+    .expect("gunzip");
+    assert!(
+        layer.len() < 1 << 20,
+        "committed layer: {} bytes",
+        layer.len()
+    );
+    let mut content = vec![0u8; 100 << 20];
+    content[50 << 20..(50 << 20) + 14].copy_from_slice(b"in-the-middle\n");
+    let want: String = Sha256::digest(&content)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let podman = Podman::new();
+    let file = k.dir.path().join("bb-sparse.tar");
+    k.ok([
+        "export",
+        "bb-sparse",
+        "-o",
+        file.to_str().expect("utf8"),
+        "--format",
+        "oci-archive",
+    ]);
+    let out = podman.load(&file);
+    assert!(out.contains("Loaded image"), "podman load: {out}");
+    let out = podman.run("localhost/bb-sparse:latest", "sha256sum /f; stat -c %s /f");
+    assert!(out.contains(&want), "podman: {out}");
+    assert!(out.contains("104857600"), "podman: {out}");
 }

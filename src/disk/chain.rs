@@ -313,7 +313,8 @@ impl Chain {
     }
 
     /// Walks the file system: every object as an [`Entry`] with its data,
-    /// parents first, children sorted by name.
+    /// parents first, children sorted by name. A file with holes carries its
+    /// data map in [`Entry::sparse`] and its reader yields only the data.
     pub fn walk<E, F>(&self, f: F) -> Result<(), E>
     where
         E: From<DiskError>,

@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 
+use super::sparse;
+
 /// What kind of file an [`Entry`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
@@ -49,6 +51,18 @@ pub struct Entry {
     pub dev_minor: u32,
     /// Extended attributes, by name.
     pub xattrs: BTreeMap<String, Vec<u8>>,
+    /// The data map of a sparse regular file: `None` for a plain file, whose
+    /// data reader yields all `size` bytes.
+    ///
+    /// When `Some`, the file's content is the listed data segments
+    /// `(offset, length)`, in ascending order, not overlapping, each within
+    /// `size` (see [`sparse::check`]); everything else is a hole and reads
+    /// as zeros. The data reader then yields **only the segments' bytes**,
+    /// concatenated in map order ([`Entry::data_len`] bytes), so a huge
+    /// mostly-hole file is never read as zeros. Consumers that need the
+    /// whole content wrap the reader in a [`sparse::DenseReader`] (see
+    /// [`Entry::dense`]). Ignored for entries that are not files.
+    pub sparse: Option<Vec<sparse::Segment>>,
 }
 
 impl Entry {
@@ -66,6 +80,32 @@ impl Entry {
             dev_major: 0,
             dev_minor: 0,
             xattrs: BTreeMap::new(),
+            sparse: None,
+        }
+    }
+
+    /// The bytes the entry's data reader yields: the segments' total for a
+    /// sparse file, `size` for other files, 0 for the rest.
+    pub fn data_len(&self) -> u64 {
+        match (&self.kind, &self.sparse) {
+            (EntryKind::File, Some(map)) => sparse::data_len(map),
+            (EntryKind::File, None) => self.size,
+            _ => 0,
+        }
+    }
+
+    /// The whole content of a file entry from its data reader `data`: `size`
+    /// bytes with the holes of a sparse file as zeros (for hashing or
+    /// comparing content; unpacking writes the segments instead).
+    pub fn dense<'a>(&self, data: &'a mut dyn Read) -> sparse::DenseReader<&'a mut dyn Read> {
+        let size = if self.kind == EntryKind::File {
+            self.size
+        } else {
+            0
+        };
+        match (&self.kind, &self.sparse) {
+            (EntryKind::File, Some(map)) => sparse::DenseReader::new(data, map, size),
+            _ => sparse::DenseReader::new(data, &[(0, size)], size),
         }
     }
 }
@@ -284,8 +324,60 @@ impl<W: Write> TarWriter<W> {
         h
     }
 
-    /// Writes one entry; `data` must yield exactly `e.size` bytes for files.
+    /// How a file entry's content will be stored: the normalized map when
+    /// it is written as a PAX sparse entry (holes of at least
+    /// [`sparse::MIN_HOLES`]), `None` when written plain.
+    fn sparse_layout(e: &Entry) -> io::Result<Option<Vec<sparse::Segment>>> {
+        let (EntryKind::File, Some(map)) = (e.kind, &e.sparse) else {
+            return Ok(None);
+        };
+        sparse::check(map, e.size).map_err(|m| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: bad sparse map: {m}", e.path),
+            )
+        })?;
+        let map = sparse::normalize(map);
+        Ok(sparse::worth_storing(&map, e.size).then_some(map))
+    }
+
+    /// The bytes of content (after the header) the entry will take in the
+    /// tar stream, before padding: the map block and data of a sparse
+    /// entry, `size` for another file, 0 for the rest.
+    pub fn content_size(e: &Entry) -> io::Result<u64> {
+        Ok(match Self::sparse_layout(e)? {
+            Some(map) => sparse::encode_map(&map, e.size).len() as u64 + sparse::data_len(&map),
+            None if e.kind == EntryKind::File => e.size,
+            None => 0,
+        })
+    }
+
+    /// Writes one entry. For files, `data` must yield exactly
+    /// [`Entry::data_len`] bytes: all `size` bytes of a plain file, only the
+    /// segments' bytes of a sparse one ([`Entry::sparse`]).
+    ///
+    /// A sparse file whose holes total at least [`sparse::MIN_HOLES`] is
+    /// written in the PAX sparse format 1.0 (see [`sparse`]); one with
+    /// smaller holes is written as a plain file, holes as zeros.
     pub fn append(&mut self, e: &Entry, data: &mut dyn Read) -> io::Result<()> {
+        match (Self::sparse_layout(e)?, &e.sparse) {
+            (Some(map), _) => self.write_entry(e, Some(&map), data),
+            (None, Some(map)) if e.kind == EntryKind::File => {
+                let mut dense = sparse::DenseReader::new(data, map, e.size);
+                self.write_entry(e, None, &mut dense)
+            }
+            _ => self.write_entry(e, None, data),
+        }
+    }
+
+    /// Writes one entry whose `data` yields `e.size` bytes (`map` `None`) or
+    /// the data of `map` (valid and normalized), stored sparse.
+    fn write_entry(
+        &mut self,
+        e: &Entry,
+        map: Option<&[sparse::Segment]>,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
         let mut name = if e.path.is_empty() {
             "./".to_string()
         } else {
@@ -296,7 +388,27 @@ impl<W: Write> TarWriter<W> {
         }
         let link = e.link.as_deref().unwrap_or_default();
         let mut pax = Vec::new();
-        let name_field = if name.len() <= 100 {
+        let map_block = map.map(|m| sparse::encode_map(m, e.size));
+        let name_field = if map.is_some() {
+            // GNU tar's layout: the real name and size in GNU.sparse.*
+            // records, a stand-in name in the header (a fixed 0 where GNU
+            // tar puts its pid: layers must be reproducible). No `path`
+            // record: a reader that does not know the format must not put
+            // the map-prefixed data under the real name.
+            pax_record(&mut pax, "GNU.sparse.major", b"1");
+            pax_record(&mut pax, "GNU.sparse.minor", b"0");
+            pax_record(&mut pax, "GNU.sparse.name", name.as_bytes());
+            pax_record(
+                &mut pax,
+                "GNU.sparse.realsize",
+                e.size.to_string().as_bytes(),
+            );
+            let stand_in = match name.rsplit_once('/') {
+                Some((dir, base)) => format!("{dir}/GNUSparseFile.0/{base}"),
+                None => format!("./GNUSparseFile.0/{name}"),
+            };
+            truncate_name(&stand_in)
+        } else if name.len() <= 100 {
             name.as_bytes().to_vec()
         } else {
             pax_record(&mut pax, "path", name.as_bytes());
@@ -308,7 +420,12 @@ impl<W: Write> TarWriter<W> {
             pax_record(&mut pax, "linkpath", link);
             link[..100].to_vec()
         };
-        let size = if e.kind == EntryKind::File { e.size } else { 0 };
+        let data_len = match map {
+            Some(m) => sparse::data_len(m),
+            None if e.kind == EntryKind::File => e.size,
+            None => 0,
+        };
+        let size = data_len + map_block.as_ref().map_or(0, |b| b.len() as u64);
         let big = 0o7777777;
         if e.uid > big {
             pax_record(&mut pax, "uid", e.uid.to_string().as_bytes());
@@ -367,14 +484,19 @@ impl<W: Write> TarWriter<W> {
             (e.dev_major, e.dev_minor),
         );
         self.out.write_all(&h)?;
-        if size > 0 {
-            let n = io::copy(&mut data.take(size), &mut self.out)?;
-            if n != size {
+        if let Some(b) = &map_block {
+            self.out.write_all(b)?;
+        }
+        if data_len > 0 {
+            let n = io::copy(&mut data.take(data_len), &mut self.out)?;
+            if n != data_len {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("{}: expected {size} bytes of content, got {n}", e.path),
+                    format!("{}: expected {data_len} bytes of content, got {n}", e.path),
                 ));
             }
+        }
+        if size > 0 {
             pad(&mut self.out, size)?;
         }
         self.entries += 1;
@@ -515,5 +637,136 @@ mod tests {
         let mut s = String::new();
         e.read_to_string(&mut s).unwrap();
         assert_eq!(s, "abc");
+    }
+
+    fn sparse_file(path: &str, size: u64, map: Vec<sparse::Segment>) -> Entry {
+        let mut e = entry(path, EntryKind::File, None);
+        e.size = size;
+        e.mode = 0o640;
+        e.mtime = 1_700_000_000;
+        e.sparse = Some(map);
+        e
+    }
+
+    /// The segments' bytes of `map`: segment i is filled with byte i+1.
+    fn seg_data(map: &[sparse::Segment]) -> Vec<u8> {
+        map.iter()
+            .enumerate()
+            .flat_map(|(i, s)| vec![i as u8 + 1; s.1 as usize])
+            .collect()
+    }
+
+    #[test]
+    fn sparse_files_are_written_in_pax_sparse_1_0() {
+        let map = vec![(0, 100), (1 << 20, 4096), ((3 << 20) - 10, 10)];
+        let e = sparse_file("usr/lib/f", 3 << 20, map.clone());
+        let data = seg_data(&map);
+        let write = |e: &Entry| {
+            let mut w = TarWriter::new(Vec::new());
+            w.append(e, &mut &data[..]).unwrap();
+            w.finish().unwrap()
+        };
+        let buf = write(&e);
+        // Reproducible: the same entry gives the same bytes.
+        assert_eq!(buf, write(&e));
+        let enc = sparse::encode_map(&map, 3 << 20);
+        assert_eq!(
+            TarWriter::<Vec<u8>>::content_size(&e).unwrap(),
+            enc.len() as u64 + 4206
+        );
+        // What a reader that does not know the format sees (the tar crate).
+        let mut ar = tar::Archive::new(&buf[..]);
+        let mut it = ar.entries().unwrap();
+        let mut te = it.next().unwrap().unwrap();
+        assert_eq!(te.path_bytes().as_ref(), b"usr/lib/GNUSparseFile.0/f");
+        assert_eq!(te.header().entry_type(), tar::EntryType::Regular);
+        assert_eq!(te.size(), enc.len() as u64 + 4206);
+        let pax: Vec<(String, String)> = te
+            .pax_extensions()
+            .unwrap()
+            .unwrap()
+            .map(|x| {
+                let x = x.unwrap();
+                (x.key().unwrap().into(), x.value().unwrap().into())
+            })
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("GNU.sparse.major", "1"),
+            ("GNU.sparse.minor", "0"),
+            ("GNU.sparse.name", "usr/lib/f"),
+            ("GNU.sparse.realsize", "3145728"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(pax, want);
+        let mut body = Vec::new();
+        te.read_to_end(&mut body).unwrap();
+        assert_eq!(&body[..enc.len()], &enc[..]);
+        assert_eq!(&body[enc.len()..], &data[..]);
+        // kiln's own reader gives the entry back.
+        let mut got = Vec::new();
+        crate::source::tarball::walk(&buf[..], "t", &mut |g, r, _| {
+            let mut d = Vec::new();
+            r.read_to_end(&mut d).unwrap();
+            got.push((g, d));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got.len(), 1);
+        let (g, d) = &got[0];
+        assert_eq!(
+            (g.path.as_str(), g.size, g.mode),
+            ("usr/lib/f", 3 << 20, 0o640)
+        );
+        assert_eq!(g.sparse.as_deref(), Some(&map[..]));
+        assert_eq!(d, &data);
+        // A file at the root gets GNU tar's "./GNUSparseFile.0/NAME".
+        let buf = write(&sparse_file("top", 3 << 20, map.clone()));
+        let mut ar = tar::Archive::new(&buf[..]);
+        let te = ar.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(te.path_bytes().as_ref(), b"./GNUSparseFile.0/top");
+    }
+
+    #[test]
+    fn small_holes_are_written_plain_and_bad_maps_refused() {
+        // 64 KiB - 1 of holes: a plain entry, the same bytes as the dense file.
+        let size = 10 + sparse::MIN_HOLES - 1;
+        let map = vec![(0, 5), (size - 5, 5)];
+        let data = seg_data(&map);
+        let mut w = TarWriter::new(Vec::new());
+        let e = sparse_file("f", size, map.clone());
+        assert_eq!(TarWriter::<Vec<u8>>::content_size(&e).unwrap(), size);
+        w.append(&e, &mut &data[..]).unwrap();
+        let sparse_buf = w.finish().unwrap();
+        let mut dense = Vec::new();
+        e.dense(&mut &data[..]).read_to_end(&mut dense).unwrap();
+        let mut plain = e.clone();
+        plain.sparse = None;
+        let mut w = TarWriter::new(Vec::new());
+        w.append(&plain, &mut &dense[..]).unwrap();
+        assert_eq!(sparse_buf, w.finish().unwrap());
+        // One more byte of holes: sparse.
+        let e = sparse_file("f", size + 1, vec![(0, 5), (size - 4, 5)]);
+        let mut w = TarWriter::new(Vec::new());
+        w.append(&e, &mut &data[..]).unwrap();
+        assert!(w.finish().unwrap().len() < 4096);
+        // Maps that break the contract are refused, naming the file.
+        for bad in [
+            vec![(10, 5), (0, 5)],
+            vec![(0, 10), (5, 10)],
+            vec![(size, 1)],
+        ] {
+            let e = sparse_file("bad/f", size, bad);
+            let mut w = TarWriter::new(Vec::new());
+            let err = w.append(&e, &mut io::repeat(0)).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            assert!(err.to_string().contains("bad/f: bad sparse map"), "{err}");
+        }
+        // Data shorter than the map says.
+        let e = sparse_file("short", 1 << 20, vec![(0, 10)]);
+        let mut w = TarWriter::new(Vec::new());
+        let err = w.append(&e, &mut &b"abc"[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -8,6 +8,7 @@
 mod archive;
 mod compress;
 mod entry;
+pub mod sparse;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -390,8 +391,18 @@ impl LayerBuilder {
                 }
             }
         }
+        if let (EntryKind::File, Some(map)) = (e.kind, &e.sparse) {
+            // Sources check their maps; a bad one is a bug, named anyway.
+            sparse::check(map, e.size).map_err(|m| ImportError::Corrupt {
+                step: "read sparse file map",
+                path: self.source_name.clone(),
+                offset,
+                reason: format!("{:?}: {m}", e.path),
+            })?;
+        }
+        let content = TarWriter::<LayerSink>::content_size(&e).map_err(ImportError::Write)?;
         let written = self.tar.inner_ref().written();
-        if written.saturating_add(e.size) > self.max_bytes {
+        if written.saturating_add(content) > self.max_bytes {
             return Err(ImportError::Bomb {
                 path: self.source_name.clone(),
                 reason: format!(

@@ -7,6 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::import::sparse::{data_len, read_map, DenseReader, PaxSparse, Segment};
 use crate::import::{normalize_path, ImportError};
 
 /// Whether a (normalized) top-level tar member name belongs to an image
@@ -67,9 +68,21 @@ pub enum FileSet {
     Tar {
         /// The tar file.
         path: PathBuf,
-        /// name -> (data offset, size)
-        files: HashMap<String, (u64, u64)>,
+        /// The members, by name.
+        files: HashMap<String, Member>,
     },
+}
+
+/// Where a member of a tar [`FileSet`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Offset of its (stored) data in the tar file.
+    pub offset: u64,
+    /// Its size (the real size of a sparse member).
+    pub size: u64,
+    /// The data map of a PAX sparse member, whose stored data is only the
+    /// segments' bytes.
+    pub sparse: Option<Vec<Segment>>,
 }
 
 impl FileSet {
@@ -88,14 +101,42 @@ impl FileSet {
             .map_err(|e| ImportError::from_read(display, "index archive", 0, &e))?;
         let mut at = 0;
         for item in entries {
-            let e = item.map_err(|e| ImportError::from_read(display, "index archive", at, &e))?;
+            let mut e =
+                item.map_err(|e| ImportError::from_read(display, "index archive", at, &e))?;
             at = e.raw_header_position();
-            let Ok((name, _)) = normalize_path(&e.path_bytes()) else {
+            let sparse =
+                super::tarball::pax_sparse(&mut e).map_err(|reason| ImportError::Corrupt {
+                    step: "index archive",
+                    path: display.into(),
+                    offset: at,
+                    reason,
+                })?;
+            let raw_name = match sparse.as_ref().and_then(|s| s.name.clone()) {
+                Some(n) => n,
+                None => e.path_bytes().into_owned(),
+            };
+            let Ok((name, _)) = normalize_path(&raw_name) else {
                 continue;
             };
             match e.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    files.insert(name, (e.raw_file_position(), e.size()));
+                    let (offset, stored) = (e.raw_file_position(), e.size());
+                    let member = match sparse {
+                        None => Member {
+                            offset,
+                            size: stored,
+                            sparse: None,
+                        },
+                        Some(sp) => sparse_member(path, offset, stored, sp).map_err(|reason| {
+                            ImportError::Corrupt {
+                                step: "index archive",
+                                path: display.into(),
+                                offset: at,
+                                reason: format!("{name}: {reason}"),
+                            }
+                        })?,
+                    };
+                    files.insert(name, member);
                 }
                 tar::EntryType::Symlink => {
                     if let Some(t) = e.link_name_bytes() {
@@ -114,7 +155,7 @@ impl FileSet {
         }
         for (name, target) in links {
             let t = resolve_dots(&target);
-            if let Some(v) = t.and_then(|t| files.get(&t).copied()) {
+            if let Some(v) = t.and_then(|t| files.get(&t).cloned()) {
                 files.insert(name, v);
             }
         }
@@ -163,13 +204,17 @@ impl FileSet {
                 ))
             }
             FileSet::Tar { path, files } => {
-                let (off, size) = *files.get(name).ok_or_else(nf)?;
+                let m = files.get(name).ok_or_else(nf)?;
                 let mut f = File::open(path)?;
-                f.seek(SeekFrom::Start(off))?;
-                Ok((
-                    Box::new(io::BufReader::with_capacity(1 << 20, f).take(size)),
-                    size,
-                ))
+                f.seek(SeekFrom::Start(m.offset))?;
+                let r = io::BufReader::with_capacity(1 << 20, f);
+                Ok(match &m.sparse {
+                    None => (Box::new(r.take(m.size)), m.size),
+                    Some(map) => (
+                        Box::new(DenseReader::new(r.take(data_len(map)), map, m.size)),
+                        m.size,
+                    ),
+                })
             }
         }
     }
@@ -187,6 +232,32 @@ impl FileSet {
         r.take(crate::store::MAX_JSON_SIZE).read_to_end(&mut buf)?;
         Ok(buf)
     }
+}
+
+/// A PAX sparse member at `offset` (`stored` bytes) of the tar at `path`:
+/// its map is read (from the data for format 1.0) and checked.
+fn sparse_member(path: &Path, offset: u64, stored: u64, sp: PaxSparse) -> Result<Member, String> {
+    let (map, skip) = match sp.map {
+        Some(map) => (map, 0),
+        None => {
+            let mut f = File::open(path).map_err(|e| e.to_string())?;
+            f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+            let mut r = io::BufReader::new(f).take(stored);
+            read_map(&mut r, sp.size, stored)?
+        }
+    };
+    if data_len(&map) != stored - skip {
+        return Err(format!(
+            "the sparse map lists {} bytes of data but the member holds {}",
+            data_len(&map),
+            stored - skip
+        ));
+    }
+    Ok(Member {
+        offset: offset + skip,
+        size: sp.size,
+        sparse: Some(map),
+    })
 }
 
 /// Joins a member name under `dir` refusing `..` and absolute names.
@@ -234,5 +305,32 @@ mod tests {
         }
         assert_eq!(resolve_dots("a/b/../c"), Some("a/c".into()));
         assert_eq!(resolve_dots("../x"), None);
+    }
+
+    #[test]
+    fn sparse_members_read_with_their_holes() {
+        use crate::import::{Entry, EntryKind, TarWriter};
+        let mut w = TarWriter::new(Vec::new());
+        let mut e = Entry::new("blobs/sha256/aa".into(), EntryKind::File);
+        e.size = 1 << 20;
+        e.sparse = Some(vec![(0, 3), ((1 << 20) - 3, 3)]);
+        w.append(&e, &mut &b"abcxyz"[..]).unwrap();
+        let mut plain = Entry::new("index.json".into(), EntryKind::File);
+        plain.size = 2;
+        w.append(&plain, &mut &b"{}"[..]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar");
+        std::fs::write(&path, w.finish().unwrap()).unwrap();
+        let set = FileSet::index_tar(&path, "a.tar").unwrap();
+        assert!(set.exists("blobs/sha256/aa"));
+        let (mut r, size) = set.open("blobs/sha256/aa").unwrap();
+        assert_eq!(size, 1 << 20);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        want[..3].copy_from_slice(b"abc");
+        want[(1 << 20) - 3..].copy_from_slice(b"xyz");
+        assert!(got == want);
+        assert_eq!(set.read_small("index.json").unwrap(), b"{}");
     }
 }

@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use crate::import::sparse::Segment;
 use crate::import::{Entry, EntryKind, ImportError};
 use crate::sys;
 
@@ -117,9 +118,16 @@ fn visit(
         EntryKind::File => {
             e.size = md.len();
             let file = File::open(path).map_err(|e| io_err(path, "open", e))?;
+            // Holes, where the file system reports them, stay holes.
+            let map = data_map(&file, e.size);
+            let segments = map.clone().unwrap_or_else(|| vec![(0, e.size)]);
+            e.sparse = map;
             let mut r = FileReader {
                 file,
                 path: path.to_path_buf(),
+                segments,
+                idx: 0,
+                done: 0,
             };
             f(e, &mut r)
         }
@@ -154,17 +162,88 @@ fn visit(
     }
 }
 
-/// A file being archived; read errors name the file.
+/// The data segments of a file of `size` bytes that has holes, from
+/// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` for a file without holes, and on
+/// file systems that cannot tell (their files all read as data).
+fn data_map(file: &File, size: u64) -> Option<Vec<Segment>> {
+    use rustix::fs::{seek, SeekFrom};
+    if size == 0 {
+        return None;
+    }
+    // One call answers for the common file without holes.
+    if seek(file, SeekFrom::Hole(0)).ok()? >= size {
+        return None;
+    }
+    let mut map = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            // No data past pos: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return None,
+        };
+        if data >= size {
+            break;
+        }
+        let hole = seek(file, SeekFrom::Hole(data)).ok()?.min(size);
+        if hole <= data {
+            return None; // a confused file system: read it all
+        }
+        map.push((data, hole - data));
+        pos = hole;
+    }
+    Some(map)
+}
+
+/// A file being archived: reads its data segments (the whole file when it
+/// has no holes) with positioned reads; read errors name the file.
 struct FileReader {
     file: File,
     path: PathBuf,
+    segments: Vec<Segment>,
+    /// The segment being read...
+    idx: usize,
+    /// ...and how much of it was.
+    done: u64,
 }
 
 impl Read for FileReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file
-            .read(buf)
-            .map_err(|e| io::Error::new(e.kind(), format!("read {}: {e}", self.path.display())))
+        loop {
+            let Some(&(off, len)) = self.segments.get(self.idx) else {
+                return Ok(0);
+            };
+            if self.done >= len {
+                self.idx += 1;
+                self.done = 0;
+                continue;
+            }
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            let want = buf
+                .len()
+                .min(usize::try_from(len - self.done).unwrap_or(usize::MAX));
+            let n = self
+                .file
+                .read_at(&mut buf[..want], off + self.done)
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("read {}: {e}", self.path.display()))
+                })?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "read {}: the file shrank while being read (expected data at offset {})",
+                        self.path.display(),
+                        off + self.done
+                    ),
+                ));
+            }
+            self.done += n as u64;
+            return Ok(n);
+        }
     }
 }
 
@@ -225,5 +304,39 @@ mod tests {
             assert_eq!(decode_rootless(&encode_rootless(u, g)), Some((u, g)));
         }
         assert_eq!(decode_rootless(&[0x08]), None);
+    }
+
+    #[test]
+    fn holes_are_found_and_only_data_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("sparse")).unwrap();
+        f.set_len(10 << 20).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(b"middle", 5 << 20).unwrap();
+        drop(f);
+        std::fs::write(dir.path().join("dense"), vec![1u8; 100_000]).unwrap();
+        let mut seen = Vec::new();
+        walk(dir.path(), &mut |e, r| {
+            let mut data = Vec::new();
+            r.read_to_end(&mut data).unwrap();
+            assert_eq!(data.len() as u64, e.data_len(), "{}", e.path);
+            seen.push((e.path.clone(), e.sparse.clone(), data));
+            Ok(())
+        })
+        .unwrap();
+        let (_, map, data) = &seen[1];
+        assert_eq!((&seen[1].0[..], map), ("dense", &None));
+        assert_eq!(data.len(), 100_000);
+        let (_, map, data) = &seen[2];
+        // Where the file system keeps holes (tmpfs, ext4, xfs, btrfs...),
+        // the map has the two written blocks, whatever their size.
+        if let Some(map) = map {
+            assert_eq!(map.len(), 2, "{map:?}");
+            assert_eq!(map[0].0, 0);
+            assert!(map[1].0 <= 5 << 20 && map[1].0 + map[1].1 >= (5 << 20) + 6);
+            assert_eq!(&data[..4], b"head");
+            let at = usize::try_from(map[0].1 + (5 << 20) - map[1].0).unwrap();
+            assert_eq!(&data[at..at + 6], b"middle");
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::io::{self, Read};
 
+use crate::import::sparse::PaxSparse;
 use crate::import::{Entry, EntryKind, ImportError};
 
 /// Records the first read error of a data stream, so a failed copy can be
@@ -36,7 +37,10 @@ pub type EntryFn<'a> = dyn FnMut(Entry, &mut dyn Read, EntryPos) -> Result<(), I
 /// Reads every entry of the tar stream `r`, in archive order.
 ///
 /// `name` names the input in errors. Global PAX headers and GNU volume
-/// labels are skipped; GNU sparse files come out with their holes as zeros.
+/// labels are skipped. PAX sparse files (GNU formats 0.0, 0.1 and 1.0) come
+/// out under their real path and size with their data map in
+/// [`Entry::sparse`] (the reader yields only the stored data); old GNU
+/// sparse files (type `S`) come out dense, their holes as zeros.
 pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportError> {
     let mut ar = tar::Archive::new(r);
     let entries = ar.entries().map_err(|e| corrupt(name, "read tar", 0, &e))?;
@@ -46,9 +50,36 @@ pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportE
         let offset = te.raw_header_position();
         next_offset =
             te.raw_file_position() + te.header().entry_size().unwrap_or(0).div_ceil(512) * 512;
-        let Some((e, absolute)) = to_entry(&mut te, name, offset)? else {
+        let Some((mut e, absolute, sparse)) = to_entry(&mut te, name, offset)? else {
             continue;
         };
+        if let Some(sp) = sparse {
+            let bad = |reason: String| ImportError::Corrupt {
+                step: "read sparse file map",
+                path: name.to_string(),
+                offset,
+                reason: format!("{:?}: {reason}", e.path),
+            };
+            let stored = te.size();
+            let map = match sp.map {
+                // 1.0: the map starts the data; the segments' bytes follow.
+                None => {
+                    crate::import::sparse::read_map(&mut te, sp.size, stored)
+                        .map_err(bad)?
+                        .0
+                }
+                Some(map) => {
+                    let want = crate::import::sparse::data_len(&map);
+                    if want != stored {
+                        return Err(bad(format!(
+                            "the sparse map lists {want} bytes of data but the entry holds {stored}"
+                        )));
+                    }
+                    map
+                }
+            };
+            e.sparse = Some(map);
+        }
         let mut tap = ErrTap {
             inner: &mut te,
             err: None,
@@ -62,12 +93,59 @@ fn corrupt(name: &str, step: &'static str, offset: u64, e: &io::Error) -> Import
     ImportError::from_read(name, step, offset, e)
 }
 
+/// The `GNU.sparse.*` PAX records of a tar entry, read and checked: `None`
+/// when it is not a PAX sparse file.
+pub(crate) fn pax_sparse<R: Read>(te: &mut tar::Entry<'_, R>) -> Result<Option<PaxSparse>, String> {
+    let Some(pax) = te
+        .pax_extensions()
+        .map_err(|x| format!("pax header: {x}"))?
+    else {
+        return Ok(None);
+    };
+    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+    for x in pax {
+        let x = x.map_err(|x| format!("pax record: {x}"))?;
+        if let Ok(k) = x.key() {
+            if k.starts_with("GNU.sparse.") {
+                records.push((k.to_string(), x.value_bytes().to_vec()));
+            }
+        }
+    }
+    crate::import::sparse::from_pax(records.iter().map(|(k, v)| (k.as_str(), &v[..])))
+}
+
+/// The entry, whether its path was absolute, and what its PAX records say
+/// about it being sparse.
+type Parsed = (Entry, bool, Option<PaxSparse>);
+
 fn to_entry<R: Read>(
     te: &mut tar::Entry<'_, R>,
     name: &str,
     offset: u64,
-) -> Result<Option<(Entry, bool)>, ImportError> {
+) -> Result<Option<Parsed>, ImportError> {
     use tar::EntryType as T;
+    // A PAX sparse file: its real path and size are in GNU.sparse.* records.
+    let sparse = pax_sparse(te).map_err(|reason| ImportError::Corrupt {
+        step: "read sparse file header",
+        path: name.to_string(),
+        offset,
+        reason: format!("{:?}: {reason}", String::from_utf8_lossy(&te.path_bytes())),
+    })?;
+    if sparse.is_some()
+        && te.header().entry_type() != T::Regular
+        && te.header().entry_type() != T::Continuous
+    {
+        return Err(corrupt(
+            name,
+            "read sparse file header",
+            offset,
+            &io::Error::other(format!(
+                "{:?}: GNU.sparse records on an entry of type {:?}",
+                String::from_utf8_lossy(&te.path_bytes()),
+                te.header().entry_type().as_byte() as char
+            )),
+        ));
+    }
     let h = te.header();
     let kind = match h.entry_type() {
         T::Regular | T::Continuous | T::GNUSparse => EntryKind::File,
@@ -99,7 +177,10 @@ fn to_entry<R: Read>(
             &io::Error::new(e.kind(), format!("{what}: {e}")),
         )
     };
-    let path = te.path_bytes().into_owned();
+    let path = match sparse.as_ref().and_then(|s| s.name.clone()) {
+        Some(real) => real,
+        None => te.path_bytes().into_owned(),
+    };
     let (path, absolute) =
         crate::import::normalize_path(&path).map_err(|e| ImportError::UnsafeEntry {
             source_name: name.to_string(),
@@ -112,7 +193,7 @@ fn to_entry<R: Read>(
     e.gid = h.gid().map_err(|x| bad("gid", x))?;
     e.mtime = h.mtime().map_err(|x| bad("mtime", x))? as i64;
     if kind == EntryKind::File {
-        e.size = te.size();
+        e.size = sparse.as_ref().map_or(te.size(), |s| s.size);
     }
     if matches!(kind, EntryKind::Char | EntryKind::Block) {
         e.dev_major = h
@@ -167,5 +248,5 @@ fn to_entry<R: Read>(
             }
         }
     }
-    Ok(Some((e, absolute)))
+    Ok(Some((e, absolute, sparse)))
 }

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -28,7 +28,7 @@ mod cache;
 
 pub use cache::{chain_id, CachedRootfs};
 
-use crate::import::{Entry, EntryKind, ImportError};
+use crate::import::{sparse, Entry, EntryKind, ImportError};
 use crate::source::dir::{encode_rootless, ROOTLESS_XATTR};
 use crate::store::{Store, StoreError};
 
@@ -257,14 +257,38 @@ impl Unpacker {
                 let fd =
                     create_new(&pfd, name).map_err(|err| self.err("create file", &e.path, err))?;
                 let mut f = fs::File::from(fd);
-                let n = io::copy(&mut data.take(e.size), &mut f)
-                    .map_err(|err| self.err("write file", &e.path, err))?;
-                if n != e.size {
-                    return Err(self.err(
-                        "write file",
-                        &e.path,
-                        io::Error::new(io::ErrorKind::UnexpectedEof, "layer ended inside the file"),
-                    ));
+                let short =
+                    || io::Error::new(io::ErrorKind::UnexpectedEof, "layer ended inside the file");
+                match &e.sparse {
+                    None => {
+                        let n = io::copy(&mut data.take(e.size), &mut f)
+                            .map_err(|err| self.err("write file", &e.path, err))?;
+                        if n != e.size {
+                            return Err(self.err("write file", &e.path, short()));
+                        }
+                    }
+                    Some(map) => {
+                        // Only the data segments are written: the holes
+                        // between them and after the last stay holes.
+                        sparse::check(map, e.size).map_err(|m| {
+                            self.err(
+                                "write sparse file",
+                                &e.path,
+                                io::Error::new(io::ErrorKind::InvalidData, m),
+                            )
+                        })?;
+                        for (off, len) in sparse::normalize(map) {
+                            f.seek(io::SeekFrom::Start(off))
+                                .map_err(|err| self.err("write sparse file", &e.path, err))?;
+                            let n = io::copy(&mut (&mut *data).take(len), &mut f)
+                                .map_err(|err| self.err("write sparse file", &e.path, err))?;
+                            if n != len {
+                                return Err(self.err("write sparse file", &e.path, short()));
+                            }
+                        }
+                        f.set_len(e.size)
+                            .map_err(|err| self.err("write sparse file", &e.path, err))?;
+                    }
                 }
             }
             EntryKind::Symlink => {

@@ -572,7 +572,22 @@ pub fn tree_of_tar(path: &Path) -> Tree {
     let mut groups: BTreeMap<String, usize> = BTreeMap::new();
     for e in ar.entries().expect("entries") {
         let mut e = e.expect("entry");
-        let raw = e.path().expect("path").to_string_lossy().into_owned();
+        // A PAX sparse 1.0 file (the tar crate shows GNUSparseFile.0/...):
+        // its real name and size are in GNU.sparse.* records.
+        let mut sparse: (Option<String>, Option<u64>) = (None, None);
+        if let Ok(Some(pax)) = e.pax_extensions() {
+            for x in pax.flatten() {
+                match x.key().unwrap_or("") {
+                    "GNU.sparse.name" => sparse.0 = x.value().ok().map(str::to_string),
+                    "GNU.sparse.realsize" => sparse.1 = x.value().ok().and_then(|v| v.parse().ok()),
+                    _ => {}
+                }
+            }
+        }
+        let raw = match &sparse.0 {
+            Some(name) => name.clone(),
+            None => e.path().expect("path").to_string_lossy().into_owned(),
+        };
         let rel = raw
             .trim_start_matches("./")
             .trim_start_matches('/')
@@ -632,6 +647,9 @@ pub fn tree_of_tar(path: &Path) -> Tree {
         let sha256 = if kind == 'f' {
             let mut data = Vec::new();
             e.read_to_end(&mut data).expect("read data");
+            if let Some(size) = sparse.1 {
+                data = expand_sparse_1_0(&data, size);
+            }
             hex(&Sha256::digest(&data))
         } else {
             String::new()
@@ -661,6 +679,61 @@ pub fn tree_of_tar(path: &Path) -> Tree {
         );
     }
     out
+}
+
+/// The whole content of a PAX sparse 1.0 entry from its stored data (the
+/// map text, NUL padding to 512 bytes, the segments' bytes). Written apart
+/// from kiln's own reader, to check it.
+pub fn expand_sparse_1_0(stored: &[u8], size: u64) -> Vec<u8> {
+    let mut nums = Vec::new();
+    let mut at = 0;
+    let mut count = None;
+    while count.is_none_or(|c: usize| nums.len() < 1 + 2 * c) {
+        let nl = stored[at..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .expect("sparse map line");
+        let n: u64 = std::str::from_utf8(&stored[at..at + nl])
+            .expect("map text")
+            .parse()
+            .expect("map number");
+        nums.push(n);
+        count.get_or_insert(n as usize);
+        at += nl + 1;
+    }
+    let mut data = &stored[at.div_ceil(512) * 512..];
+    let mut out = vec![0u8; size as usize];
+    for pair in nums[1..].chunks(2) {
+        let (off, len) = (pair[0] as usize, pair[1] as usize);
+        out[off..off + len].copy_from_slice(&data[..len]);
+        data = &data[len..];
+    }
+    assert!(data.is_empty(), "data left after the sparse map's segments");
+    out
+}
+
+/// Makes a sparse file of `size` bytes holding only the `(offset, bytes)`
+/// pieces.
+pub fn sparse_file(path: &Path, size: u64, pieces: &[(u64, &[u8])]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::create(path).expect("create");
+    f.set_len(size).expect("truncate");
+    for (off, data) in pieces {
+        f.write_all_at(data, *off).expect("write");
+    }
+}
+
+/// The SHA-256 of a file's content, in hex.
+pub fn sha256_file(p: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    std::io::copy(&mut f, &mut h).expect("read");
+    hex(&h.finalize())
+}
+
+/// Bytes a file really occupies on disk (`st_blocks * 512`).
+pub fn on_disk(p: &Path) -> u64 {
+    fs::metadata(p).expect("stat").blocks() * 512
 }
 
 /// Asserts two trees are equal, listing every difference.

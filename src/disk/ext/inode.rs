@@ -467,7 +467,8 @@ pub(crate) enum Content {
 }
 
 /// Streams exactly `size` bytes of a file: mapped data in reads of up to
-/// [`READ_CHUNK`] bytes, holes as zeros without touching the device.
+/// [`READ_CHUNK`] bytes, holes as zeros without touching the device; or,
+/// [`FileReader::data_only`], only the data of [`Content::data_map`].
 pub(crate) struct FileReader<'a> {
     dev: &'a dyn ReadAt,
     bs: u64,
@@ -475,6 +476,8 @@ pub(crate) struct FileReader<'a> {
     size: u64,
     pos: u64,
     content: Content,
+    /// Skip holes (and uninitialized runs) instead of reading them as zeros.
+    skip_holes: bool,
     /// Index of the first run that may still cover `pos`.
     idx: usize,
     buf: Vec<u8>,
@@ -491,17 +494,68 @@ impl<'a> FileReader<'a> {
             size,
             pos: 0,
             content,
+            skip_holes: false,
             idx: 0,
             buf: Vec::new(),
             buf_pos: 0,
         }
     }
+
+    /// Makes the reader yield only the bytes of [`Content::data_map`], in
+    /// order, skipping the holes.
+    pub(crate) fn data_only(mut self) -> Self {
+        self.skip_holes = true;
+        self
+    }
+}
+
+impl Content {
+    /// The file's data segments `(offset, length)` in bytes for a file of
+    /// `size` bytes with `bs`-byte blocks: initialized runs clipped to the
+    /// size, touching ones merged; inline data is one segment at 0. The
+    /// rest (unmapped and uninitialized ranges) reads as zeros.
+    pub(crate) fn data_map(&self, bs: u64, size: u64) -> Vec<(u64, u64)> {
+        let mut map: Vec<(u64, u64)> = Vec::new();
+        let mut push = |start: u64, end: u64| {
+            if start >= end {
+                return;
+            }
+            if let Some(last) = map.last_mut() {
+                if last.0 + last.1 == start {
+                    last.1 += end - start;
+                    return;
+                }
+            }
+            map.push((start, end - start));
+        };
+        match self {
+            Content::Inline(data) => push(0, (data.len() as u64).min(size)),
+            Content::Runs(runs) => {
+                for r in runs.iter().filter(|r| r.init) {
+                    let start = r.logical.saturating_mul(bs);
+                    push(start.min(size), r.end().saturating_mul(bs).min(size));
+                }
+            }
+        }
+        map
+    }
 }
 
 impl io::Read for FileReader<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(n) = self.read_some(out)? {
+                return Ok(n);
+            }
+        }
+    }
+}
+
+impl FileReader<'_> {
+    /// One step of [`io::Read::read`]: `None` after skipping a hole.
+    fn read_some(&mut self, out: &mut [u8]) -> io::Result<Option<usize>> {
         if self.pos >= self.size || out.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
         let left = self.size - self.pos;
         let want = out.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -513,12 +567,15 @@ impl io::Read for FileReader<'_> {
                     let n = want.min(data.len() - start);
                     out[..n].copy_from_slice(&data[start..start + n]);
                     n
+                } else if self.skip_holes {
+                    self.pos = self.size;
+                    return Ok(None);
                 } else {
                     out[..want].fill(0);
                     want
                 };
                 self.pos += n as u64;
-                return Ok(n);
+                return Ok(Some(n));
             }
             Content::Runs(runs) => runs,
         };
@@ -528,7 +585,7 @@ impl io::Read for FileReader<'_> {
             let n = want.min(self.buf.len() - off);
             out[..n].copy_from_slice(&self.buf[off..off + n]);
             self.pos += n as u64;
-            return Ok(n);
+            return Ok(Some(n));
         }
         let lblock = self.pos / self.bs;
         while self.idx < runs.len() && runs[self.idx].end() <= lblock {
@@ -556,7 +613,7 @@ impl io::Read for FileReader<'_> {
                         .read_exact_at(&mut out[..n], dev_off)
                         .map_err(io_err)?;
                     self.pos += n as u64;
-                    return Ok(n);
+                    return Ok(Some(n));
                 }
                 let chunk = READ_CHUNK.min(usize::try_from(n_run).unwrap_or(usize::MAX));
                 self.buf.resize(chunk, 0);
@@ -567,7 +624,7 @@ impl io::Read for FileReader<'_> {
                 let n = want.min(chunk);
                 out[..n].copy_from_slice(&self.buf[..n]);
                 self.pos += n as u64;
-                Ok(n)
+                Ok(Some(n))
             }
             other => {
                 // A hole up to the next run, or an uninitialized run.
@@ -577,10 +634,15 @@ impl io::Read for FileReader<'_> {
                     None => self.size,
                 }
                 .min(self.size);
+                if self.skip_holes {
+                    // Always forward: `end` is past the current block.
+                    self.pos = end;
+                    return Ok(None);
+                }
                 let n = want.min(usize::try_from(end - self.pos).unwrap_or(usize::MAX));
                 out[..n].fill(0);
                 self.pos += n as u64;
-                Ok(n)
+                Ok(Some(n))
             }
         }
     }

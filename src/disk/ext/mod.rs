@@ -485,8 +485,11 @@ impl ExtFs {
     ///
     /// A regular file (or fifo) inode met again becomes an
     /// [`EntryKind::Hardlink`] to the first path; sockets are skipped and
-    /// counted ([`ExtFs::sockets_skipped`]). Reading the content yields
-    /// exactly `entry.size` bytes; read errors are [`io::Error`]s wrapping
+    /// counted ([`ExtFs::sockets_skipped`]). A file with holes or
+    /// uninitialized extents comes with its data map in [`Entry::sparse`]
+    /// and its reader yields only the mapped data (wrap it with
+    /// [`Entry::dense`] for the whole content); other files' readers yield
+    /// exactly `entry.size` bytes. Read errors are [`io::Error`]s wrapping
     /// an [`ExtError`].
     pub fn walk<E, F>(&self, mut f: F) -> Result<(), E>
     where
@@ -636,7 +639,13 @@ impl ExtFs {
                     info.allocated = allocated;
                     info.sparse = sparse;
                     e.size = inode.size;
+                    // A sparse file's reader yields only the stored data;
+                    // the map says where it goes.
+                    e.sparse = sparse.then(|| content.data_map(self.sb.block_size, inode.size));
                     let mut r = FileReader::new(self, ino, inode.size, content);
+                    if sparse {
+                        r = r.data_only();
+                    }
                     f(e, &info, &mut r)?;
                 }
                 EntryKind::Symlink => {
