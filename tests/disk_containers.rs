@@ -7,6 +7,9 @@
 //! The tools come from qemu-utils and fdisk (scripts/setup.sh); a missing
 //! tool fails the test with a message.
 
+mod common;
+use common::tool;
+
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -20,19 +23,6 @@ use kiln::disk::qcow2::{Compression, Qcow2, Qcow2Error};
 use kiln::disk::vhd::{Vhd, VhdError, VhdKind};
 use kiln::disk::{part, qcow2, vhd, Cursor, FileSource, ReadAt};
 use sha2::{Digest, Sha256};
-
-/// The path of `prog`, or a failure naming the package to install.
-fn tool(prog: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!("{prog} is not installed: run scripts/setup.sh (apt-get install qemu-utils fdisk)")
-    })
-}
 
 fn run(prog: &str, args: &[&str], dir: &Path) -> String {
     let out = Command::new(tool(prog))

@@ -1,13 +1,17 @@
 //! The ext2/3/4 reader against images made by the real `mke2fs -d` from a
 //! source tree holding every kind of object: the walk must give exactly the
 //! entries the directory source gives for the tree itself.
+
 #![allow(clippy::unwrap_used)]
+
+mod common;
+use common::tool;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{symlink, FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -16,18 +20,6 @@ use kiln::disk::ext::{EntryInfo, ExtError, ExtFs, ExtKind};
 use kiln::disk::{FileSource, ReadAt};
 use kiln::import::{Entry, EntryKind};
 use sha2::{Digest, Sha256};
-
-/// The path of `prog`: on PATH, else in the sbin directories an
-/// unprivileged user's PATH often lacks (mke2fs, debugfs, e2fsck, setcap).
-fn tool(prog: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| PathBuf::from(prog))
-}
 
 /// Runs a tool, failing the test with its output (or a clear message when
 /// the tool is missing).

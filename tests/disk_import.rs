@@ -56,20 +56,6 @@ fn normalize(mut t: Tree) -> Tree {
     t
 }
 
-fn loop_state() -> (Vec<String>, String) {
-    let mut loops: Vec<String> = fs::read_dir("/sys/block")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
-                .filter_map(|e| fs::read_to_string(e.path().join("loop/backing_file")).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    loops.sort();
-    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    (loops, mounts)
-}
-
 fn import_and_compare(k: &Kiln, image: &Path, tag: &str, want: &Tree, extra: &[&str]) -> String {
     let before = loop_state();
     let mut args = vec!["import", image.to_str().expect("utf-8 path"), "-t", tag];

@@ -12,15 +12,6 @@ use std::process::Command;
 
 use common::*;
 
-/// The path of an sbin tool (not on an unprivileged user's PATH).
-fn tool(prog: &str) -> PathBuf {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{prog} is not installed: run scripts/setup.sh"))
-}
-
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -93,20 +84,6 @@ fn essentials(t: &Tree) -> Vec<Essentials> {
             )
         })
         .collect()
-}
-
-fn loop_state() -> (Vec<String>, String) {
-    let mut loops: Vec<String> = fs::read_dir("/sys/block")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
-                .filter_map(|e| fs::read_to_string(e.path().join("loop/backing_file")).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    loops.sort();
-    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    (loops, mounts)
 }
 
 /// `kiln import ARGS`, checking that no loop device or mount appeared;

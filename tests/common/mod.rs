@@ -916,3 +916,32 @@ t.close()
     assert!(st.success(), "python3 fixture writer failed");
     out
 }
+
+/// The path of `prog`: on PATH, else in the sbin directories an
+/// unprivileged user's PATH often lacks (mke2fs, sfdisk, mkfs.xfs, ...).
+/// Panics naming scripts/setup.sh when it is nowhere (tests never skip).
+pub fn tool(prog: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file());
+    found.unwrap_or_else(|| panic!("{prog} is not installed: run scripts/setup.sh"))
+}
+
+/// The host's attached loop devices (their backing files) and its mount
+/// table, to show that an import attached and mounted nothing.
+pub fn loop_state() -> (Vec<String>, String) {
+    let mut loops: Vec<String> = fs::read_dir("/sys/block")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+                .filter_map(|e| fs::read_to_string(e.path().join("loop/backing_file")).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    loops.sort();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    (loops, mounts)
+}
