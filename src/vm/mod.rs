@@ -444,6 +444,43 @@ pub fn export_tree(
     })
 }
 
+/// Longest console line kept (a guest gone wrong may print without end).
+const MAX_LINE: usize = 4096;
+
+/// Sends the console's lines, each cut to [`MAX_LINE`] bytes, until end
+/// of file or until nobody listens.
+fn console_lines(r: impl Read, tx: &mpsc::Sender<String>) {
+    let mut r = BufReader::new(r);
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let (used, done) = match r.fill_buf() {
+            Ok([]) | Err(_) => return,
+            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let room = MAX_LINE.saturating_sub(line.len());
+                    line.extend_from_slice(&buf[..i.min(room)]);
+                    (i + 1, true)
+                }
+                None => {
+                    let room = MAX_LINE.saturating_sub(line.len());
+                    line.extend_from_slice(&buf[..buf.len().min(room)]);
+                    (buf.len(), false)
+                }
+            },
+        };
+        r.consume(used);
+        if done {
+            let text = String::from_utf8_lossy(&line)
+                .trim_end_matches('\r')
+                .to_string();
+            line.clear();
+            if tx.send(text).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 enum Boot {
     /// While probing KVM: the guest never spoke (it hung, or QEMU failed
     /// before it could); why.
@@ -498,11 +535,7 @@ fn boot(
     let stdout = child.stdout.take();
     let reader = std::thread::spawn(move || {
         if let Some(s) = stdout {
-            for line in BufReader::new(s).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
+            console_lines(s, &tx);
         }
     });
     let stderr = child.stderr.take();
@@ -598,4 +631,53 @@ fn boot(
         },
         console: tail(&console),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_cut_and_split() {
+        let (tx, rx) = mpsc::channel();
+        let mut input = b"one\r\ntwo\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE));
+        input.extend_from_slice(b"\nlast\n");
+        console_lines(&input[..], &tx);
+        drop(tx);
+        let lines: Vec<String> = rx.iter().collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0], "one");
+        assert_eq!(lines[1], "two");
+        assert_eq!(lines[2].len(), MAX_LINE);
+        assert_eq!(lines[3], "last");
+    }
+
+    #[test]
+    fn modules_come_after_their_dependencies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/fs/btrfs/btrfs.ko: kernel/crypto/xor.ko kernel/lib/libcrc32c.ko\nkernel/crypto/xor.ko:\nkernel/lib/libcrc32c.ko: kernel/crypto/crc32c_generic.ko\nkernel/crypto/crc32c_generic.ko:\nkernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio.ko:\n",
+        )
+        .expect("write");
+        let k = Kernel {
+            image: PathBuf::from("/nonexistent"),
+            modules: dir.path().to_path_buf(),
+        };
+        let order = k
+            .modules_for(&["virtio_blk", "btrfs", "no_such"])
+            .expect("order");
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/block/virtio_blk.ko",
+                "kernel/crypto/xor.ko",
+                "kernel/crypto/crc32c_generic.ko",
+                "kernel/lib/libcrc32c.ko",
+                "kernel/fs/btrfs/btrfs.ko",
+            ]
+        );
+    }
 }
