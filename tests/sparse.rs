@@ -14,19 +14,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Deterministic pseudo-random bytes.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Asserts `got` has the content of `want` and is sparse on disk: it
 /// occupies less than `max_alloc` bytes.
 fn assert_sparse_copy(want: &Path, got: &Path, max_alloc: u64, what: &str) {

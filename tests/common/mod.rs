@@ -945,3 +945,17 @@ pub fn loop_state() -> (Vec<String>, String) {
     let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     (loops, mounts)
 }
+
+/// Deterministic pseudo-random bytes (xorshift), for file contents that
+/// neither compress nor repeat.
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
