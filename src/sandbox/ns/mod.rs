@@ -329,12 +329,8 @@ pub(crate) fn run(
     let uid = rustix::process::getuid().as_raw();
     let cfg = InitConfig {
         lower: rootfs.path.clone(),
-        upper: scratch
-            .as_ref()
-            .map_or_else(|| base.join("upper"), |s| s.join("upper")),
-        work: scratch
-            .as_ref()
-            .map_or_else(|| base.join("work"), |s| s.join("work")),
+        upper: scratch.as_ref().unwrap_or(&base).join("upper"),
+        work: scratch.as_ref().unwrap_or(&base).join("work"),
         merged: base,
         scratch,
         read_only: spec.read_only,
@@ -439,36 +435,33 @@ pub(crate) fn run(
             "--commit needs overlayfs, and this run fell back to a copy of the image (see the warning above): nothing was committed".into(),
         ));
     }
-    {
-        let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
-        let upper = rundir.path.join("upper");
-        result.committed = Some(if map.kind == MapKind::Subids {
-            // The upper dir holds files of subordinate ids the caller cannot
-            // read: commit from inside the same mapping.
-            let task = Task::Commit {
-                store: store.root().to_path_buf(),
-                manifest: img.descriptor.digest().to_string(),
-                upper,
-                name: name.clone(),
-                created_by,
-                epoch: spec.source_date_epoch,
-            };
-            let out = run_task(helper, &map, &task)
-                .map_err(|e| RunError::host("commit inside the subid mapping", e))?;
-            serde_json::from_str(&out).map_err(|e| {
-                RunError::host("commit inside the subid mapping", io::Error::other(e))
-            })?
-        } else {
-            super::commit::commit(
-                store,
-                &img,
-                &upper,
-                name,
-                &created_by,
-                spec.source_date_epoch,
-            )?
-        });
-    }
+    let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
+    let upper = rundir.path.join("upper");
+    result.committed = Some(if map.kind == MapKind::Subids {
+        // The upper dir holds files of subordinate ids the caller cannot
+        // read: commit from inside the same mapping.
+        let task = Task::Commit {
+            store: store.root().to_path_buf(),
+            manifest: img.descriptor.digest().to_string(),
+            upper,
+            name: name.clone(),
+            created_by,
+            epoch: spec.source_date_epoch,
+        };
+        let out = run_task(helper, &map, &task)
+            .map_err(|e| RunError::host("commit inside the subid mapping", e))?;
+        serde_json::from_str(&out)
+            .map_err(|e| RunError::host("commit inside the subid mapping", io::Error::other(e)))?
+    } else {
+        super::commit::commit(
+            store,
+            &img,
+            &upper,
+            name,
+            &created_by,
+            spec.source_date_epoch,
+        )?
+    });
     drop(rundir);
     Ok(result)
 }
