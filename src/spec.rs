@@ -348,11 +348,14 @@ impl RunSpec {
     }
 
     /// Whether the run's upper layer goes to a tmpfs (see [`Upper`]).
+    /// [`Upper::Auto`] picks disk with `--commit`, and on kernels older
+    /// than 6.6, whose tmpfs has no `user.*` xattrs for overlayfs's
+    /// whiteouts.
     pub fn upper_in_memory(&self) -> bool {
         match self.upper {
             Upper::Memory => true,
             Upper::Disk => false,
-            Upper::Auto => self.commit.is_none(),
+            Upper::Auto => self.commit.is_none() && tmpfs_has_user_xattrs(),
         }
     }
 
@@ -453,5 +456,37 @@ pub(crate) fn rlimit_resource(n: u32) -> rustix::process::Resource {
         12 => R::Msgqueue,
         13 => R::Nice,
         _ => R::Rtprio,
+    }
+}
+
+/// Whether this kernel's tmpfs stores `user.*` xattrs (Linux 6.6 and later).
+fn tmpfs_has_user_xattrs() -> bool {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy();
+    kernel_at_least(&release, (6, 6))
+}
+
+/// Whether a kernel release string (`6.1.0-26-amd64`) is at least `want`.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= want
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::kernel_at_least;
+
+    #[test]
+    fn kernel_releases_compare_by_number() {
+        assert!(kernel_at_least("6.18.44-fc-v657", (6, 6)));
+        assert!(kernel_at_least("6.6.0", (6, 6)));
+        assert!(!kernel_at_least("6.1.0-26-amd64", (6, 6)));
+        assert!(!kernel_at_least("5.15.0-91-generic", (6, 6)));
+        assert!(kernel_at_least("7.0", (6, 6)));
+        assert!(!kernel_at_least("garbage", (6, 6)));
     }
 }

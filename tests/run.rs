@@ -536,6 +536,27 @@ fn the_upper_layer_is_in_memory_by_default_and_on_disk_when_asked() {
 }
 
 #[test]
+fn the_command_starts_with_default_signal_dispositions() {
+    // kiln (Rust) ignores SIGPIPE; ignored signals would survive exec.
+    let k = with_busybox();
+    let out = k.ok([
+        "run",
+        "bb",
+        "grep",
+        "-E",
+        "^Sig(Ign|Blk)",
+        "/proc/self/status",
+    ]);
+    assert_eq!(
+        out,
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    );
+    // So a pipe's writer dies quietly when its reader is done.
+    let (code, out, err) = run_sh(&k, &[], "set -o pipefail; yes | head -n 1");
+    assert_eq!((code, out.as_str()), (141, "y\n"), "{err}");
+}
+
+#[test]
 fn sixteen_concurrent_runs_with_a_first_time_unpack() {
     let k = with_busybox();
     let children: Vec<_> = (0..16)

@@ -195,6 +195,45 @@ pub fn unblock_all_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// Resets every signal's disposition to the default. Ignored signals
+/// survive exec, and Rust ignores SIGPIPE: without this a command in the
+/// sandbox would see `find / | head -1` fail with "Broken pipe".
+pub fn default_signal_dispositions() {
+    /// The kernel's `struct sigaction` on x86_64 (handler, flags,
+    /// restorer, mask): the raw syscall also reaches the real-time signals
+    /// glibc keeps to itself (32, 33), which libc's signal() refuses.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads `dfl`, a valid kernel sigaction that
+        // outlives the call, and writes nothing (null old action); the
+        // size is that of the kernel's 64-bit signal mask.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+}
+
 /// Waits for one of `signals` (which must be blocked); returns its number.
 pub fn sigwait(signals: &[i32]) -> io::Result<i32> {
     let set = sigset(signals);

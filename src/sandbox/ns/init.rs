@@ -211,6 +211,20 @@ fn setup_root(cfg: &InitConfig) {
             "mode=0700",
         )
         .or_die("mount the run's tmpfs");
+        // overlayfs in a user namespace keeps its whiteouts and opaque
+        // markers in user.* xattrs, which tmpfs has only since Linux 6.6
+        // (kiln picks disk there unless told otherwise).
+        if let Err(e) = rustix::fs::setxattr(
+            scratch,
+            "user.kiln.probe",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            die(
+                "use the run's tmpfs",
+                format!("it takes no user.* xattrs on this kernel ({e}; Linux >= 6.6 needed): use --upper disk"),
+            );
+        }
         for d in [&cfg.upper, &cfg.work, &cfg.merged] {
             mkdirs(d);
         }
@@ -509,6 +523,7 @@ fn cstr(s: &str) -> CString {
 /// In the command's process: identity, privileges, then exec. Never returns.
 fn exec_command(cfg: &InitConfig) -> ! {
     sys::unblock_all_signals().or_die("unblock signals");
+    sys::default_signal_dispositions();
     // Always a new session: without -t the command must not share kiln's
     // controlling terminal (TIOCSTI could type into the caller's shell, as
     // in bubblewrap's CVE-2017-5226); with -t the pty becomes its own.
