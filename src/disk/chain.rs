@@ -551,13 +551,7 @@ fn open_disk(
                 }
             }
             if found.is_none() && opts.via_vm.is_some() {
-                for p in parts {
-                    let slice: Arc<dyn ReadAt> = Arc::new(p.open(&disk)?);
-                    if mount_type(super::ext::sniff_other(&*slice)).is_some() {
-                        found = Some(p);
-                        break;
-                    }
-                }
+                found = vm_root_candidate(parts, &disk)?;
             }
             found.ok_or_else(|| {
                 DiskError::Unsupported(format!(
@@ -588,12 +582,54 @@ fn open_disk(
             match (opts.partition, opts.via_vm.is_some()) {
                 (Some(_), _) => "",
                 (None, false) => " (has a Linux root)",
-                (None, true) => " (chosen)",
+                (None, true) => " (the likeliest root: pick another with --partition)",
             }
         ),
     });
     let slice: Arc<dyn ReadAt> = Arc::new(chosen.open(&disk)?);
     open_fs(slice, opts, steps)
+}
+
+/// For `--via-vm` when no partition holds an ext Linux root: the one most
+/// likely to be the root among those the VM can mount. Boot and firmware
+/// partitions (EFI System, BIOS boot, FAT, exFAT) never are; a partition
+/// typed as a Linux root wins, then the largest.
+fn vm_root_candidate<'a>(
+    parts: &'a [super::part::Partition],
+    disk: &Arc<dyn ReadAt>,
+) -> Result<Option<&'a super::part::Partition>, DiskError> {
+    use super::part::Guid;
+    let mut best: Option<(&super::part::Partition, (bool, u64))> = None;
+    for p in parts {
+        let (firmware, root_type) = match &p.kind {
+            PartitionKind::Gpt { type_guid, .. } => (
+                *type_guid == Guid::EFI_SYSTEM || *type_guid == Guid::BIOS_BOOT,
+                matches!(
+                    *type_guid,
+                    Guid::LINUX_ROOT_X86_64
+                        | Guid::LINUX_ROOT_X86
+                        | Guid::LINUX_ROOT_AARCH64
+                        | Guid::LINUX_ROOT_ARM
+                ),
+            ),
+            PartitionKind::Mbr(t) => (*t == 0xef, false),
+        };
+        if firmware {
+            continue;
+        }
+        let slice: Arc<dyn ReadAt> = Arc::new(p.open(disk)?);
+        let Some(fstype) = mount_type(super::ext::sniff_other(&*slice)) else {
+            continue;
+        };
+        if fstype == "vfat" || fstype == "exfat" {
+            continue;
+        }
+        let rank = (root_type, p.size_bytes);
+        if best.is_none_or(|(_, r)| rank > r) {
+            best = Some((p, rank));
+        }
+    }
+    Ok(best.map(|(p, _)| p))
 }
 
 fn open_fs(
@@ -648,5 +684,50 @@ fn human(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.0} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::part::{Guid, Partition};
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn part(number: u32, start: u64, size: u64, type_guid: Guid) -> Partition {
+        Partition {
+            number,
+            start_bytes: start,
+            size_bytes: size,
+            kind: PartitionKind::Gpt {
+                type_guid,
+                name: String::new(),
+            },
+            bootable: false,
+        }
+    }
+
+    #[test]
+    fn the_vm_root_is_never_a_boot_partition_and_prefers_root_types_then_size() {
+        let mut disk = vec![0u8; (4 * MIB) as usize];
+        // p1: an EFI System partition with FAT32, p2 and p3: xfs.
+        disk[0x52..0x5a].copy_from_slice(b"FAT32   ");
+        disk[MIB as usize..MIB as usize + 4].copy_from_slice(b"XFSB");
+        disk[2 * MIB as usize..2 * MIB as usize + 4].copy_from_slice(b"XFSB");
+        let disk: Arc<dyn ReadAt> = Arc::new(disk);
+        let parts = vec![
+            part(1, 0, MIB, Guid::EFI_SYSTEM),
+            part(2, MIB, MIB, Guid::LINUX_FILESYSTEM),
+            part(3, 2 * MIB, 2 * MIB, Guid::LINUX_FILESYSTEM),
+        ];
+        let got = vm_root_candidate(&parts, &disk).unwrap().map(|p| p.number);
+        assert_eq!(got, Some(3), "the largest xfs");
+        let mut typed = parts.clone();
+        typed[1] = part(2, MIB, MIB, Guid::LINUX_ROOT_X86_64);
+        let got = vm_root_candidate(&typed, &disk).unwrap().map(|p| p.number);
+        assert_eq!(got, Some(2), "the one typed as a Linux root");
+        // FAT alone is not a root, even when it is not typed EFI.
+        let fat_only = vec![part(1, 0, MIB, Guid::LINUX_FILESYSTEM)];
+        assert!(vm_root_candidate(&fat_only, &disk).unwrap().is_none());
     }
 }
