@@ -700,6 +700,7 @@ impl Store {
             if vm.accel_state.as_os_str().is_empty() {
                 vm.accel_state = self.root().join(".kiln/vm-accel");
             }
+            vm.max_bytes = vm.max_bytes.min(opts.limits.max_bytes);
         }
         let disk_err = |e: crate::disk::chain::DiskError| ImportError::Disk {
             path: display.to_string(),

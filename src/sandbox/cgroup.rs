@@ -1,6 +1,6 @@
 //! `--memory` and `--pids-limit` in a delegated cgroup v2.
 //!
-//! A run's limits live in a cgroup of its own, `kiln-run-<run dir name>`, made in
+//! A run's limits live in a cgroup of its own, `kiln-run-<kiln pid>-<run id>`, made in
 //! the cgroup kiln itself runs in, which must be a delegated one (writable
 //! by the caller, as `systemd-run --user --scope -p Delegate=yes` gives).
 //! cgroup v2's "no internal processes" rule forbids enabling controllers
@@ -87,18 +87,17 @@ fn reap_stale(own: &Path) {
     };
     for e in list.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let stale = if name.starts_with("kiln-run-") {
-            true
-        } else if let Some(pid) = name.strip_prefix("kiln-self-") {
-            pid.parse::<i32>()
-                .ok()
-                .and_then(rustix::process::Pid::from_raw)
-                .is_some_and(|p| {
-                    rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH)
-                })
-        } else {
-            false
-        };
+        // `kiln-run-<pid>-<id>` and `kiln-self-<pid>`: stale once the kiln
+        // process that made them is gone (a live one may be about to move
+        // its sandbox in, so an empty cgroup alone proves nothing).
+        let owner = name
+            .strip_prefix("kiln-run-")
+            .and_then(|rest| rest.split('-').next())
+            .or_else(|| name.strip_prefix("kiln-self-"));
+        let stale = owner
+            .and_then(|pid| pid.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .is_some_and(|p| rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH));
         if stale {
             let _ = fs::remove_dir(e.path());
         }
@@ -161,7 +160,7 @@ impl RunCgroup {
             }
         }
         reap_stale(own);
-        let dir = own.join(format!("kiln-run-{id}"));
+        let dir = own.join(format!("kiln-run-{}-{id}", std::process::id()));
         fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let cg = RunCgroup { dir };
         let write = |file: &str, v: u64| {
@@ -272,8 +271,9 @@ mod tests {
         // A pid above pid_max can never be alive.
         let dead = h.own.join("kiln-self-2147483600");
         let alive = h.own.join("kiln-self-1");
-        let old_run = h.own.join("kiln-run-old");
-        for d in [&dead, &alive, &old_run] {
+        let old_run = h.own.join("kiln-run-2147483600-run-x");
+        let live_run = h.own.join("kiln-run-1-run-y");
+        for d in [&dead, &alive, &old_run, &live_run] {
             fs::create_dir(d).unwrap();
         }
         let _cg = RunCgroup::create(
@@ -288,6 +288,7 @@ mod tests {
         assert!(!dead.exists(), "the dead kiln's leaf stayed");
         assert!(!old_run.exists(), "the old run cgroup stayed");
         assert!(alive.exists(), "a live process's leaf was removed");
+        assert!(live_run.exists(), "a live process's run cgroup was removed");
     }
 
     #[test]

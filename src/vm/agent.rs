@@ -21,7 +21,11 @@ pub const DONE: &str = "kiln-agent: done";
 
 /// Whether this process is the guest agent (PID 1 started as `/init`).
 pub fn is_agent() -> bool {
-    std::process::id() == 1 && std::env::args_os().next().is_some_and(|a| a == "/init")
+    // /proc is not mounted yet; the kernel hands `kiln_agent=1` from its
+    // command line to init as an environment variable.
+    std::process::id() == 1
+        && std::env::args_os().next().is_some_and(|a| a == "/init")
+        && std::env::var_os("kiln_agent").is_some_and(|v| v == "1")
 }
 
 fn say(msg: &str) {
@@ -43,7 +47,9 @@ fn power_off() -> ! {
 pub fn agent_main() -> ! {
     say(READY);
     let out = Path::new("/dev/vdb");
-    let result = run();
+    // PID 1 must not unwind out: a panic becomes the reported error.
+    let result = std::panic::catch_unwind(run)
+        .unwrap_or_else(|_| Err("read the tree: the agent panicked".to_string()));
     match &result {
         Ok(n) => say(&format!("kiln-agent: wrote {n} entries")),
         Err(e) => say(&format!("kiln-agent: error: {e}")),

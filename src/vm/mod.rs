@@ -115,7 +115,8 @@ impl Kernel {
                     .then(|| (e.path(), modules))
             })
             .collect();
-        found.sort();
+        // By release, numerically: 6.1.0-56 is newer than 6.1.0-9.
+        found.sort_by_key(|(image, _)| release_key(image));
         let (image, modules) = found
             .pop()
             .ok_or_else(|| VmError::NoKernel("no /boot/vmlinuz-* with /lib/modules".into()))?;
@@ -168,6 +169,18 @@ impl Kernel {
     }
 }
 
+/// A sort key for `vmlinuz-RELEASE`: the release's numbers in order.
+fn release_key(image: &Path) -> Vec<u64> {
+    image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().unwrap_or(0))
+        .collect()
+}
+
 /// Modules every VM needs: virtio disks, and crc32c, which the file
 /// systems' checksum code asks for at mount time (there is no modprobe in
 /// the guest to load it on demand).
@@ -189,6 +202,10 @@ fn write_initramfs(kernel: &Kernel, fstype: &str, out: &Path) -> Result<(), VmEr
     let agent = fs::read(&me).map_err(io_err("read", &me))?;
     let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
     wanted.push(fstype);
+    if matches!(fstype, "vfat" | "exfat" | "ntfs3") {
+        // Their mount loads a code page; there is no modprobe in the guest.
+        wanted.extend(["nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1"]);
+    }
     let mods = kernel.modules_for(&wanted)?;
     let f = fs::File::create(out).map_err(io_err("create", out))?;
     let mut c = cpio::Cpio::new(io::BufWriter::new(f));
@@ -201,7 +218,7 @@ fn write_initramfs(kernel: &Kernel, fstype: &str, out: &Path) -> Result<(), VmEr
     let mut order = String::new();
     for (i, m) in mods.iter().enumerate() {
         let src = kernel.modules.join(m);
-        let data = fs::read(&src).map_err(io_err("read module", &src))?;
+        let data = read_module(&src)?;
         let name = format!("modules/{i:03}.ko");
         w(c.file(&name, 0o644, &data))?;
         order.push_str(&format!("/{name} {m}\n"));
@@ -210,6 +227,29 @@ fn write_initramfs(kernel: &Kernel, fstype: &str, out: &Path) -> Result<(), VmEr
     let mut inner = c.finish().map_err(io_err("write", out))?;
     inner.flush().map_err(io_err("write", out))?;
     Ok(())
+}
+
+/// A module file's ELF bytes: distributions ship them plain or
+/// compressed (`.ko.xz`, `.ko.zst`, `.ko.gz`); the guest gets them plain.
+fn read_module(path: &Path) -> Result<Vec<u8>, VmError> {
+    let raw = fs::read(path).map_err(io_err("read module", path))?;
+    let name = path.to_string_lossy();
+    let plain = if name.ends_with(".ko.xz") {
+        let mut out = Vec::new();
+        xz2::read::XzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map(|_| out)
+    } else if name.ends_with(".ko.zst") {
+        zstd::decode_all(&raw[..])
+    } else if name.ends_with(".ko.gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map(|_| out)
+    } else {
+        Ok(raw)
+    };
+    plain.map_err(io_err("decompress module", path))
 }
 
 /// How guests run.
@@ -230,27 +270,45 @@ impl Accel {
     }
 }
 
-/// The accelerator to try: forced by `KILN_VM_ACCEL`, else the verdict kept
-/// in `state`, else KVM when /dev/kvm opens read-write.
+fn kvm_usable() -> bool {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// What a verdict is kept for: the host's kernel.
+fn host_release() -> String {
+    rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The accelerator to try and whether that is settled (no probe needed):
+/// forced by `KILN_VM_ACCEL`, else the verdict kept in `state` for this
+/// host kernel, else KVM (to be probed) when /dev/kvm opens read-write.
 fn choose_accel(state: &Path) -> (Accel, bool) {
     match std::env::var("KILN_VM_ACCEL").as_deref() {
         Ok("kvm") => return (Accel::Kvm, true),
         Ok("tcg") => return (Accel::Tcg, true),
         _ => {}
     }
-    if let Ok(v) = fs::read_to_string(state) {
-        match v.trim() {
-            "kvm" => return (Accel::Kvm, true),
-            "tcg" => return (Accel::Tcg, true),
-            _ => {}
-        }
+    if !kvm_usable() {
+        return (Accel::Tcg, true);
     }
-    let kvm = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    (if kvm { Accel::Kvm } else { Accel::Tcg }, !kvm)
+    let kept = fs::read_to_string(state).unwrap_or_default();
+    let mut words = kept.split_whitespace();
+    match (words.next(), words.next()) {
+        (Some("kvm"), Some(r)) if r == host_release() => (Accel::Kvm, true),
+        (Some("tcg"), Some(r)) if r == host_release() => (Accel::Tcg, true),
+        _ => (Accel::Kvm, false),
+    }
+}
+
+fn keep_verdict(state: &Path, accel: Accel) {
+    let _ = fs::write(state, format!("{} {}\n", accel.name(), host_release()));
 }
 
 /// Where a VM's work files go and how long it may take.
@@ -269,6 +327,9 @@ pub struct VmOptions {
     /// How long a KVM guest has to say its first words before KVM is
     /// judged broken.
     pub kvm_probe: Duration,
+    /// Largest file system to copy for the VM, and largest tar it may
+    /// write back (a store import uses its `--max-size`).
+    pub max_bytes: u64,
 }
 
 impl Default for VmOptions {
@@ -288,6 +349,7 @@ impl VmOptions {
             memory_mib: 1024,
             timeout: Duration::from_secs(3600),
             kvm_probe: Duration::from_secs(20),
+            max_bytes: 256 << 30,
         }
     }
 }
@@ -318,12 +380,19 @@ pub(crate) const OUT_MAGIC: &[u8; 8] = b"KILNTAR1";
 pub(crate) const OUT_DATA: u64 = 4096;
 
 /// Copies `src` into a sparse file (all-zero blocks become holes).
-fn write_sparse(src: &dyn ReadAt, path: &Path) -> Result<(), VmError> {
+fn write_sparse(src: &dyn ReadAt, path: &Path, deadline: Instant) -> Result<(), VmError> {
     let mut f = fs::File::create(path).map_err(io_err("create", path))?;
     let size = src.size();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     while off < size {
+        if Instant::now() > deadline {
+            return Err(VmError::Failed {
+                accel: "none",
+                why: "copying the file system for the VM took past the deadline".into(),
+                console: String::new(),
+            });
+        }
         let n = (size - off).min(buf.len() as u64) as usize;
         src.read_exact_at(&mut buf[..n], off)
             .map_err(io_err("read the file system", path))?;
@@ -370,15 +439,23 @@ pub fn export_tree(
     }
     let qemu = crate::userns::find_tool("qemu-system-x86_64")
         .ok_or_else(|| VmError::NoQemu("qemu-system-x86_64".into()))?;
+    if fs.size() > opts.max_bytes {
+        return Err(VmError::Agent(format!(
+            "be given the file system: it is {} bytes, over the limit of {} (--max-size)",
+            fs.size(),
+            opts.max_bytes
+        )));
+    }
     fs::create_dir_all(&opts.work).map_err(io_err("create", &opts.work))?;
     let disk = opts.work.join("in.raw");
     let out = opts.work.join("out.raw");
     let initrd = opts.work.join("initrd.cpio");
     note("copying the file system out of its container for the VM");
-    write_sparse(fs, &disk)?;
-    // Sparse: only what the agent writes takes space. A tar of a tree is
-    // at most a little bigger than the file system holding it.
-    let out_size = fs.size().saturating_mul(2).saturating_add(256 << 20);
+    write_sparse(fs, &disk, Instant::now() + opts.timeout)?;
+    // Sparse: only what the agent writes takes space. A compressed file
+    // system (squashfs, btrfs with compress=) may hold far more than its
+    // size, so the room is the import's limit, not a multiple of the size.
+    let out_size = opts.max_bytes.saturating_add(OUT_DATA);
     fs::File::create(&out)
         .and_then(|f| f.set_len(out_size))
         .map_err(io_err("create", &out))?;
@@ -399,7 +476,7 @@ pub fn export_tree(
                 note(&format!(
                     "kvm does not really work here ({why}); using tcg from now on"
                 ));
-                let _ = fs::write(&opts.accel_state, "tcg\n");
+                keep_verdict(&opts.accel_state, Accel::Tcg);
                 accel = Accel::Tcg;
             }
             Err(Boot::Silent(why)) => {
@@ -413,7 +490,7 @@ pub fn export_tree(
         }
     }
     if accel == Accel::Kvm && !decided {
-        let _ = fs::write(&opts.accel_state, "kvm\n");
+        keep_verdict(&opts.accel_state, Accel::Kvm);
     }
     let mut file = fs::File::open(&out).map_err(io_err("open", &out))?;
     let mut head = [0u8; 512];
@@ -427,9 +504,9 @@ pub fn export_tree(
     let status = head[16];
     if status != 0 {
         let msg_len = usize::from(head[17]).min(head.len() - 18);
-        return Err(VmError::Agent(
-            String::from_utf8_lossy(&head[18..18 + msg_len]).into_owned(),
-        ));
+        return Err(VmError::Agent(printable(&String::from_utf8_lossy(
+            &head[18..18 + msg_len],
+        ))));
     }
     if len > out_size - OUT_DATA {
         return Err(VmError::Agent(format!(
@@ -442,6 +519,25 @@ pub fn export_tree(
         len,
         accel,
     })
+}
+
+/// A path as a QEMU option value (a comma is written twice).
+fn qemu_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// Text from the guest with control characters (terminal escapes) shown
+/// as `\xNN`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                format!("\\x{:02x}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Longest console line kept (a guest gone wrong may print without end).
@@ -510,15 +606,25 @@ fn boot(
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init kiln.fstype={fstype}"
+            "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init kiln_agent=1 kiln.fstype={fstype}"
         ))
         .arg("-drive")
         .arg(format!(
-            "file={},format=raw,if=virtio,readonly=on",
-            disk.display()
+            "file={},format=raw,if=virtio,readonly=on,werror=report,rerror=report",
+            qemu_path(disk)
         ))
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", out.display()))
+        .arg(format!(
+            "file={},format=raw,if=virtio,werror=report,rerror=report",
+            qemu_path(out)
+        ))
+        // QEMU's own seccomp filter: should a hostile file system take
+        // the guest kernel over, an escape into QEMU still cannot spawn,
+        // gain privileges or use obsolete system calls.
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ])
         .args(["-serial", "stdio"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -561,7 +667,10 @@ fn boot(
                     console.remove(0);
                 }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            // The console closed: QEMU is ending; poll it calmly.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
         if let Ok(Some(_)) = child.try_wait() {
@@ -597,7 +706,7 @@ fn boot(
             t.push_str("\nqemu: ");
             t.push_str(qemu_err.trim());
         }
-        t
+        printable(&t)
     };
     if let Some(o) = outcome {
         return match o {
@@ -614,12 +723,16 @@ fn boot(
     if console.iter().any(|l| l.contains(agent::DONE)) {
         return Ok(());
     }
-    if probe.is_some() && !heard {
-        // KVM failed before the guest ran at all (QEMU could not set the
-        // vCPU up, say): as good as silent.
+    if probe.is_some() && !heard && qemu_err.to_ascii_lowercase().contains("kvm") {
+        // QEMU could not run the guest with KVM (it names KVM in its
+        // error): as good as silent. Any other early failure is not KVM's
+        // and is reported as it is.
         let last = qemu_err.lines().last().unwrap_or("").trim().to_string();
         return Err(Boot::Silent(match status {
-            Ok(s) => format!("qemu exited ({s}) before the guest spoke: {last}"),
+            Ok(s) => format!(
+                "qemu exited ({s}) before the guest spoke: {}",
+                printable(&last)
+            ),
             Err(e) => format!("wait for qemu: {e}"),
         }));
     }

@@ -379,7 +379,10 @@ fn setup_root(cfg: &InitConfig) {
 fn fuse_overlay(cfg: &InitConfig, root: &Path) -> io::Result<()> {
     // Looked up here, not by every run: only a fallback needs it (init
     // still sees the host's file system).
-    let found = crate::userns::find_tool("fuse-overlayfs");
+    let found = cfg
+        .fuse_overlayfs
+        .clone()
+        .or_else(|| crate::userns::find_tool("fuse-overlayfs"));
     let bin = found.as_ref().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,

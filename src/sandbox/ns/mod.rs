@@ -75,6 +75,11 @@ pub(crate) struct InitConfig {
     pub ulimits: Vec<crate::spec::Ulimit>,
     pub keep_id: bool,
     pub rootfs: crate::spec::RootfsMode,
+    /// fuse-overlayfs as found on the caller's PATH (set for an exec'd
+    /// helper, whose environment is cleared); None: init looks it up when
+    /// it needs it.
+    #[serde(default)]
+    pub fuse_overlayfs: Option<PathBuf>,
     pub tty: bool,
     /// Only the caller is mapped: a copied root records owners in
     /// `user.rootlesscontainers` instead of chown'ing.
@@ -308,9 +313,10 @@ pub(crate) fn run(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            // The cgroup's name carries kiln's pid; a counter tells this
+            // process's runs apart.
             None => format!(
-                "mem-{}-{}",
-                std::process::id(),
+                "mem-{}",
                 RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ),
         };
@@ -342,6 +348,7 @@ pub(crate) fn run(
         user,
         keep_id: spec.userns == Userns::KeepId && uid != 0,
         rootfs: spec.rootfs,
+        fuse_overlayfs: None,
         tty: spec.tty,
         copy_rootless: map.kind == MapKind::Caller,
         tty_name: None,
@@ -376,6 +383,7 @@ pub(crate) fn run(
     {
         Launch::Fork(Box::new(cfg))
     } else {
+        cfg.fuse_overlayfs = crate::userns::find_tool("fuse-overlayfs");
         let json = serde_json::to_string(&cfg)
             .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
         let mut cmd = Command::new(crate::userns::helper_path(helper));
