@@ -12,6 +12,8 @@ pkgs=(
   busybox-static mmdebstrap
   # compressors for input tests, tools the tests call
   zstd xz-utils bzip2 pigz jq attr libcap2-bin python3 util-linux strace
+  # the static probe the security tests run inside sandboxes
+  gcc libc6-dev
   # bsdtar: a second tar implementation that must read kiln's sparse layers
   libarchive-tools
   # disk-image readers: test ISOs, VHD/qcow2 (qemu-img, qemu-io), partition
@@ -59,7 +61,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 tools=(
   skopeo umoci podman crun newuidmap newgidmap catatonit fuse-overlayfs
   busybox mmdebstrap zstd xz bzip2 pigz gzip zcat jq setfattr getfattr setcap
-  python3 unshare taskset script strace bsdtar xorriso sfdisk mke2fs debugfs
+  python3 unshare taskset script strace cc bsdtar xorriso sfdisk mke2fs debugfs
   e2fsck cpio qemu-img qemu-io qemu-system-x86_64 mkfs.xfs mkfs.btrfs
   hyperfine bwrap cargo
 )

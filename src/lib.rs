@@ -43,4 +43,4 @@ pub mod vm;
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
 pub use progress::{Event, ProgressFn};
 pub use source::ExpansionLimits;
-pub use store::{ExportFormat, Store, StoreError};
+pub use store::{ExportFormat, Store, StoreError, StoreOptions};

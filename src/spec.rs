@@ -30,8 +30,8 @@ pub enum Upper {
     Auto,
     /// A tmpfs that only the sandbox's mount namespace sees: nothing of the
     /// run touches the host's disk, and nothing is left to clean up, even
-    /// after SIGKILL. Writes to the root count against memory (the tmpfs
-    /// may grow to half of RAM, and can swap); build outputs belong on a
+    /// after SIGKILL. Writes to the root count against memory (up to
+    /// [`RunSpec::upper_size`], and can swap); build outputs belong on a
     /// volume anyway.
     Memory,
     /// A run directory in the store (`.kiln/runs/run-*`), locked for the
@@ -76,28 +76,72 @@ pub struct Volume {
     pub target: String,
     /// Read-only bind.
     pub read_only: bool,
+    /// Device nodes under it open (default false: `nodev`).
+    #[serde(default)]
+    pub dev: bool,
+    /// setuid/setgid bits and file capabilities under it act on exec
+    /// (default false: `nosuid`; no_new_privs voids them for the command
+    /// anyway).
+    #[serde(default)]
+    pub suid: bool,
+}
+
+impl Volume {
+    /// A read-write, nosuid, nodev bind of `source` at `target`.
+    ///
+    /// ```
+    /// let v = kiln::spec::Volume::new("/src", "/work");
+    /// assert!(!v.read_only && !v.dev && !v.suid);
+    /// ```
+    pub fn new(source: impl Into<PathBuf>, target: impl Into<String>) -> Volume {
+        Volume {
+            source: source.into(),
+            target: target.into(),
+            read_only: false,
+            dev: false,
+            suid: false,
+        }
+    }
 }
 
 impl std::str::FromStr for Volume {
     type Err = SpecError;
-    /// Parses `SRC:DST[:ro|rw]`.
+    /// Parses `SRC:DST[:OPTIONS]`, OPTIONS a comma-separated list of
+    /// `ro`, `rw`, `dev`, `nodev`, `suid`, `nosuid`.
+    ///
+    /// ```
+    /// let v: kiln::spec::Volume = "/src:/work:ro,dev".parse().unwrap();
+    /// assert!(v.read_only && v.dev && !v.suid);
+    /// assert!("/src:/work:exec".parse::<kiln::spec::Volume>().is_err());
+    /// ```
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let parts: Vec<&str> = s.split(':').collect();
-        let (src, dst, ro) = match parts.as_slice() {
-            [s, d] => (*s, *d, false),
-            [s, d, "ro"] => (*s, *d, true),
-            [s, d, "rw"] => (*s, *d, false),
-            _ => {
-                return Err(SpecError::Invalid(format!(
-                    "volume {s:?}: expected SRC:DST[:ro|rw]"
-                )))
-            }
+        let bad = || {
+            SpecError::Invalid(format!(
+            "volume {s:?}: expected SRC:DST[:OPTIONS], OPTIONS from ro, rw, dev, nodev, suid, nosuid"
+        ))
         };
-        Ok(Volume {
-            source: PathBuf::from(src),
-            target: dst.to_string(),
-            read_only: ro,
-        })
+        let parts: Vec<&str> = s.split(':').collect();
+        let (src, dst, opts) = match parts.as_slice() {
+            [s, d] => (*s, *d, ""),
+            [s, d, o] => (*s, *d, *o),
+            _ => return Err(bad()),
+        };
+        if src.is_empty() || dst.is_empty() {
+            return Err(bad());
+        }
+        let mut v = Volume::new(src, dst);
+        for o in opts.split(',').filter(|o| !o.is_empty()) {
+            match o {
+                "ro" => v.read_only = true,
+                "rw" => v.read_only = false,
+                "dev" => v.dev = true,
+                "nodev" => v.dev = false,
+                "suid" => v.suid = true,
+                "nosuid" => v.suid = false,
+                _ => return Err(bad()),
+            }
+        }
+        Ok(v)
     }
 }
 
@@ -311,6 +355,16 @@ pub struct RunSpec {
     pub memory: Option<u64>,
     /// Maximum number of processes (cgroup v2 `pids.max`), same rules.
     pub pids_limit: Option<u64>,
+    /// Size limit of the sandbox's `/tmp` tmpfs in bytes. Default: a
+    /// quarter of the host's RAM, and at most `memory`.
+    pub tmpfs_size: Option<u64>,
+    /// Size limit of `/dev/shm` in bytes. Default 64 MiB (as Docker's),
+    /// at most `memory`.
+    pub shm_size: Option<u64>,
+    /// Size limit of the in-memory upper layer ([`Upper::Memory`]): what
+    /// the command may write to its root. Default: a quarter of the
+    /// host's RAM, and at most `memory`.
+    pub upper_size: Option<u64>,
     /// Forward SIGINT/SIGTERM/SIGHUP/SIGQUIT received by the calling thread
     /// to the command (blocks them in the caller during the run). Default false.
     pub forward_signals: bool,
@@ -343,6 +397,9 @@ impl RunSpec {
             ulimits: Vec::new(),
             memory: None,
             pids_limit: None,
+            tmpfs_size: None,
+            shm_size: None,
+            upper_size: None,
             forward_signals: false,
         }
     }
@@ -357,6 +414,27 @@ impl RunSpec {
             Upper::Disk => false,
             Upper::Auto => self.commit.is_none() && tmpfs_has_user_xattrs(),
         }
+    }
+
+    /// The sizes of `/tmp`, `/dev/shm` and the in-memory upper layer, in
+    /// bytes: the spec's, else the defaults (see the fields), each capped
+    /// by `memory` when it is set (tmpfs pages are memory).
+    ///
+    /// ```
+    /// let mut spec = kiln::spec::RunSpec::new("busybox");
+    /// spec.memory = Some(1 << 30);
+    /// let (tmp, shm, upper) = spec.tmpfs_sizes();
+    /// assert!(tmp <= 1 << 30 && upper <= 1 << 30);
+    /// assert_eq!(shm, 64 << 20);
+    /// ```
+    pub fn tmpfs_sizes(&self) -> (u64, u64, u64) {
+        let quarter = host_memory().map_or(1 << 30, |m| m / 4);
+        let cap = |v: u64| self.memory.map_or(v, |m| v.min(m));
+        (
+            cap(self.tmpfs_size.unwrap_or(quarter)),
+            cap(self.shm_size.unwrap_or(64 << 20)),
+            cap(self.upper_size.unwrap_or(quarter)),
+        )
     }
 
     /// Checks every field once, before anything starts.
@@ -425,11 +503,57 @@ impl RunSpec {
                 ));
             }
         }
+        for (what, v) in [
+            ("--tmpfs-size", self.tmpfs_size),
+            ("--shm-size", self.shm_size),
+            ("--upper-size", self.upper_size),
+            ("--memory", self.memory),
+        ] {
+            if v == Some(0) {
+                return bad(format!("{what} must be more than 0 bytes"));
+            }
+        }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout must be positive".into());
         }
         Ok(())
     }
+}
+
+/// The host's RAM in bytes (`MemTotal` of /proc/meminfo).
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Parses a size: bytes, or a number with `k`, `m`, `g` or `t` (powers of
+/// 1024; `KiB`, `MB` and the like are read the same).
+///
+/// ```
+/// use kiln::spec::parse_size;
+/// assert_eq!(parse_size("512"), Ok(512));
+/// assert_eq!(parse_size("64m"), Ok(64 << 20));
+/// assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+/// assert!(parse_size("lots").is_err());
+/// assert!(parse_size("99999999999t").is_err());
+/// ```
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("{s:?} is not a size (bytes, or a number with k, m, g or t)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
 /// The calling process's (soft, hard) limit for an `RLIMIT_*` number.

@@ -502,9 +502,9 @@ fn the_upper_layer_is_in_memory_by_default_and_on_disk_when_asked() {
     assert_eq!(fs::metadata(&big).expect("the write on disk").len(), 100000);
     c.kill().expect("SIGKILL kiln");
     c.wait().expect("wait");
-    // The sandbox's init holds the run directory's lock too, so the
-    // directory stays until the whole sandbox is gone (PDEATHSIG is
-    // asynchronous); the next run after that reaps it.
+    // kiln held the run directory's lock; once it is dead the next run
+    // reaps the directory (the dying sandbox, PDEATHSIG being
+    // asynchronous, may still hold files there for a moment: retried).
     let runs_left = || {
         fs::read_dir(k.store().join(".kiln/runs"))
             .expect("runs dir")

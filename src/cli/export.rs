@@ -27,7 +27,7 @@ fn parse_format(s: &str) -> Result<ExportFormat, String> {
 }
 
 pub fn run(cli: &Cli, a: &ExportArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     if a.output.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let mut lock = stdout.lock();

@@ -48,7 +48,7 @@ pub struct GcArgs {
 }
 
 pub fn images(cli: &Cli, a: &ImagesArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let list = store.images()?;
     if a.format == Format::Json {
         print_json(&list)?;
@@ -73,7 +73,7 @@ pub fn images(cli: &Cli, a: &ImagesArgs) -> Result<i32> {
 }
 
 pub fn inspect(cli: &Cli, a: &InspectArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let img = store.resolve(&a.image)?;
     let config: serde_json::Value = serde_json::from_slice(&img.config_bytes)?;
     print_json(&json!({
@@ -86,14 +86,14 @@ pub fn inspect(cli: &Cli, a: &InspectArgs) -> Result<i32> {
 }
 
 pub fn tag(cli: &Cli, a: &TagArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let name = store.tag(&a.source, &a.target)?;
     println!("{name}");
     Ok(0)
 }
 
 pub fn rm(cli: &Cli, a: &RmArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     for i in &a.images {
         let n = store.remove(i)?;
         println!("removed {n}");
@@ -102,7 +102,7 @@ pub fn rm(cli: &Cli, a: &RmArgs) -> Result<i32> {
 }
 
 pub fn gc(cli: &Cli, a: &GcArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let r = store.gc()?;
     if a.format == Format::Json {
         print_json(&r)?;
@@ -120,7 +120,7 @@ pub fn gc(cli: &Cli, a: &GcArgs) -> Result<i32> {
 }
 
 pub fn fsck(cli: &Cli, a: &GcArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let problems = store.fsck()?;
     if a.format == Format::Json {
         print_json(&problems)?;

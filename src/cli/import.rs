@@ -145,7 +145,7 @@ fn parse_words(s: &str) -> Result<Vec<String>> {
 }
 
 pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let mut opts = ImportOptions::new(a.tag.clone());
     opts.compression = a.compression;
     opts.level = a.level;

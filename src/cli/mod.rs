@@ -24,6 +24,11 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     pub store: Option<PathBuf>,
 
+    /// Use a store that another user owns or can change (kiln refuses
+    /// one otherwise): that user can then change what kiln runs.
+    #[arg(long, global = true, env = "KILN_TRUST_STORE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub trust_store: bool,
+
     /// More log output on stderr (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -67,12 +72,15 @@ pub enum Command {
 }
 
 /// Opens the store named by `--store` or the default location.
-pub fn open_store(cli_store: &Option<PathBuf>) -> Result<Store> {
-    let path = match cli_store {
+pub fn open_store(cli: &Cli) -> Result<Store> {
+    let path = match &cli.store {
         Some(p) => p.clone(),
         None => Store::default_path()?,
     };
-    Store::open(&path).with_context(|| format!("open store {}", path.display()))
+    let opts = kiln::StoreOptions {
+        trust_owner: cli.trust_store,
+    };
+    Store::open_with(&path, &opts).with_context(|| format!("open store {}", path.display()))
 }
 
 /// Runs the parsed command; returns the process exit code.

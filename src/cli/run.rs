@@ -38,8 +38,9 @@ pub struct RunArgs {
     /// Mount the image read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Bind mount SRC:DST[:ro|rw] (repeatable).
-    #[arg(short, long = "volume", value_name = "SRC:DST[:ro|rw]")]
+    /// Bind mount SRC:DST[:OPTIONS] (repeatable); OPTIONS from ro, rw,
+    /// dev, suid (default rw, nodev, nosuid).
+    #[arg(short, long = "volume", value_name = "SRC:DST[:OPTIONS]")]
     pub volume: Vec<String>,
     /// Seccomp profile: default, or unconfined to turn filtering off.
     #[arg(long, default_value = "default", value_parser = ["default", "unconfined"])]
@@ -84,9 +85,20 @@ pub struct RunArgs {
     /// above the current hard limit).
     #[arg(long, value_name = "NAME=SOFT[:HARD]")]
     pub ulimit: Vec<String>,
-    /// Memory limit in bytes (needs a delegated cgroup v2; else a warning).
-    #[arg(long, value_name = "BYTES")]
+    /// Memory limit, e.g. 2g (needs a delegated cgroup v2; else a warning).
+    /// Also caps /tmp, /dev/shm and the in-memory upper layer.
+    #[arg(long, value_name = "SIZE", value_parser = kiln::spec::parse_size)]
     pub memory: Option<u64>,
+    /// Size limit of /tmp (a tmpfs), e.g. 512m [default: a quarter of RAM].
+    #[arg(long, value_name = "SIZE", value_parser = kiln::spec::parse_size)]
+    pub tmpfs_size: Option<u64>,
+    /// Size limit of /dev/shm [default: 64m].
+    #[arg(long, value_name = "SIZE", value_parser = kiln::spec::parse_size)]
+    pub shm_size: Option<u64>,
+    /// Size limit of what the command may write to its root with --upper
+    /// memory [default: a quarter of RAM].
+    #[arg(long, value_name = "SIZE", value_parser = kiln::spec::parse_size)]
+    pub upper_size: Option<u64>,
     /// Process limit (needs a delegated cgroup v2; else a warning).
     #[arg(long, value_name = "N")]
     pub pids_limit: Option<u64>,
@@ -109,7 +121,7 @@ fn parse_network(s: &str) -> Result<Network, String> {
 }
 
 pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let mut spec = RunSpec::new(a.image.clone());
     spec.argv = (!a.command.is_empty()).then(|| a.command.clone());
     for f in &a.env_file {
@@ -167,6 +179,9 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         spec.ulimits.push(u.parse()?);
     }
     spec.memory = a.memory;
+    spec.tmpfs_size = a.tmpfs_size;
+    spec.shm_size = a.shm_size;
+    spec.upper_size = a.upper_size;
     spec.userns = match a.userns.as_str() {
         "keep-id" => kiln::spec::Userns::KeepId,
         "self" => kiln::spec::Userns::SelfOnly,

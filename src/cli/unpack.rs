@@ -27,7 +27,7 @@ pub struct UnpackArgs {
 }
 
 pub fn run(cli: &Cli, a: &UnpackArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let opts = UnpackOptions {
         rootless: a.rootless.then_some(true),
     };
@@ -63,7 +63,7 @@ pub struct RootfsArgs {
 }
 
 pub fn rootfs(cli: &Cli, a: &RootfsArgs) -> Result<i32> {
-    let store = open_store(&cli.store)?;
+    let store = open_store(cli)?;
     let r = store.rootfs(&a.image)?;
     if a.format == Format::Json {
         print_json(&r)?;

@@ -3,6 +3,11 @@
 //! OCI sources are copied blob for blob (digests verified), so the manifest
 //! digest is kept. Docker archives keep their config bytes and layer
 //! diff_ids; their uncompressed layers are compressed on the way in.
+//!
+//! Either way every layer is read through kiln's tar reader first, as an
+//! unpack would read it: a layer with a `..` path or a whiteout of `.` or
+//! `..` (which an unpacker would apply outside the layer's directory) is
+//! refused at import, and its content must hash to the config's diff_id.
 
 use std::io;
 use std::sync::atomic::AtomicU64;
@@ -24,6 +29,54 @@ struct DockerEntry {
     #[serde(default)]
     repo_tags: Option<Vec<String>>,
     layers: Vec<String>,
+}
+
+/// Copies what is read through it to `sink`.
+struct Tee<R, W> {
+    inner: R,
+    sink: W,
+}
+
+impl<R: io::Read, W: io::Write> io::Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sink.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Reads layer `member` of `set` (decompressed, within the bomb limits)
+/// through the tar reader, which refuses unsafe paths, and writes the tar
+/// stream to `sink`.
+fn scan_layer(
+    set: &FileSet,
+    member: &str,
+    display: &str,
+    opts: &ImportOptions,
+    sink: &mut dyn io::Write,
+) -> Result<(), ImportError> {
+    let (r, _) = set
+        .open(member)
+        .map_err(|e| bad(display, format!("open layer {member}: {e}")))?;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let r = source::CountingReader::new(r, Arc::clone(&consumed));
+    let (head, r) =
+        source::peek(r, 64).map_err(|e| bad(display, format!("read layer {member}: {e}")))?;
+    let codec = source::sniff_codec(&head);
+    let dec = source::decoder(codec, r)
+        .map_err(|e| bad(display, format!("decompress layer {member}: {e}")))?;
+    let dec = source::BombGuard::new(dec, codec.map(|_| consumed), opts.limits);
+    let mut tee = Tee { inner: dec, sink };
+    let name = format!("{display}: layer {member}");
+    source::tarball::walk(&mut tee, &name, &mut |_e, data, _pos| {
+        io::copy(data, &mut io::sink())
+            .map(|_| ())
+            .map_err(|e| ImportError::from_read(&name, "read layer", 0, &e))
+    })?;
+    // What follows the end-of-archive blocks is part of the blob too.
+    io::copy(&mut tee, &mut io::sink())
+        .map_err(|e| ImportError::from_read(&name, "read layer", 0, &e))?;
+    Ok(())
 }
 
 fn bad(path: &str, reason: impl Into<String>) -> ImportError {
@@ -163,22 +216,9 @@ fn import_docker(
     );
     let mut layers = Vec::new();
     for (i, member) in entry.layers.iter().enumerate() {
-        let (r, _) = set
-            .open(member)
-            .map_err(|e| bad(display, format!("open layer {member}: {e}")))?;
-        let consumed = Arc::new(AtomicU64::new(0));
-        let r = source::CountingReader::new(r, Arc::clone(&consumed));
-        let (head, r) =
-            source::peek(r, 64).map_err(|e| bad(display, format!("read layer {member}: {e}")))?;
-        let codec = source::sniff_codec(&head);
-        let dec = source::decoder(codec, r)
-            .map_err(|e| bad(display, format!("decompress layer {member}: {e}")))?;
-        let dec = source::BombGuard::new(dec, codec.map(|_| consumed), opts.limits);
-        let mut dec = dec;
         // The sink hashes the uncompressed stream once: that is the diff_id.
         let mut sink = LayerSink::new(store, opts.compression, opts.level)?;
-        io::copy(&mut dec, &mut sink)
-            .map_err(|e| ImportError::from_read(display, "copy layer", 0, &e))?;
+        scan_layer(set, member, display, opts, &mut sink)?;
         let info = sink.finish()?;
         if info.diff_id != diff_ids[i] {
             return Err(bad(
@@ -343,6 +383,43 @@ fn import_oci(
             format!("manifest {member} does not match its digest"),
         ));
     }
+    let config_member = blob_member(manifest.config());
+    let config_bytes = set
+        .read_small(&config_member)
+        .map_err(|e| bad(display, format!("read config {config_member}: {e}")))?;
+    if digest::of_bytes(&config_bytes) != *manifest.config().digest() {
+        return Err(bad(
+            display,
+            format!("config {config_member} does not match its digest"),
+        ));
+    }
+    let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+        .map_err(|e| bad(display, format!("parse config: {e}")))?;
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(bad(
+            display,
+            format!(
+                "the config lists {} diff_ids but the manifest {} layers",
+                diff_ids.len(),
+                manifest.layers().len()
+            ),
+        ));
+    }
+    // Every layer read as an unpack would read it, before anything is
+    // stored: unsafe paths and wrong diff_ids are refused here.
+    for (l, want) in manifest.layers().iter().zip(diff_ids) {
+        let member = blob_member(l);
+        let mut hash = digest::HashWriter::new(io::sink());
+        scan_layer(set, &member, display, opts, &mut hash)?;
+        let (_, got, _) = hash.finish();
+        if got.to_string() != *want {
+            return Err(bad(
+                display,
+                format!("layer {member} uncompresses to {got}, but the config says {want}"),
+            ));
+        }
+    }
     copy_blob(store, set, manifest.config(), display)?;
     let mut layers = Vec::new();
     for l in manifest.layers() {
@@ -361,9 +438,6 @@ fn import_oci(
             media_type: l.media_type().to_string(),
         });
     }
-    let config_bytes = store.read_blob(manifest.config().digest())?;
-    let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
-        .map_err(|e| bad(display, format!("parse config: {e}")))?;
     for (l, id) in layers.iter_mut().zip(config.rootfs().diff_ids()) {
         l.diff_id = id.to_string();
     }

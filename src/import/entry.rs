@@ -127,6 +127,18 @@ pub enum PathError {
         /// Its symlinked ancestor.
         parent: String,
     },
+    /// A whiteout of `""`, `.` or `..` (`.wh.`, `.wh..`, `.wh...`): applied,
+    /// it would remove the directory itself or its parent.
+    #[error(
+        "path {0:?} is a whiteout of no single file (a whiteout names one file of its directory)"
+    )]
+    BadWhiteout(String),
+    /// A real file whose name starts with `.wh.`: in an OCI layer it would
+    /// be read as a whiteout.
+    #[error(
+        "{0:?} is named like a whiteout (OCI layers reserve names starting with .wh.): rename it"
+    )]
+    ReservedName(String),
     /// A hardlink that does not point at an earlier non-directory entry.
     #[error("hardlink {path:?} points at {target:?}, which is not an earlier file in the archive")]
     HardlinkTarget {
@@ -167,7 +179,29 @@ pub fn normalize_path(raw: &[u8]) -> Result<(String, bool), PathError> {
             c => parts.push(c),
         }
     }
-    Ok((parts.join("/"), absolute))
+    let path = parts.join("/");
+    check_whiteout(&path)?;
+    Ok((path, absolute))
+}
+
+/// Refuses a whiteout whose target is not one file of its directory: the
+/// whiteouts of `""`, `.` and `..` (`.wh.`, `.wh..`, `.wh...`), which an
+/// unpacker would apply to the directory itself or to its parent.
+///
+/// ```
+/// use kiln::import::check_whiteout;
+/// assert!(check_whiteout("etc/.wh.passwd").is_ok());
+/// assert!(check_whiteout("etc/.wh..wh..opq").is_ok());
+/// assert!(check_whiteout(".wh...").is_err());
+/// assert!(check_whiteout("a/.wh..").is_err());
+/// assert!(check_whiteout("a/.wh.").is_err());
+/// ```
+pub fn check_whiteout(path: &str) -> Result<(), PathError> {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    match name.strip_prefix(".wh.") {
+        Some("" | "." | "..") => Err(PathError::BadWhiteout(path.to_string())),
+        _ => Ok(()),
+    }
 }
 
 /// Tracks what a layer holds so far, to refuse entries that would write
@@ -187,6 +221,7 @@ impl PathGuard {
             ));
         }
         self.check_ancestors(&e.path)?;
+        check_whiteout(&e.path)?;
         if e.kind == EntryKind::Hardlink {
             let raw = e.link.clone().unwrap_or_default();
             let refuse = || PathError::HardlinkTarget {

@@ -25,7 +25,9 @@ use serde::Serialize;
 
 pub use compress::{Compression, Encoder, ParGzip};
 
-pub use entry::{normalize_path, Entry, EntryKind, PathError, PathGuard, TarWriter};
+pub use entry::{
+    check_whiteout, normalize_path, Entry, EntryKind, PathError, PathGuard, TarWriter,
+};
 
 use crate::digest::HashWriter;
 use crate::progress::{emit, Event, ProgressFn};

@@ -68,6 +68,18 @@ pub(crate) fn commit(
         if e.path.is_empty() || is_fuse_opaque_marker(&e) {
             return Ok(()); // the upper dir itself is not part of the image
         }
+        // The command made a file named like a whiteout: in the layer it
+        // would delete something (or, as `.wh...`, try to reach the
+        // parent). Refused; overlay's own whiteouts are 0/0 devices.
+        let is_whiteout = e.kind == EntryKind::Char && (e.dev_major, e.dev_minor) == (0, 0);
+        let name = e.path.rsplit('/').next().unwrap_or(&e.path);
+        if name.starts_with(".wh.") && !is_whiteout {
+            return Err(ImportError::UnsafeEntry {
+                source_name: display.clone(),
+                offset: 0,
+                reason: crate::import::PathError::ReservedName(format!("/{}", e.path)),
+            });
+        }
         if rootless {
             // Root in the sandbox is the caller on the host.
             if e.uid == my_uid {

@@ -5,11 +5,21 @@
 //! STORE/index.json            one manifest descriptor per tag, tagged with
 //!                             the org.opencontainers.image.ref.name annotation
 //! STORE/blobs/sha256/<hex>    content-addressed, read-only blobs
-//! STORE/.kiln/tmp/            temp files of writes in progress (same file system)
-//! STORE/.kiln/locks/          index.lock (index updates), gc.lock (writers share, gc excludes)
+//! STORE/.kiln/                kiln's private part, mode 0700 (it holds unpacked
+//!                             images with their setuid files): tmp/ (writes in
+//!                             progress), locks/ (index.lock, gc.lock), rootfs/
+//!                             (the unpack cache), runs/ (run directories)
 //! ```
 //!
 //! skopeo (`oci:STORE:NAME`), umoci (`--image STORE:NAME`) and podman read it as is.
+//!
+//! A store is used only when the caller owns it and no other user can
+//! change it (the store directory and `.kiln` not group- or
+//! world-writable), and none of its directories is a symlink: root must
+//! not follow a directory another user swapped for a symlink into a
+//! delete or an unpack elsewhere. [`StoreOptions::trust_owner`] accepts
+//! a store of another user (as git's `safe.directory` does); symlinks are
+//! refused even then.
 
 mod blob;
 mod export;
@@ -49,6 +59,15 @@ pub enum StoreError {
     /// No store location could be derived from the environment.
     #[error("store: no store path: set KILN_HOME, XDG_DATA_HOME or HOME, or pass --store")]
     NoDefaultPath,
+    /// The store belongs to another user, another user can change it, or
+    /// one of its directories is a symlink.
+    #[error("store: {}: {reason}", path.display())]
+    Untrusted {
+        /// The directory concerned.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The directory exists but is not an OCI image layout.
     #[error("store: {} is not an OCI image layout: {reason}", path.display())]
     NotALayout {
@@ -177,6 +196,71 @@ pub struct FsckProblem {
     pub problem: String,
 }
 
+/// How [`Store::open_with`] opens a store.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// Use a store that another user owns or can change (for example a
+    /// CI group's shared store): that user can then change what kiln
+    /// unpacks and runs. Default false. Symlinked store directories are
+    /// refused regardless.
+    pub trust_owner: bool,
+}
+
+/// Checks a store directory: a real directory (not a symlink), owned by
+/// the caller and not writable by others unless `trust_owner`; a private
+/// one (`.kiln/...`) is made mode 0700 when it is the caller's.
+fn check_dir(path: &Path, trust_owner: bool, private: bool) -> Result<(), StoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let untrusted = |reason: String| StoreError::Untrusted {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // The store directory itself may be reached through a symlink the
+    // caller chose; what is inside may not.
+    let meta = if private
+        || path
+            .file_name()
+            .is_some_and(|n| n == "blobs" || n == "sha256")
+    {
+        fs::symlink_metadata(path)
+    } else {
+        fs::metadata(path)
+    }
+    .map_err(|e| StoreError::io("inspect", path, e))?;
+    if meta.file_type().is_symlink() {
+        return Err(untrusted(
+            "is a symlink: a store's directories must be real directories (someone may have swapped it)".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(untrusted("is not a directory".into()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    let hint = "kiln uses only stores no other user can change (pass --trust-store, or set KILN_TRUST_STORE=1, to use it anyway if you trust them)";
+    if meta.uid() != me && !trust_owner {
+        let owner =
+            crate::sys::user_name(meta.uid()).unwrap_or_else(|| format!("uid {}", meta.uid()));
+        return Err(untrusted(format!(
+            "is owned by {owner}, not by you: {hint}"
+        )));
+    }
+    // World-writable without the sticky bit: anyone may swap what is in
+    // it. (Group-writable is a user-private-group umask as often as a
+    // shared group, so it is left to the owner.)
+    let world_writable = meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0;
+    if world_writable && !trust_owner && !(private && meta.uid() == me) {
+        return Err(untrusted(format!(
+            "is writable by every user (mode {:o}): {hint}",
+            meta.mode() & 0o7777
+        )));
+    }
+    if private && meta.uid() == me && meta.mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| StoreError::io("make private (chmod 0700)", path, e))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// The default store location: `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`,
     /// else `~/.local/share/kiln`.
@@ -195,12 +279,30 @@ impl Store {
     }
 
     /// Opens the store at `root`, creating an empty layout if the directory
-    /// does not exist or is empty.
+    /// does not exist or is empty. The caller must own the store (see the
+    /// module documentation); [`Store::open_with`] can trust another owner.
     pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Store::open_with(root, &StoreOptions::default())
+    }
+
+    /// [`Store::open`] with options.
+    ///
+    /// ```no_run
+    /// use kiln::store::{Store, StoreOptions};
+    /// // A CI group's shared store, owned by the `ci` user.
+    /// let opts = StoreOptions { trust_owner: true };
+    /// let store = Store::open_with("/srv/kiln", &opts)?;
+    /// # Ok::<(), kiln::store::StoreError>(())
+    /// ```
+    pub fn open_with(root: impl AsRef<Path>, opts: &StoreOptions) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
         fs::create_dir_all(&root)
             .map_err(|e| StoreError::io("create store directory", &root, e))?;
+        check_dir(&root, opts.trust_owner, false)?;
         let store = Store { root };
+        // kiln's private part first (mode 0700), checked before anything
+        // in it is used.
+        store.private_dirs(opts.trust_owner)?;
         let layout = store.root.join("oci-layout");
         if !layout.exists() {
             // Several processes may open a new store at once: decide whether
@@ -232,10 +334,34 @@ impl Store {
                 store.write_small_file(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
             }
         }
-        for d in [store.blobs_dir(), store.tmp_dir(), store.locks_dir()] {
+        for d in [store.root.join("blobs"), store.blobs_dir()] {
             fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
+            check_dir(&d, opts.trust_owner, false)?;
         }
         Ok(store)
+    }
+
+    /// Creates `.kiln` and its directories with mode 0700, checks each
+    /// (not a symlink, ours unless trusted) and makes an older store's
+    /// ones private too.
+    fn private_dirs(&self, trust_owner: bool) -> Result<(), StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = self.root.join(".kiln");
+        for d in [
+            base.clone(),
+            self.tmp_dir(),
+            self.locks_dir(),
+            base.join("rootfs"),
+            base.join("runs"),
+        ] {
+            match fs::DirBuilder::new().mode(0o700).create(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::io("create directory", &d, e)),
+            }
+            check_dir(&d, trust_owner, true)?;
+        }
+        Ok(())
     }
 
     /// The store's root directory.

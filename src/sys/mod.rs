@@ -81,23 +81,6 @@ pub fn dev_major_minor(rdev: u64) -> (u32, u32) {
     (libc::major(rdev), libc::minor(rdev))
 }
 
-/// `fork(2)`. Returns 0 in the child and the child's pid in the parent.
-///
-/// Only called by kiln's own single-threaded sandbox helper process (never
-/// by the library's caller), so the child may use the allocator freely.
-pub fn fork() -> io::Result<i32> {
-    // SAFETY: fork has no memory-safety preconditions of its own; every
-    // caller is single-threaded (the sandbox helper, or kiln after checking
-    // `single_threaded`), so no lock can be held by a thread that does not
-    // exist in the child.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(pid)
-    }
-}
-
 /// fork(2) straight into new namespaces: clone(2) with `flags` (CLONE_NEW*)
 /// and no new stack, so the child continues from here as after fork. With
 /// `CLONE_NEWPID` the child is PID 1 of the new pid namespace. This saves
@@ -106,8 +89,7 @@ pub fn fork() -> io::Result<i32> {
 ///
 /// The child's libc still records the parent's thread id, so it must not
 /// use calls that rely on it (raise, abort, pthread_kill); kiln's init
-/// exits with `_exit` and forks its command with fork(2), which sets the
-/// grandchild's thread id afresh.
+/// and its command exit with `_exit` or exec.
 pub fn clone_fork(flags: rustix::thread::UnshareFlags) -> io::Result<i32> {
     let flags = libc::c_ulong::from(flags.bits()) | libc::SIGCHLD as libc::c_ulong;
     // SAFETY: clone with a null stack is fork with namespace flags: the
@@ -468,16 +450,16 @@ pub fn dup_onto(fd: std::os::fd::BorrowedFd<'_>, target: i32) -> io::Result<()> 
     Ok(())
 }
 
-/// Makes the mount at `path` and every mount below it read-only
-/// (`mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)`, Linux >= 5.12). Unlike
-/// a `MS_REMOUNT|MS_BIND|MS_RDONLY` remount it reaches submounts (a
-/// recursive bind of /sys brings /sys/fs/cgroup along), and it only sets a
-/// flag, so mount flags locked by the user namespace are left alone.
-pub fn make_readonly_recursive(path: &Path) -> io::Result<()> {
+/// Sets `attrs` (`MOUNT_ATTR_RDONLY`, `_NOSUID`, `_NODEV`, ...) on the
+/// mount at `path` and every mount below it (`mount_setattr(AT_RECURSIVE)`,
+/// Linux >= 5.12). Unlike a `MS_REMOUNT|MS_BIND` remount it reaches
+/// submounts (a recursive bind of /sys brings /sys/fs/cgroup along), and it
+/// only sets flags, so flags the user namespace locked are left alone.
+pub fn set_mount_attrs_recursive(path: &Path, attrs: u64) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_set: attrs,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,
@@ -496,6 +478,116 @@ pub fn make_readonly_recursive(path: &Path) -> io::Result<()> {
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// [`set_mount_attrs_recursive`] with read-only, nosuid and nodev.
+pub fn make_readonly_recursive(path: &Path) -> io::Result<()> {
+    set_mount_attrs_recursive(
+        path,
+        libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+    )
+}
+
+/// Closes every descriptor from 3 up (`close_range(2)`): the sandbox's
+/// init keeps nothing kiln or its caller had open, so no descriptor of
+/// it leads outside the sandbox's root.
+pub fn close_from_3() -> io::Result<()> {
+    // SAFETY: close_range only closes descriptors; the callers (init,
+    // right after it starts) own every descriptor of their process and use
+    // none of them afterwards.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The start and end addresses of this process's argument and
+/// environment strings (`/proc/self/stat` fields 48-51).
+fn arg_env_area() -> io::Result<(u64, u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name, which may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::other("bad /proc/self/stat"))?;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(45) // field 3 is the first after ')': 48 - 3 = 45
+        .take(4)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    match f.as_slice() {
+        [a, b, c, d] if a < b && b <= c && c <= d => Ok((*a, *b, *c, *d)),
+        _ => Err(io::Error::other("no argument area in /proc/self/stat")),
+    }
+}
+
+/// Overwrites this process's command line with `name` and its
+/// environment with zeros, as `/proc/PID/cmdline` and `/proc/PID/environ`
+/// show them: the sandbox's init runs inside the sandbox, and kiln's
+/// command line and environment (store paths, the CI job's secrets) must
+/// not be readable there. Nothing may read the environment afterwards.
+pub fn scrub_process_strings(name: &str) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (arg_start, arg_end, env_start, env_end) = arg_env_area()?;
+    // Through /proc/self/mem rather than raw pointers: the strings are
+    // libc's (argv/environ), never Rust values, and a write past what the
+    // kernel reports cannot happen.
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")?;
+    let mut args = vec![0u8; usize::try_from(arg_end - arg_start).unwrap_or(0)];
+    let n = name.len().min(args.len().saturating_sub(1));
+    args[..n].copy_from_slice(&name.as_bytes()[..n]);
+    mem.write_all_at(&args, arg_start)?;
+    let env = vec![0u8; usize::try_from(env_end - env_start).unwrap_or(0)];
+    mem.write_all_at(&env, env_start)
+}
+
+/// Takes ownership of descriptor `fd`, which kiln handed to this exec'd
+/// helper (it must be open).
+pub fn take_fd(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and was passed to this
+    // process by kiln for it alone: nothing else here owns or closes it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes a spawned child find `fds[i]` as descriptor `3 + i` (without
+/// close-on-exec), e.g. the pipes kiln shares with its exec'd helper.
+pub fn pre_exec_pass_fds(
+    cmd: &mut std::process::Command,
+    fds: &[&std::os::fd::OwnedFd],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // Copies at 10 and above first, so no source is a target of another.
+    let mut high = Vec::new();
+    for fd in fds {
+        high.push(rustix::io::fcntl_dupfd_cloexec(fd, 10)?);
+    }
+    let raw: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs between fork and exec and only makes the
+    // async-signal-safe dup2(2) calls, allocating nothing; `raw` was
+    // built before the fork and `high` keeps the descriptors open until
+    // `cmd` is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &high;
+            for (i, fd) in raw.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
     Ok(())
 }

@@ -182,7 +182,11 @@ impl Store {
         dest: &std::path::Path,
         rootless: bool,
     ) -> Result<super::UnpackReport, UnpackError> {
-        let mut u = Unpacker::new(dest, rootless).map_err(|e| StoreError::io("open", dest, e))?;
+        // No device nodes in the cache (they would open host devices for
+        // whoever reaches the tree); runs get kiln's /dev.
+        let mut u = Unpacker::new(dest, rootless)
+            .map_err(|e| StoreError::io("open", dest, e))?
+            .without_devices();
         let diff_ids = img.config.rootfs().diff_ids();
         if diff_ids.len() != img.manifest.layers().len() {
             return Err(UnpackError::Verify(format!(

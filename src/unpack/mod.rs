@@ -141,6 +141,9 @@ impl Store {
 pub struct Unpacker {
     root: OwnedFd,
     rootless: bool,
+    /// Create device nodes (real root only); otherwise they become empty
+    /// files, as in a rootless unpack.
+    devices: bool,
     /// Directory metadata applied at the end (children change mtimes, and a
     /// read-only directory must stay writable while layers are applied).
     dirs: HashMap<String, (u32, i64)>,
@@ -160,11 +163,21 @@ impl Unpacker {
         Ok(Unpacker {
             root: fd,
             rootless,
+            devices: true,
             dirs: HashMap::new(),
             layer: String::new(),
             this_layer: HashSet::new(),
             report: UnpackReport::default(),
         })
+    }
+
+    /// Never creates device nodes: they become empty files (as a rootless
+    /// unpack makes them). The rootfs cache is unpacked so: runs get their
+    /// /dev from kiln, and a cached tree must hold nothing that opens a
+    /// host device.
+    pub fn without_devices(mut self) -> Unpacker {
+        self.devices = false;
+        self
     }
 
     fn err(&self, step: &'static str, path: &str, e: impl Into<io::Error>) -> UnpackError {
@@ -223,12 +236,22 @@ impl Unpacker {
         }
         let (parent, name) = split(&e.path);
         if let Some(target) = name.strip_prefix(".wh.") {
+            // Every tar stream is checked when read; entries from elsewhere
+            // (a copied tree) are checked here.
+            crate::import::check_whiteout(&e.path).map_err(|err| {
+                self.err(
+                    "apply whiteout",
+                    &e.path,
+                    io::Error::new(io::ErrorKind::InvalidData, err.to_string()),
+                )
+            })?;
             self.report.whiteouts += 1;
             let pfd = self.ensure_dir(parent)?;
             if target == ".wh..opq" {
                 return self.opaque(&pfd, parent);
             }
-            return remove_at(&pfd, target).map_err(|err| self.err("apply whiteout", &e.path, err));
+            return remove_at(&pfd, target.as_ref())
+                .map_err(|err| self.err("apply whiteout", &e.path, err));
         }
         let pfd = self.ensure_dir(parent)?;
         // Replace what a lower layer (or an earlier entry) left there, except
@@ -237,7 +260,8 @@ impl Unpacker {
             Ok(st) => {
                 let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
                 if !(is_dir && e.kind == EntryKind::Dir) {
-                    remove_at(&pfd, name).map_err(|err| self.err("replace", &e.path, err))?;
+                    remove_at(&pfd, name.as_ref())
+                        .map_err(|err| self.err("replace", &e.path, err))?;
                 }
             }
             Err(Errno::NOENT) => {}
@@ -317,7 +341,12 @@ impl Unpacker {
                     _ => FileType::Fifo,
                 };
                 let dev = rfs::makedev(e.dev_major, e.dev_minor);
-                match rfs::mknodat(&pfd, name, ft, Mode::from_raw_mode(0o600), dev) {
+                let made = if self.devices || e.kind == EntryKind::Fifo {
+                    rfs::mknodat(&pfd, name, ft, Mode::from_raw_mode(0o600), dev)
+                } else {
+                    Err(Errno::PERM)
+                };
+                match made {
                     Ok(()) => {}
                     Err(Errno::PERM) if e.kind != EntryKind::Fifo => {
                         // Only real root may create devices (not root of a
@@ -413,7 +442,8 @@ impl Unpacker {
                 format!("{dir}/{n}")
             };
             if !self.this_layer.contains(&child) {
-                remove_at(pfd, &n).map_err(|e| self.err("apply opaque whiteout", &child, e))?;
+                remove_at(pfd, n.as_ref())
+                    .map_err(|e| self.err("apply opaque whiteout", &child, e))?;
             }
         }
         Ok(())
@@ -470,8 +500,18 @@ fn set_mtime(pfd: &OwnedFd, name: &str, mtime: i64) -> Result<(), Errno> {
     )
 }
 
-/// Removes `name` in `dir` (recursively for a directory), not following symlinks.
-fn remove_at<P: rustix::path::Arg + Copy>(dir: &OwnedFd, name: P) -> io::Result<()> {
+/// Removes `name` in `dir` (recursively for a directory), not following
+/// symlinks. `name` must be one entry of `dir`: `""`, `.`, `..` and
+/// anything with a `/` are refused, so no removal ever leaves `dir`.
+fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("refusing to remove {name:?}: not a name in the directory"),
+        ));
+    }
     match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(e.into()),
@@ -611,5 +651,5 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    remove_at(&pfd, name)
+    remove_at(&pfd, name.as_ref())
 }

@@ -1,12 +1,36 @@
-//! The namespace backend, inside: `kiln __sandbox-init` (stage 1) and the
-//! sandbox's PID 1. Runs in kiln's own single-threaded helper process.
+//! The namespace backend, inside: `kiln __sandbox-init` (the exec'd
+//! helper), the sandbox's init (PID 1) and the command's process. Runs in
+//! kiln's own single-threaded processes.
+//!
+//! ```text
+//! init     user ns U1 (ids mapped by kiln), mount, pid and cgroup ns;
+//!          builds the root, then holds no descriptor, environment or
+//!          command line of kiln's, and is not dumpable
+//!  └─ cmd  user ns U2 inside U1 (the same ids), its own net, uts and ipc ns;
+//!          caps dropped, no_new_privs, seccomp
+//! ```
+//!
+//! The command's user namespace is a child of the one that owns the mount
+//! namespace, so no capability it is given (`--cap-add CAP_SYS_ADMIN`)
+//! reaches the sandbox's mounts: read-only binds stay read-only, masked
+//! paths stay masked, and a mount namespace it makes for itself copies
+//! them locked. Nor does any capability reach init or a fuse-overlayfs
+//! daemon, which live in U1 (`CAP_SYS_PTRACE` cannot open their
+//! descriptors). Its net, uts and ipc namespaces belong to U2, so
+//! `--cap-add CAP_NET_ADMIN` and friends act on them.
+//!
+//! Start-up handshake (kiln -> init): init sets PDEATHSIG, then writes one
+//! byte (the ack); only then does kiln write the id maps and one byte back
+//! (go). End of file instead of go means kiln died before the maps, and
+//! kiln's death after the ack kills init through PDEATHSIG: an init never
+//! runs on without kiln.
 //!
 //! Any failure here prints `kiln: sandbox: STEP: ERROR` and exits 125.
 
 use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
@@ -27,6 +51,11 @@ const WAITED: [i32; 5] = [
     libc::SIGCHLD,
 ];
 
+/// Descriptors kiln hands its exec'd helper: where the helper reports
+/// init's pid (once init has acknowledged), and where init reads go.
+pub(crate) const HELPER_REPORT_FD: i32 = 3;
+pub(crate) const HELPER_GO_FD: i32 = 4;
+
 fn die(step: &str, e: impl std::fmt::Display) -> ! {
     eprintln!("kiln: sandbox: {step}: {e}");
     sys::exit_now(125)
@@ -45,34 +74,72 @@ impl<T, E: std::fmt::Display> OrDie<T> for Result<T, E> {
     }
 }
 
+/// Reads one byte; `None` at end of file (the writer is gone).
+pub(crate) fn read_byte(fd: &OwnedFd) -> io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    loop {
+        match rustix::io::read(fd, &mut b) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(b[0])),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn write_all(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).or_die("pipe")
+}
+
 /// Entry point of `kiln __sandbox-init`. Never returns.
 pub fn helper_main() -> ! {
     let json = std::env::var(CONFIG_ENV).or_die("read configuration");
     let cfg: InitConfig = serde_json::from_str(&json).or_die("parse configuration");
-    helper_run(&cfg)
+    let report = sys::take_fd(HELPER_REPORT_FD).or_die("take the report descriptor");
+    let go = sys::take_fd(HELPER_GO_FD).or_die("take the go descriptor");
+    helper_run(&cfg, report, go)
 }
 
-/// Stage 1, in the helper process (exec'd, or forked from a
-/// single-threaded kiln). Never returns.
-pub(crate) fn helper_run(cfg: &InitConfig) -> ! {
+/// The exec'd helper (used where kiln cannot clone: a caller with threads):
+/// clones init, reports its pid once init has acknowledged, then relays
+/// signals to it and its exit status back. Never returns.
+fn helper_run(cfg: &InitConfig, report: OwnedFd, go: OwnedFd) -> ! {
     sys::unblock_all_signals().or_die("unblock signals");
-    // PDEATHSIG was set before exec; if kiln already died, stop now.
-    if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+    // PDEATHSIG was set before exec; if kiln died before that, our parent
+    // is someone else by now: stop.
+    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    if cfg.parent_pid != 0 && parent != cfg.parent_pid {
         die("start", "kiln exited before the sandbox started");
     }
-    sys::unshare(namespaces(cfg.network))
-        .or_die("unshare(user, mount, pid, ipc, uts, cgroup, net)");
-    // kiln writes our uid/gid maps while we are stopped, then SIGCONTs us.
-    rustix::process::kill_process(rustix::process::getpid(), Signal::STOP)
-        .or_die("stop for id mapping");
-    check_mapping(cfg);
-    // The next child is PID 1 of the new pid namespace.
+    let (ack_r, ack_w) = pipe();
     sys::sigmask(&WAITED, true).or_die("block signals");
-    let init = sys::fork().or_die("fork init");
+    let init = sys::clone_fork(namespaces())
+        .or_die("clone into new namespaces (user, mount, pid, cgroup)");
     if init == 0 {
-        init_main(cfg);
+        drop(ack_r);
+        drop(report);
+        cloned_init(cfg, ack_w, go);
     }
-    let init_pid = Pid::from_raw(init).unwrap_or_else(|| die("fork init", "bad pid"));
+    drop(ack_w);
+    drop(go);
+    match read_byte(&ack_r) {
+        Ok(Some(_)) => {}
+        _ => die("start init", "init exited before it started"),
+    }
+    write_all(&report, &init.to_le_bytes()).or_die("report init's pid");
+    drop(report);
+    let init_pid = Pid::from_raw(init).unwrap_or_else(|| die("clone init", "bad pid"));
     loop {
         let sig = sys::sigwait(&WAITED).or_die("wait for signals");
         if sig == libc::SIGCHLD {
@@ -91,14 +158,15 @@ pub(crate) fn helper_run(cfg: &InitConfig) -> ! {
     }
 }
 
-/// The namespaces of a sandbox: all of them, net unless `--network host`.
-pub(crate) fn namespaces(network: Network) -> UnshareFlags {
-    let mut flags = UnshareFlags::NEWUSER
-        | UnshareFlags::NEWNS
-        | UnshareFlags::NEWPID
-        | UnshareFlags::NEWIPC
-        | UnshareFlags::NEWUTS
-        | UnshareFlags::NEWCGROUP;
+/// The namespaces init is cloned into. The command's net, uts and ipc
+/// namespaces are its own (made with its nested user namespace).
+pub(crate) fn namespaces() -> UnshareFlags {
+    UnshareFlags::NEWUSER | UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWCGROUP
+}
+
+/// The namespaces of the command's process, made by init.
+fn command_namespaces(network: Network) -> UnshareFlags {
+    let mut flags = UnshareFlags::NEWUSER | UnshareFlags::NEWUTS | UnshareFlags::NEWIPC;
     if network == Network::None {
         flags |= UnshareFlags::NEWNET;
     }
@@ -112,24 +180,23 @@ fn check_mapping(cfg: &InitConfig) {
 }
 
 /// The child of `clone_fork` into the sandbox's namespaces, PID 1 already:
-/// waits until kiln has written the uid/gid maps (one byte on `sync`; end
-/// of file means kiln died first), then runs init. Never returns.
-pub(crate) fn cloned_init(cfg: &InitConfig, sync: std::os::fd::OwnedFd) -> ! {
+/// arms PDEATHSIG, acknowledges on `ack`, waits until the uid/gid maps are
+/// written (one byte on `go`; end of file means kiln died first), then
+/// runs init. Never returns.
+pub(crate) fn cloned_init(cfg: &InitConfig, ack: OwnedFd, go: OwnedFd) -> ! {
     sys::unblock_all_signals().or_die("unblock signals");
-    // Set before the wait: from here on kiln's death kills us, and a death
-    // before it shows as end of file below.
+    // From here on our parent's death kills us; kiln maps us only after
+    // the ack, so a death before this shows as end of file on `go`.
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
         .or_die("set parent-death signal");
-    let mut byte = [0u8; 1];
-    loop {
-        match rustix::io::read(&sync, &mut byte) {
-            Ok(1) => break,
-            Ok(_) => sys::exit_now(125),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => die("wait for id mapping", e),
-        }
+    write_all(&ack, &[1]).or_die("acknowledge");
+    drop(ack);
+    match read_byte(&go) {
+        Ok(Some(_)) => {}
+        Ok(None) => sys::exit_now(125),
+        Err(e) => die("wait for id mapping", e),
     }
-    drop(sync);
+    drop(go);
     check_mapping(cfg);
     sys::sigmask(&WAITED, true).or_die("block signals");
     init_main(cfg)
@@ -137,17 +204,37 @@ pub(crate) fn cloned_init(cfg: &InitConfig, sync: std::os::fd::OwnedFd) -> ! {
 
 /// PID 1: build the root, start the command, reap, forward signals.
 fn init_main(cfg: &InitConfig) -> ! {
-    rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
-        .or_die("set parent-death signal");
-    // A recognizable name in `ps` (the helper may be a fork of kiln, whose
-    // command line it keeps).
+    // A recognizable name in `ps` (init may be a clone of kiln).
     let _ = rustix::thread::set_name(c"kiln-init");
-    setup_root(cfg);
-    let cmd = sys::fork().or_die("fork command");
+    // Nothing kiln or its caller had open stays: the root is built from
+    // paths, and the cache and run-directory locks are kiln's to hold.
+    sys::close_from_3().or_die("close inherited descriptors");
+    let root = &cfg.merged;
+    build_root(cfg);
+    // kiln's command line and environment (store paths, the CI job's
+    // secrets) are what /proc/1/cmdline and /proc/1/environ would show.
+    sys::scrub_process_strings("kiln-init").or_die("clear init's command line and environment");
+    let (go_r, go_w) = pipe();
+    let cmd = sys::clone_fork(command_namespaces(cfg.network))
+        .or_die("clone the command into its user, net, uts and ipc namespaces");
     if cmd == 0 {
-        exec_command(cfg);
+        drop(go_w);
+        command_main(cfg, go_r);
     }
-    let cmd_pid = Pid::from_raw(cmd).unwrap_or_else(|| die("fork command", "bad pid"));
+    drop(go_r);
+    // Not dumpable (after the clone, which would inherit it and so be out
+    // of init's reach): no process of the sandbox may open init's
+    // descriptors, memory or environment through /proc/1. Init's memory
+    // belongs to the host's user namespace, so no capability inside
+    // reaches it.
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .or_die("make init non-dumpable");
+    let cmd_pid = Pid::from_raw(cmd).unwrap_or_else(|| die("clone the command", "bad pid"));
+    map_nested(cfg, &root.join("proc").join(cmd.to_string()));
+    mount_sys(cfg, root, cmd);
+    enter_root(root);
+    write_all(&go_w, &[1]).or_die("start the command");
+    drop(go_w);
     let mut code: Option<i32> = None;
     loop {
         // Reap everything; the command's status decides ours.
@@ -177,6 +264,35 @@ fn init_main(cfg: &InitConfig) -> ! {
     }
 }
 
+/// Maps the command's user namespace (a child of init's) onto the same
+/// ids: every range init has, each to itself.
+fn map_nested(cfg: &InitConfig, proc_pid: &Path) {
+    let text = |v: &[(u32, u32)]| {
+        v.iter()
+            .map(|(first, count)| format!("{first} {first} {count}\n"))
+            .collect::<String>()
+    };
+    fs::write(proc_pid.join("uid_map"), text(&cfg.uid_ranges))
+        .or_die("write the command's uid_map");
+    fs::write(proc_pid.join("gid_map"), text(&cfg.gid_ranges))
+        .or_die("write the command's gid_map");
+}
+
+/// The command's process: wait for init, name the host and bring lo up in
+/// its own namespaces, then drop privileges and exec. Never returns.
+fn command_main(cfg: &InitConfig, go: OwnedFd) -> ! {
+    match read_byte(&go) {
+        Ok(Some(_)) => {}
+        _ => sys::exit_now(125),
+    }
+    drop(go);
+    rustix::system::sethostname(cfg.hostname.as_bytes()).or_die("set host name");
+    if cfg.network == Network::None {
+        sys::loopback_up().or_die("bring lo up");
+    }
+    exec_command(cfg)
+}
+
 /// mount(2) with a string data argument.
 fn mnt(
     src: &str,
@@ -193,7 +309,15 @@ fn mkdirs(p: &Path) {
     fs::create_dir_all(p).or_die(&format!("create {}", p.display()));
 }
 
-fn setup_root(cfg: &InitConfig) {
+/// `size=` for a tmpfs of at most `bytes` (rounded up to KiB).
+fn tmpfs_size(bytes: u64) -> String {
+    format!("size={}k", bytes.div_ceil(1024).max(1))
+}
+
+/// Builds the sandbox's root under `cfg.merged`, still seeing the host's
+/// file system: the root itself, /proc, /dev, /tmp and the volumes. /sys
+/// follows once the command's network namespace exists ([`mount_sys`]).
+fn build_root(cfg: &InitConfig) {
     // Nothing we mount may propagate back to the host.
     m::mount_change(
         "/",
@@ -202,13 +326,13 @@ fn setup_root(cfg: &InitConfig) {
     .or_die("make / private");
     if let Some(scratch) = &cfg.scratch {
         // The run's upper layer in memory: a tmpfs only this mount
-        // namespace sees, gone with it.
+        // namespace sees, gone with it, of at most --upper-size.
         mnt(
             "tmpfs",
             scratch,
             "tmpfs",
             MountFlags::NOSUID | MountFlags::NODEV,
-            "mode=0700",
+            &format!("mode=0700,{}", tmpfs_size(cfg.upper_size)),
         )
         .or_die("mount the run's tmpfs");
         // overlayfs in a user namespace keeps its whiteouts and opaque
@@ -230,22 +354,30 @@ fn setup_root(cfg: &InitConfig) {
         }
     }
     let root = &cfg.merged;
+    // The image's setuid files and device nodes never act in a run: every
+    // root is nosuid and nodev (no_new_privs already voids setuid for the
+    // command; this holds for anything else too).
+    let nosuid_nodev = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
     if cfg.read_only {
         m::mount_bind_recursive(&cfg.lower, root).or_die("bind the image read-only");
         sys::make_readonly_recursive(root).or_die("make the image read-only");
     } else {
         // Kernel overlayfs inside the user namespace (Linux >= 5.11): the
         // shared read-only image below, this run's writes in `upper`.
-        let data = format!(
-            "lowerdir={},upperdir={},workdir={},userxattr",
-            cfg.lower.display(),
-            cfg.upper.display(),
-            cfg.work.display()
-        );
+        // Given relative to the directory that holds all three, so the
+        // options /proc/mounts shows inside name no host path.
+        let (lower, upper, work) = relative_layers(cfg);
+        let data = format!("lowerdir={lower},upperdir={upper},workdir={work},userxattr");
         use crate::spec::RootfsMode;
         let mut done = false;
         if matches!(cfg.rootfs, RootfsMode::Auto | RootfsMode::Overlay) {
-            match mnt("overlay", root, "overlay", MountFlags::empty(), &data) {
+            match mnt(
+                "overlay",
+                root,
+                "overlay",
+                MountFlags::NOSUID | MountFlags::NODEV,
+                &data,
+            ) {
                 Ok(()) => done = true,
                 Err(e) if cfg.rootfs == RootfsMode::Overlay => die("mount overlayfs", e),
                 Err(e) => eprintln!("kiln: warning: kernel overlayfs is unavailable here ({e})"),
@@ -264,6 +396,10 @@ fn setup_root(cfg: &InitConfig) {
                 Err(e) if cfg.rootfs == RootfsMode::FuseOverlay => die("mount fuse-overlayfs", e),
                 Err(e) => eprintln!("kiln: warning: fuse-overlayfs is unavailable here ({e})"),
             }
+            if done {
+                sys::set_mount_attrs_recursive(root, nosuid_nodev)
+                    .or_die("make the root nosuid and nodev");
+            }
         }
         if !done {
             // The last resort: a private copy of the image for this run.
@@ -277,6 +413,8 @@ fn setup_root(cfg: &InitConfig) {
             fs::write(cfg.work.join(COPY_MARKER), b"").or_die("mark the copy");
             copy_tree(&cfg.lower, &cfg.upper, cfg.copy_rootless);
             m::mount_bind_recursive(&cfg.upper, root).or_die("bind the copied root");
+            sys::set_mount_attrs_recursive(root, nosuid_nodev)
+                .or_die("make the root nosuid and nodev");
         }
     }
     let at = |p: &str| root.join(p);
@@ -294,12 +432,13 @@ fn setup_root(cfg: &InitConfig) {
     )
     .or_die("mount /proc");
     // A minimal /dev: device nodes cannot be created in a user namespace,
-    // so the host's harmless ones are bind-mounted (as bubblewrap does).
+    // so the host's harmless ones are bind-mounted (as bubblewrap does);
+    // the tmpfs itself is nodev (the binds are mounts of their own).
     mnt(
         "tmpfs",
         at("dev"),
         "tmpfs",
-        MountFlags::NOSUID | MountFlags::STRICTATIME,
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::STRICTATIME,
         "mode=0755,size=65536k",
     )
     .or_die("mount /dev");
@@ -331,7 +470,7 @@ fn setup_root(cfg: &InitConfig) {
         at("dev/shm"),
         "tmpfs",
         MountFlags::NOSUID | MountFlags::NODEV,
-        "mode=1777",
+        &format!("mode=1777,{}", tmpfs_size(cfg.shm_size)),
     )
     .or_die("mount /dev/shm");
     for (l, t) in [
@@ -347,31 +486,71 @@ fn setup_root(cfg: &InitConfig) {
         at("tmp"),
         "tmpfs",
         MountFlags::NOSUID | MountFlags::NODEV,
-        "mode=1777",
+        &format!("mode=1777,{}", tmpfs_size(cfg.tmp_size)),
     )
     .or_die("mount /tmp");
-    // A fresh sysfs shows this sandbox's network namespace; with the host's
-    // network (not ours to mount sysfs for) bind the host's, read-only.
-    let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    if cfg.network != Network::None || mnt("sysfs", at("sys"), "sysfs", ro, "").is_err() {
-        // Recursively read-only: /sys/fs/cgroup and the like come along.
-        m::mount_bind_recursive("/sys", at("sys")).or_die("bind /sys");
-        sys::make_readonly_recursive(&at("sys")).or_die("make /sys read-only");
-    }
     for v in &cfg.volumes {
         bind_volume(root, v);
     }
-    rustix::system::sethostname(cfg.hostname.as_bytes()).or_die("set host name");
-    if cfg.network == Network::None {
-        sys::loopback_up().or_die("bring lo up");
+}
+
+/// /sys: a fresh sysfs showing the command's network namespace (init
+/// joins it to mount one), or with the host's network (not ours to mount
+/// sysfs for) the host's, read-only. Before pivot_root: a sysfs may be
+/// mounted in a user namespace only where one is already fully visible.
+fn mount_sys(cfg: &InitConfig, root: &Path, cmd: i32) {
+    let at = root.join("sys");
+    let ro = MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    let fresh = cfg.network == Network::None && {
+        let ns = root.join(format!("proc/{cmd}/ns/net"));
+        let fd = rustix::fs::open(&ns, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .or_die("open the command's network namespace");
+        rustix::thread::move_into_link_name_space(
+            rustix::fd::AsFd::as_fd(&fd),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .or_die("join the command's network namespace");
+        mnt("sysfs", &at, "sysfs", ro, "").is_ok()
+    };
+    if !fresh {
+        // Recursively read-only: /sys/fs/cgroup and the like come along.
+        m::mount_bind_recursive("/sys", &at).or_die("bind /sys");
+        sys::make_readonly_recursive(&at).or_die("make /sys read-only");
     }
-    // pivot_root(".", ".") then detach the old root stacked on top (the
-    // bubblewrap/runc idiom): no directory for the old root is needed.
+    // Host firmware tables are nobody's business inside.
+    mask_dirs(&[at.join("firmware")]);
+}
+
+/// pivot_root(".", ".") into `root`, then detach the old root stacked on
+/// top (the bubblewrap/runc idiom: no directory for the old root is
+/// needed), and mask /proc.
+fn enter_root(root: &Path) {
     rustix::process::chdir(root).or_die("chdir to the new root");
     rustix::process::pivot_root(".", ".").or_die("pivot_root");
     m::unmount(".", UnmountFlags::DETACH).or_die("detach the old root");
     rustix::process::chdir("/").or_die("chdir /");
     mask_proc();
+}
+
+/// Changes into the deepest directory holding the image, the upper and
+/// the work directory, and returns their paths relative to it.
+fn relative_layers(cfg: &InitConfig) -> (String, String, String) {
+    let mut base = cfg.lower.clone();
+    while !(cfg.upper.starts_with(&base) && cfg.work.starts_with(&base)) {
+        if !base.pop() {
+            break;
+        }
+    }
+    rustix::process::chdir(&base).or_die(&format!("chdir {}", base.display()));
+    let rel = |p: &Path| {
+        let r = p.strip_prefix(&base).unwrap_or(p);
+        if r.as_os_str().is_empty() {
+            ".".to_string()
+        } else {
+            r.display().to_string()
+        }
+    };
+    (rel(&cfg.lower), rel(&cfg.upper), rel(&cfg.work))
 }
 
 /// Mounts fuse-overlayfs on `root`. Its daemon is started by init, so it
@@ -389,16 +568,17 @@ fn fuse_overlay(cfg: &InitConfig, root: &Path) -> io::Result<()> {
             "fuse-overlayfs is not installed (Debian package fuse-overlayfs)",
         )
     })?;
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        cfg.lower.display(),
-        cfg.upper.display(),
-        cfg.work.display()
-    );
+    // Relative paths: the daemon's command line is readable inside.
+    let (lower, upper, work) = relative_layers(cfg);
+    let opts = format!("lowerdir={lower},upperdir={upper},workdir={work}");
+    let cwd = std::env::current_dir()?;
+    let target = root.strip_prefix(&cwd).unwrap_or(root);
     let out = std::process::Command::new(bin)
         .arg("-o")
         .arg(opts)
-        .arg(root)
+        .arg(target)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -427,12 +607,30 @@ fn copy_tree(from: &Path, to: &Path, rootless: bool) {
     u.finish().or_die("finish the copy");
 }
 
-/// Hides /proc files that leak host information or allow host actions.
+/// Covers each existing directory with an empty read-only tmpfs.
+fn mask_dirs(dirs: &[std::path::PathBuf]) {
+    for d in dirs {
+        if d.is_dir() {
+            mnt(
+                "tmpfs",
+                d,
+                "tmpfs",
+                MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                "size=4k,mode=0555",
+            )
+            .or_die(&format!("mask {}", d.display()));
+        }
+    }
+}
+
+/// Hides /proc files that leak host information or allow host actions
+/// (the list of the OCI runtimes' default masked and read-only paths).
 fn mask_proc() {
     for p in [
         "/proc/kcore",
         "/proc/keys",
         "/proc/timer_list",
+        "/proc/timer_stats",
         "/proc/sched_debug",
         "/proc/latency_stats",
     ] {
@@ -440,6 +638,7 @@ fn mask_proc() {
             m::mount_bind("/dev/null", p).or_die(&format!("mask {p}"));
         }
     }
+    mask_dirs(&["/proc/acpi".into(), "/proc/scsi".into()]);
     for p in [
         "/proc/sys",
         "/proc/sysrq-trigger",
@@ -509,13 +708,27 @@ fn bind_volume(root: &Path, v: &crate::spec::Volume) {
         format!("/proc/self/fd/{}", target.as_raw_fd()).as_str(),
     )
     .or_die(&format!("bind {} at {}", v.source.display(), v.target));
+    // Read-only, nosuid and nodev as asked (nosuid and nodev unless the
+    // volume says `suid`/`dev`), on every mount under the volume too, and
+    // without touching flags the user namespace locked.
+    let mut attrs = 0;
     if v.read_only {
+        attrs |= libc::MOUNT_ATTR_RDONLY;
+    }
+    if !v.suid {
+        attrs |= libc::MOUNT_ATTR_NOSUID;
+    }
+    if !v.dev {
+        attrs |= libc::MOUNT_ATTR_NODEV;
+    }
+    if attrs != 0 {
         // Re-resolve: the new fd refers to the mount just made.
         let mounted = resolve();
-        // Every mount under the volume too, and without touching flags the
-        // user namespace locked (nosuid, nodev on /home or /tmp).
-        sys::make_readonly_recursive(Path::new(&format!("/proc/self/fd/{}", mounted.as_raw_fd())))
-            .or_die(&format!("make {} read-only", v.target));
+        sys::set_mount_attrs_recursive(
+            Path::new(&format!("/proc/self/fd/{}", mounted.as_raw_fd())),
+            attrs,
+        )
+        .or_die(&format!("set the mount flags of {}", v.target));
     }
 }
 

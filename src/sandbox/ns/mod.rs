@@ -6,21 +6,22 @@
 //! (compare bubblewrap, which clones itself the same way):
 //!
 //! ```text
-//! kiln (host)          clone(user, mnt, pid, ipc, uts, net, cgroup); writes
+//! kiln (host)          clone(user, mnt, pid, cgroup); waits for init's ack, writes
 //!  │                    uid_map/gid_map, then one byte on a pipe; waits; cleans up
-//!  └─ init (PID 1)     waits for that byte; mounts, pivot_root, reaps, forwards signals
-//!      └─ the command  caps dropped, no_new_privs, seccomp
+//!  └─ init (PID 1)     builds the root; clones the command into a nested user ns
+//!      └─ the command  own net, uts, ipc ns; caps dropped, no_new_privs, seccomp
 //! ```
 //!
 //! A caller with threads cannot clone safely, so there kiln execs a helper,
-//! `kiln __sandbox-init`, which unshares the namespaces, stops itself until
-//! the maps are written, forks init and relays its exit.
+//! `kiln __sandbox-init`, which clones init the same way, sends kiln init's
+//! pid once init has acknowledged, and relays its exit.
 //!
-//! Every process has PDEATHSIG=SIGKILL towards its parent, so SIGKILL of
-//! kiln takes the tree down; the pid namespace dies with its init and the
-//! mount namespace with its last process. The run's upper layer is by
-//! default a tmpfs inside that mount namespace, so nothing of the run is on
-//! the host. With `Upper::Disk` it is a run directory in the store, which
+//! Every process has PDEATHSIG=SIGKILL towards its parent, armed before
+//! kiln maps init (see [`init`] for the handshake), so SIGKILL of kiln
+//! takes the tree down; the pid namespace dies with its init and the mount
+//! namespace with its last process. The run's upper layer is by default a
+//! tmpfs inside that mount namespace, so nothing of the run is on the
+//! host. With `Upper::Disk` it is a run directory in the store, which
 //! carries a lock held by kiln: the next run or `kiln gc` removes
 //! directories whose lock is free.
 
@@ -86,6 +87,18 @@ pub(crate) struct InitConfig {
     pub copy_rootless: bool,
     /// The pty slave's host path (bound to /dev/console).
     pub tty_name: Option<PathBuf>,
+    /// Sizes of /tmp, /dev/shm and the in-memory upper layer, in bytes.
+    pub tmp_size: u64,
+    pub shm_size: u64,
+    pub upper_size: u64,
+    /// The mapped id ranges `(first, count)` inside the sandbox's user
+    /// namespace, which the command's nested one maps onto themselves.
+    pub uid_ranges: Vec<(u32, u32)>,
+    pub gid_ranges: Vec<(u32, u32)>,
+    /// kiln's pid, which an exec'd helper checks is still its parent
+    /// (0: not checked).
+    #[serde(default)]
+    pub parent_pid: i32,
 }
 
 /// The image's command line, environment and working directory, with the
@@ -256,6 +269,26 @@ pub(crate) fn run(
     events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
 ) -> Result<RunResult, RunError> {
     let start = Instant::now();
+    // Without -t, the command never holds the caller's terminal as its
+    // stdout or stderr (where tcsetattr would reconfigure it): its output
+    // comes through pipes that kiln copies to its own.
+    let mut to_caller = |e: super::RunEvent<'_>| {
+        if let super::RunEvent::Output { stream, data } = e {
+            let _ = match stream {
+                super::Stream::Stdout => io::Write::write_all(&mut io::stdout().lock(), data),
+                super::Stream::Stderr => io::Write::write_all(&mut io::stderr().lock(), data),
+            };
+        }
+    };
+    let events: Option<&mut dyn FnMut(super::RunEvent<'_>)> = match events {
+        None if !spec.tty
+            && (rustix::termios::isatty(io::stdout()) || rustix::termios::isatty(io::stderr())) =>
+        {
+            Some(&mut to_caller)
+        }
+        Some(e) => Some(e),
+        None => None,
+    };
     let img = store.resolve(&spec.image)?;
     let (argv, env, workdir) = process_params(spec, &img)?;
     let map = IdMap::detect(
@@ -333,6 +366,8 @@ pub(crate) fn run(
         None
     };
     let uid = rustix::process::getuid().as_raw();
+    let (tmp_size, shm_size, upper_size) = spec.tmpfs_sizes();
+    let ranges = |v: &[crate::userns::IdExtent]| v.iter().map(|e| (e.inside, e.count)).collect();
     let cfg = InitConfig {
         lower: rootfs.path.clone(),
         upper: scratch.as_ref().unwrap_or(&base).join("upper"),
@@ -365,6 +400,12 @@ pub(crate) fn run(
         allow_userns: spec.allow_userns,
         cap_add: spec.cap_add.clone(),
         ulimits: spec.ulimits.clone(),
+        tmp_size,
+        shm_size,
+        upper_size,
+        uid_ranges: ranges(&map.uids),
+        gid_ranges: ranges(&map.gids),
+        parent_pid: rustix::process::getpid().as_raw_nonzero().get(),
     };
     let pty = if spec.tty {
         Some(super::pty::Pty::open().map_err(|e| RunError::host("open a pseudo-terminal", e))?)
@@ -377,11 +418,20 @@ pub(crate) fn run(
     // kiln, no dynamic loading; an embedder's threads make fork unsafe, so
     // there (or with an explicit helper, or KILN_HELPER_EXEC=1) the helper
     // is exec'd.
+    // -i without -t from a terminal: the command reads a pipe kiln feeds,
+    // so it can never reconfigure (tcsetattr) the caller's terminal.
+    let (stdin_r, stdin_w) = if spec.stdin && !spec.tty && rustix::termios::isatty(io::stdin()) {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| RunError::host("pipe", e.into()))?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
+    };
     let launch = if helper.is_none()
         && std::env::var_os("KILN_HELPER_EXEC").is_none()
         && crate::sys::single_threaded()
     {
-        Launch::Fork(Box::new(cfg))
+        Launch::Fork(Box::new(cfg), stdin_r)
     } else {
         cfg.fuse_overlayfs = crate::userns::find_tool("fuse-overlayfs");
         let json = serde_json::to_string(&cfg)
@@ -392,11 +442,27 @@ pub(crate) fn run(
             cmd.stdin(pty.slave()?)
                 .stdout(pty.slave()?)
                 .stderr(pty.slave()?);
+        } else if let Some(r) = stdin_r {
+            cmd.stdin(std::process::Stdio::from(r));
         } else if !spec.stdin {
             cmd.stdin(std::process::Stdio::null());
         }
         crate::sys::pre_exec_pdeathsig(&mut cmd);
-        Launch::Exec(cmd)
+        let pipe = || {
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| RunError::host("pipe", e.into()))
+        };
+        let (report_r, report_w) = pipe()?;
+        let (go_r, go_w) = pipe()?;
+        // The helper finds them as descriptors 3 and 4.
+        const _: () = assert!(init::HELPER_REPORT_FD == 3 && init::HELPER_GO_FD == 4);
+        crate::sys::pre_exec_pass_fds(&mut cmd, &[&report_w, &go_r])
+            .map_err(|e| RunError::host("pass pipes to the sandbox helper", e))?;
+        Launch::Exec {
+            cmd,
+            report: report_r,
+            go: go_w,
+        }
     };
     // Forwarded signals are handled through a signalfd below; the helper
     // unblocks everything itself.
@@ -416,6 +482,7 @@ pub(crate) fn run(
         sigfd: sigfd.as_ref(),
         pty,
         cgroup: cgroup.as_ref(),
+        input: stdin_w,
     };
     let result = supervise(launch, spec, &map, relay, start, &img, events);
     if spec.forward_signals {
@@ -501,11 +568,15 @@ fn pump(
     }
 }
 
-/// What kiln relays while the sandbox runs: forwarded signals and the pty.
+/// What kiln relays while the sandbox runs: forwarded signals, the pty,
+/// and the caller's input when it goes through a pipe.
 struct Relay<'a> {
     sigfd: Option<&'a std::os::fd::OwnedFd>,
     pty: Option<super::pty::Pty>,
     cgroup: Option<&'a super::cgroup::RunCgroup>,
+    /// The write end of the command's stdin pipe (`-i` without `-t` from
+    /// a terminal: the command never holds the caller's terminal).
+    input: Option<std::os::fd::OwnedFd>,
 }
 
 /// Input bytes kiln holds for a pty that is not reading (then it stops
@@ -533,41 +604,59 @@ impl Drop for ReapGuard {
 
 /// How the helper process starts.
 enum Launch {
-    /// exec `kiln __sandbox-init` with the configuration in the environment.
-    Exec(Command),
-    /// fork this (single-threaded) process and run stage 1 directly.
-    Fork(Box<InitConfig>),
+    /// exec `kiln __sandbox-init` with the configuration in the environment;
+    /// it reports init's pid on `report` (after init's ack) and init waits
+    /// on `go`.
+    Exec {
+        cmd: Command,
+        report: std::os::fd::OwnedFd,
+        go: std::os::fd::OwnedFd,
+    },
+    /// clone this (single-threaded) process into init directly; the
+    /// descriptor, if any, becomes the command's stdin.
+    Fork(Box<InitConfig>, Option<std::os::fd::OwnedFd>),
 }
 
-/// What `clone_init` started: the sandbox's PID 1, its output pipes, and
-/// the write end of the pipe it waits on until its id maps are written.
+/// The command's stdin when there is no pty.
+enum Stdin {
+    Null,
+    Inherit,
+    /// The read end of kiln's input pipe.
+    Pipe(std::os::fd::OwnedFd),
+}
+
+/// What `clone_init` started: the sandbox's PID 1, its output pipes, the
+/// read end of its ack and the write end of the pipe it waits on until
+/// its id maps are written.
 struct Cloned {
     pid: i32,
     outs: Vec<(std::os::fd::OwnedFd, super::Stream)>,
-    sync: std::os::fd::OwnedFd,
+    ack: std::os::fd::OwnedFd,
+    go: std::os::fd::OwnedFd,
 }
 
 /// Clones this (single-threaded) process straight into the sandbox's
 /// namespaces; the child sets up stdio and becomes the sandbox's init.
 fn clone_init(
     cfg: &InitConfig,
-    stdin: bool,
+    stdin: Stdin,
     pty: Option<&super::pty::Pty>,
     piped: bool,
 ) -> Result<Cloned, RunError> {
     use std::os::fd::AsFd;
     let slave = pty.map(|p| p.slave_fd()).transpose()?;
-    let devnull = if slave.is_none() && !stdin {
-        Some(
+    let devnull = match stdin {
+        _ if slave.is_some() => None,
+        Stdin::Null => Some(
             rustix::fs::open(
                 "/dev/null",
                 rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
                 rustix::fs::Mode::empty(),
             )
             .map_err(|e| RunError::host("open /dev/null", e.into()))?,
-        )
-    } else {
-        None
+        ),
+        Stdin::Pipe(r) => Some(r),
+        Stdin::Inherit => None,
     };
     let pipe = || {
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
@@ -578,8 +667,9 @@ fn clone_init(
     } else {
         None
     };
-    let (sync_r, sync_w) = pipe()?;
-    let pid = match crate::sys::clone_fork(init::namespaces(cfg.network)) {
+    let (go_r, go_w) = pipe()?;
+    let (ack_r, ack_w) = pipe()?;
+    let pid = match crate::sys::clone_fork(init::namespaces()) {
         Ok(pid) => pid,
         Err(e) => {
             return Err(RunError::Unsupported(format!(
@@ -591,7 +681,8 @@ fn clone_init(
     if pid == 0 {
         // The child: nothing here may return (or unwind) into kiln's code.
         let child = std::panic::AssertUnwindSafe(move || {
-            drop(sync_w);
+            drop(go_w);
+            drop(ack_r);
             let dup = |fd: std::os::fd::BorrowedFd<'_>, to: &[i32]| {
                 to.iter().all(|t| crate::sys::dup_onto(fd, *t).is_ok())
             };
@@ -606,7 +697,7 @@ fn clone_init(
             if !stdio_ok {
                 crate::sys::exit_now(125);
             }
-            init::cloned_init(cfg, sync_r)
+            init::cloned_init(cfg, ack_w, go_r)
         });
         let _ = std::panic::catch_unwind(child);
         crate::sys::exit_now(125);
@@ -617,7 +708,8 @@ fn clone_init(
     Ok(Cloned {
         pid,
         outs,
-        sync: sync_w,
+        ack: ack_r,
+        go: go_w,
     })
 }
 
@@ -630,14 +722,26 @@ fn supervise(
     img: &crate::store::Image,
     mut events: Option<&mut dyn FnMut(super::RunEvent<'_>)>,
 ) -> Result<RunResult, RunError> {
-    let Relay { sigfd, pty, cgroup } = relay;
+    let Relay {
+        sigfd,
+        pty,
+        cgroup,
+        input,
+    } = relay;
     // Output pipes (only when the caller takes events and there is no pty).
     let mut outs: Vec<(std::os::fd::OwnedFd, super::Stream)> = Vec::new();
-    // Set when the sandbox's init was cloned directly (it waits on this
-    // pipe); an exec'd helper stops itself instead.
-    let mut sync = None;
-    let raw = match launch {
-        Launch::Exec(mut cmd) => {
+    // What tells that init is ready to be mapped: its ack (cloned here),
+    // or its pid from the exec'd helper (sent after init's ack).
+    enum Ready {
+        Ack(std::os::fd::OwnedFd),
+        Report(std::os::fd::OwnedFd),
+    }
+    let (raw, ready, go) = match launch {
+        Launch::Exec {
+            mut cmd,
+            report,
+            go,
+        } => {
             if events.is_some() && pty.is_none() {
                 cmd.stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped());
@@ -645,8 +749,9 @@ fn supervise(
             let mut child = cmd.spawn().map_err(|e| {
                 RunError::host(format!("start sandbox helper {:?}", cmd.get_program()), e)
             })?;
-            // The pty slave copies in `cmd` must close, or the master never
-            // sees EOF.
+            // The pty slave copies and the helper's ends of the pipes in
+            // `cmd` must close, or the master never sees EOF and a dead
+            // helper would look alive.
             drop(cmd);
             if let Some(o) = child.stdout.take() {
                 outs.push((std::os::fd::OwnedFd::from(o), super::Stream::Stdout));
@@ -654,13 +759,17 @@ fn supervise(
             if let Some(e) = child.stderr.take() {
                 outs.push((std::os::fd::OwnedFd::from(e), super::Stream::Stderr));
             }
-            child.id() as i32
+            (child.id() as i32, Ready::Report(report), go)
         }
-        Launch::Fork(cfg) => {
-            let c = clone_init(&cfg, spec.stdin, pty.as_ref(), events.is_some())?;
+        Launch::Fork(cfg, stdin_pipe) => {
+            let stdin = match stdin_pipe {
+                Some(r) => Stdin::Pipe(r),
+                None if spec.stdin => Stdin::Inherit,
+                None => Stdin::Null,
+            };
+            let c = clone_init(&cfg, stdin, pty.as_ref(), events.is_some())?;
             outs = c.outs;
-            sync = Some(c.sync);
-            c.pid
+            (c.pid, Ready::Ack(c.ack), c.go)
         }
     };
     let pid =
@@ -675,61 +784,74 @@ fn supervise(
     if let Some(ev) = events.as_mut() {
         ev(super::RunEvent::Started { pid: raw as u32 });
     }
-    // The helper stops itself once its namespaces exist; a cloned init
-    // has them from the start.
-    let stop = if sync.is_some() {
-        Ok(None)
-    } else {
-        loop {
-            match rustix::process::waitpid(Some(pid), WaitOptions::UNTRACED) {
+    // Wait for init's ack (PDEATHSIG armed): only then are its maps written.
+    let early_exit = |guard: &mut ReapGuard| {
+        // It is gone (end of file): say how it ended.
+        let st = loop {
+            match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
                 Err(rustix::io::Errno::INTR) => continue,
                 r => break r,
             }
+        };
+        guard.armed = false;
+        let status = match st {
+            Ok(Some((_, st))) => format!("{:?}", st.exit_status()),
+            _ => "unknown".into(),
+        };
+        RunError::Unsupported(format!(
+            "the sandbox's init exited before it started (status {status}): {}",
+            userns_hint()
+        ))
+    };
+    let init_pid = match ready {
+        Ready::Ack(ack) => match init::read_byte(&ack) {
+            Ok(Some(_)) => raw,
+            Ok(None) => return Err(early_exit(&mut guard)),
+            Err(e) => return Err(RunError::host("wait for the sandbox's init", e)),
+        },
+        Ready::Report(report) => {
+            let mut b = [0u8; 4];
+            let mut got = 0;
+            while got < 4 {
+                match rustix::io::read(&report, &mut b[got..]) {
+                    Ok(0) => return Err(early_exit(&mut guard)),
+                    Ok(n) => got += n,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(RunError::host("wait for the sandbox helper", e.into())),
+                }
+            }
+            i32::from_le_bytes(b)
         }
     };
-    match stop {
-        Ok(None) if sync.is_some() => {}
-        Ok(Some((_, st))) if st.stopped() => {}
-        Ok(Some((_, st))) => {
-            // Reaped already: nothing left to kill.
-            guard.armed = false;
-            return Err(RunError::Unsupported(format!(
-                "the sandbox helper exited early (status {:?}): {}",
-                st.exit_status(),
-                userns_hint()
-            )));
-        }
-        Ok(None) => return Err(RunError::Unsupported("the sandbox helper vanished".into())),
-        Err(e) => return Err(RunError::host("wait for sandbox helper", e.into())),
-    }
     // Into the run's cgroup before it forks anything: every sandbox
     // process inherits it.
     if let Some(cg) = cgroup {
-        if let Err(e) = cg.add(raw) {
+        if let Err(e) = cg.add(init_pid) {
             return Err(RunError::host(
                 format!("move the sandbox into {}", cg.path().display()),
                 e,
             ));
         }
     }
-    if let Err(e) = map.apply(raw) {
+    if let Err(e) = map.apply(init_pid) {
         return Err(RunError::host("write uid_map/gid_map", e));
     }
-    match sync {
-        Some(w) => {
-            rustix::io::write(&w, &[1])
-                .map_err(|e| RunError::host("resume the sandbox's init", e.into()))?;
-        }
-        None => rustix::process::kill_process(pid, Signal::CONT)
-            .map_err(|e| RunError::host("resume sandbox helper", e.into()))?,
-    }
+    rustix::io::write(&go, &[1])
+        .map_err(|e| RunError::host("resume the sandbox's init", e.into()))?;
+    drop(go);
     let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
         .map_err(|e| RunError::host("pidfd_open", e.into()))?;
     // The pty: master non-blocking; the caller's input relayed with -i (a
     // caller terminal in raw mode meanwhile).
     let mut pty_open = pty.is_some();
-    let mut stdin_open = pty.is_some() && spec.stdin;
-    let _raw = stdin_open.then(super::pty::RawMode::enter);
+    let mut input = input;
+    let mut stdin_open = (pty.is_some() || input.is_some()) && spec.stdin;
+    let _raw = (pty.is_some() && stdin_open).then(super::pty::RawMode::enter);
+    if let Some(w) = &input {
+        let fl = rustix::fs::fcntl_getfl(w).map_err(|e| RunError::host("fcntl", e.into()))?;
+        rustix::fs::fcntl_setfl(w, fl | rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| RunError::host("fcntl", e.into()))?;
+    }
     if let Some(p) = &pty {
         let fl =
             rustix::fs::fcntl_getfl(&p.master).map_err(|e| RunError::host("fcntl", e.into()))?;
@@ -790,6 +912,10 @@ fn supervise(
                 rustix::event::PollFlags::IN,
             ));
         }
+        let input_slot = fds.len();
+        if let (Some(w), false) = (&input, pending.is_empty()) {
+            fds.push(rustix::event::PollFd::new(w, rustix::event::PollFlags::OUT));
+        }
         let ts = timeout.map(|t| rustix::event::Timespec {
             tv_sec: t.as_secs() as i64,
             tv_nsec: i64::from(t.subsec_nanos()),
@@ -807,7 +933,24 @@ fn supervise(
             && fds
                 .get(pty_slot)
                 .is_some_and(|f| f.revents().contains(rustix::event::PollFlags::OUT));
+        let input_ready = input.is_some() && !pending.is_empty() && ready(input_slot);
         drop(fds);
+        if input_ready {
+            if let Some(w) = &input {
+                match rustix::io::write(w, &pending) {
+                    Ok(n) => {
+                        pending.drain(..n);
+                    }
+                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                    // The command closed its stdin: nothing more to pass.
+                    Err(_) => {
+                        pending.clear();
+                        input = None;
+                        stdin_open = false;
+                    }
+                }
+            }
+        }
         if let (Some(p), true) = (&pty, pty_writable) {
             let n = p.write_some(&pending);
             pending.drain(..n);
@@ -822,12 +965,18 @@ fn supervise(
         if stdin_ready {
             match rustix::io::read(&stdin, &mut buf) {
                 Ok(0) | Err(_) => {
-                    // End of input: ^D, as a terminal would send.
-                    pending.push(4);
+                    // End of input: ^D, as a terminal would send (a pipe
+                    // closes once what is pending is passed on).
+                    if pty.is_some() {
+                        pending.push(4);
+                    }
                     stdin_open = false;
                 }
                 Ok(n) => pending.extend_from_slice(&buf[..n]),
             }
+        }
+        if !stdin_open && pending.is_empty() {
+            input = None;
         }
         if let Some(ev) = events.as_mut() {
             outs.retain(|(fd, stream)| pump(fd, *stream, &mut **ev));

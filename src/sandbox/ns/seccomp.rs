@@ -1,7 +1,15 @@
 //! The default seccomp filter: allow everything except what the common
 //! container profiles (Docker/podman's default) deny to unprivileged
-//! containers. Denied calls fail with EPERM; `clone3` fails with ENOSYS so
-//! libc falls back to `clone`, whose flags a filter can inspect.
+//! containers, plus the new mount API calls that change existing mounts
+//! (`mount_setattr`, `fspick`, `open_tree_attr`) and io_uring (whose
+//! operations bypass this filter; Docker and containerd block it since
+//! 2023). Denied calls fail with EPERM; `clone3` fails with ENOSYS so libc
+//! falls back to `clone`, whose flags a filter can inspect. On x86_64 every
+//! x32-ABI call (`nr | 0x40000000`, which carries the x86_64 audit arch
+//! and so would slip past rules written for x86_64 numbers) fails with
+//! EPERM, as in runc's and Docker's profiles.
+
+use seccompiler::sock_filter;
 
 use std::collections::BTreeMap;
 
@@ -48,7 +56,20 @@ const DENIED: &[i64] = &[
     libc::SYS_fsconfig,
     libc::SYS_move_mount,
     libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
+    libc::SYS_fspick,
+    SYS_OPEN_TREE_ATTR,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
 ];
+
+/// `open_tree_attr(2)` (Linux 6.15), not in libc yet; system calls from
+/// 424 up have one number on every architecture.
+const SYS_OPEN_TREE_ATTR: i64 = 467;
+
+/// The x32 system-call bit on x86_64.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 /// Denied unless nested user namespaces are allowed.
 const NESTED_USERNS: &[i64] = &[libc::SYS_unshare, libc::SYS_setns];
@@ -103,6 +124,9 @@ pub(crate) fn filters(allow_userns: bool) -> Result<Vec<BpfProgram>, String> {
     let mut out: Vec<BpfProgram> = vec![deny
         .try_into()
         .map_err(|e: seccompiler::BackendError| e.to_string())?];
+    if arch == TargetArch::x86_64 {
+        out.push(deny_x32());
+    }
     if !allow_userns {
         let clone3: BTreeMap<i64, Vec<SeccompRule>> =
             [(libc::SYS_clone3, Vec::new())].into_iter().collect();
@@ -121,6 +145,26 @@ pub(crate) fn filters(allow_userns: bool) -> Result<Vec<BpfProgram>, String> {
     Ok(out)
 }
 
+/// A filter that fails every x32 call with EPERM and allows the rest (the
+/// other filters judge those): on an x86_64 audit arch, `nr >= 0x40000000`
+/// is an x32 call.
+fn deny_x32() -> BpfProgram {
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+    let ins = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        ins(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+        ins(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        ins(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        ins(JGE_K, 0, 1, X32_SYSCALL_BIT),
+        ins(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        ins(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
 /// Installs the filters on the calling thread (no_new_privs must be set).
 pub(crate) fn apply(progs: &[BpfProgram]) -> Result<(), String> {
     for p in progs {
@@ -133,7 +177,8 @@ pub(crate) fn apply(progs: &[BpfProgram]) -> Result<(), String> {
 mod tests {
     #[test]
     fn filters_compile() {
-        assert_eq!(super::filters(false).unwrap().len(), 2);
-        assert_eq!(super::filters(true).unwrap().len(), 1);
+        let x32 = usize::from(cfg!(target_arch = "x86_64"));
+        assert_eq!(super::filters(false).unwrap().len(), 2 + x32);
+        assert_eq!(super::filters(true).unwrap().len(), 1 + x32);
     }
 }
