@@ -1144,38 +1144,17 @@ fn an_image_whose_config_lies_about_its_layers_is_not_unpacked() {
     // The rootfs cache is keyed by the config's diff_ids: an image claiming
     // another image's diff_ids (here: one that names no real content) must
     // not get its tree cached under that key.
-    use sha2::{Digest, Sha256};
     let k = with_busybox();
     let v = k.inspect("bb");
     let mut config = v["config"].clone();
     let lie = format!("sha256:{}", "ab".repeat(32));
     config["rootfs"]["diff_ids"][0] = serde_json::Value::String(lie.clone());
-    let put = |bytes: &[u8]| {
-        let hex: String = Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        fs::write(k.store().join("blobs/sha256").join(&hex), bytes).expect("write blob");
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let (cdigest, csize) = put(&serde_json::to_vec(&config).expect("json"));
+    let (cdigest, csize) = put_blob(&k.store(), &serde_json::to_vec(&config).expect("json"));
     let mut manifest = v["manifest"].clone();
     manifest["config"]["digest"] = serde_json::Value::String(cdigest);
     manifest["config"]["size"] = serde_json::json!(csize);
-    let (mdigest, msize) = put(&serde_json::to_vec(&manifest).expect("json"));
-    let index_path = k.store().join("index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_slice(&fs::read(&index_path).expect("index")).expect("index json");
-    index["manifests"]
-        .as_array_mut()
-        .expect("manifests")
-        .push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": mdigest,
-            "size": msize,
-            "annotations": {"org.opencontainers.image.ref.name": "liar:latest"}
-        }));
-    fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("write index");
+    let (mdigest, msize) = put_blob(&k.store(), &serde_json::to_vec(&manifest).expect("json"));
+    add_to_index(&k.store(), &mdigest, msize, "liar:latest");
     let err = k.fails(["run", "liar", "true"]);
     assert!(
         err.contains(&format!("but the image config says {lie}")),

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{busybox_tar, gzip, is_root, kiln_bin, Kiln, TarMaker};
+use common::{add_to_index, busybox_tar, gzip, is_root, kiln_bin, put_blob, Kiln, TarMaker};
 
 type Check = Result<String, String>;
 type CheckFn = fn() -> Check;
@@ -227,23 +227,15 @@ fn both(o: &Output) -> String {
 /// the store, as a hostile layout or registry would deliver it (no import
 /// checks), tagged `name`.
 fn inject_layer(k: &Kiln, base: &str, layer: &[u8], name: &str) {
-    use sha2::{Digest, Sha256};
-    let put = |bytes: &[u8]| {
-        let hex: String = Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        fs::write(k.store().join("blobs/sha256").join(&hex), bytes).expect("write blob");
-        (format!("sha256:{hex}"), bytes.len())
-    };
+    let store = k.store();
     let v = k.inspect(base);
-    let (ldigest, lsize) = put(layer);
+    let (ldigest, lsize) = put_blob(&store, layer);
     let mut config = v["config"].clone();
     config["rootfs"]["diff_ids"]
         .as_array_mut()
         .expect("diff_ids")
         .push(serde_json::Value::String(ldigest.clone()));
-    let (cdigest, csize) = put(&serde_json::to_vec(&config).expect("json"));
+    let (cdigest, csize) = put_blob(&store, &serde_json::to_vec(&config).expect("json"));
     let mut manifest = v["manifest"].clone();
     manifest["config"]["digest"] = cdigest.into();
     manifest["config"]["size"] = csize.into();
@@ -255,20 +247,8 @@ fn inject_layer(k: &Kiln, base: &str, layer: &[u8], name: &str) {
             "digest": ldigest,
             "size": lsize,
         }));
-    let (mdigest, msize) = put(&serde_json::to_vec(&manifest).expect("json"));
-    let index_path = k.store().join("index.json");
-    let mut index: serde_json::Value =
-        serde_json::from_slice(&fs::read(&index_path).expect("index")).expect("index json");
-    index["manifests"]
-        .as_array_mut()
-        .expect("manifests")
-        .push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": mdigest,
-            "size": msize,
-            "annotations": {"org.opencontainers.image.ref.name": format!("{name}:latest")}
-        }));
-    fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("write index");
+    let (mdigest, msize) = put_blob(&store, &serde_json::to_vec(&manifest).expect("json"));
+    add_to_index(&store, &mdigest, msize, &format!("{name}:latest"));
 }
 
 /// A layer holding one whiteout named `wh` (and a file beside it).
@@ -307,16 +287,7 @@ fn f1_a_whiteout_of_dotdot_is_refused_at_import() -> Check {
     }
     // An OCI layout whose layer (copied verbatim on import) holds `.wh...`.
     let layout = k.dir.path().join("layout");
-    fs::create_dir_all(layout.join("blobs/sha256")).expect("layout");
-    let put = |bytes: &[u8]| {
-        use sha2::{Digest, Sha256};
-        let hex: String = Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        fs::write(layout.join("blobs/sha256").join(&hex), bytes).expect("blob");
-        (format!("sha256:{hex}"), bytes.len())
-    };
+    let put = |bytes: &[u8]| put_blob(&layout, bytes);
     let tar = whiteout_layer(".wh...");
     let (diff_id, _) = put(&tar);
     let gz = gzip(&tar);
@@ -334,16 +305,12 @@ fn f1_a_whiteout_of_dotdot_is_refused_at_import() -> Check {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ldigest, "size": lsize}]
     });
     let (mdigest, msize) = put(&serde_json::to_vec(&manifest).expect("json"));
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest, "size": msize,
-                        "annotations": {"org.opencontainers.image.ref.name": "x"}}]
-    });
     fs::write(
         layout.join("index.json"),
-        serde_json::to_vec(&index).expect("json"),
+        br#"{"schemaVersion":2,"manifests":[]}"#,
     )
     .expect("index");
+    add_to_index(&layout, &mdigest, msize, "x");
     fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,

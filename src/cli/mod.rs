@@ -101,3 +101,37 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Rootfs(a) => unpack::rootfs(&cli, a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap's own checks (conflicting names, bad defaults, env flags),
+        // which otherwise run only in debug builds at parse time.
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn trust_store_and_sizes_parse() {
+        let cli = super::Cli::try_parse_from([
+            "kiln",
+            "--trust-store",
+            "run",
+            "--tmpfs-size",
+            "512m",
+            "--memory",
+            "2g",
+            "img",
+        ])
+        .expect("parses");
+        assert!(cli.trust_store);
+        let super::Command::Run(r) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(r.tmpfs_size, Some(512 << 20));
+        assert_eq!(r.memory, Some(2 << 30));
+        assert!(super::Cli::try_parse_from(["kiln", "run", "--shm-size", "lots", "img"]).is_err());
+    }
+}

@@ -168,6 +168,37 @@ pub fn with_extra_layer(k: &Kiln, base: &str, layer: &[u8], name: &str) {
     k.import(&layout, name, &[]);
 }
 
+/// Writes `bytes` as a blob of the OCI layout (or kiln store) at `layout`;
+/// returns its digest and size.
+pub fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let hex: String = Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = layout.join("blobs/sha256");
+    fs::create_dir_all(&dir).expect("blobs dir");
+    fs::write(dir.join(&hex), bytes).expect("write blob");
+    (format!("sha256:{hex}"), bytes.len())
+}
+
+/// Adds an image manifest descriptor, tagged `ref_name`, to the
+/// index.json of the layout (or kiln store) at `layout`.
+pub fn add_to_index(layout: &Path, digest: &str, size: usize, ref_name: &str) {
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(&index_path).expect("index")).expect("index json");
+    index["manifests"]
+        .as_array_mut()
+        .expect("manifests")
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": size,
+            "annotations": {"org.opencontainers.image.ref.name": ref_name}
+        }));
+    fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("write index");
+}
+
 /// `umoci unpack` (rootless when not root) of image `name` in kiln's store;
 /// the unpacked tree, hardlink groups canonical.
 pub fn umoci_unpack(k: &Kiln, name: &str, dest: &Path) -> Tree {

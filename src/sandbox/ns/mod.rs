@@ -273,9 +273,13 @@ pub(crate) fn run(
     // stdout or stderr (where tcsetattr would reconfigure it): its output
     // comes through pipes that kiln copies to its own.
     let mut to_caller = |e: super::RunEvent<'_>| {
+        // Flushed at once: a progress line without a newline shows now.
         if let super::RunEvent::Output { stream, data } = e {
             let _ = match stream {
-                super::Stream::Stdout => io::Write::write_all(&mut io::stdout().lock(), data),
+                super::Stream::Stdout => {
+                    let mut out = io::stdout().lock();
+                    io::Write::write_all(&mut out, data).and_then(|()| io::Write::flush(&mut out))
+                }
                 super::Stream::Stderr => io::Write::write_all(&mut io::stderr().lock(), data),
             };
         }
