@@ -326,6 +326,14 @@ pub(crate) enum Task {
         store: PathBuf,
         manifest: String,
         dest: PathBuf,
+        /// Where to write the record of the unpacked tree.
+        record: PathBuf,
+    },
+    /// Compare a cached tree with its record.
+    Verify {
+        root: PathBuf,
+        record: PathBuf,
+        tree: crate::unpack::record::TreeSummary,
     },
     /// Commit a run's upper directory as a new image.
     Commit {
@@ -440,21 +448,31 @@ fn task_inner() -> Result<String, String> {
         Task::Remove { path } => crate::unpack::remove_tree(&path)
             .map(|()| String::new())
             .map_err(|e| format!("remove {}: {e}", path.display())),
+        Task::Verify { root, record, tree } => {
+            crate::unpack::record::verify(&root, &record, &tree, 20)
+                .map_err(|e| format!("verify {}: {e}", root.display()))
+                .and_then(|p| serde_json::to_string(&p).map_err(|e| e.to_string()))
+        }
         Task::Unpack {
             store,
             manifest,
             dest,
+            record,
         } => {
             // kiln checked the store before it started this task; inside
             // the mapping its owner shows as root, or as nobody for a
             // store the caller chose to trust.
             let trusted = crate::StoreOptions { trust_owner: true };
             let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
-            let img = store.resolve(&manifest).map_err(|e| e.to_string())?;
+            let img = store
+                .image_of_manifest(&manifest)
+                .map_err(|e| e.to_string())?;
             store
                 .unpack_layers(&img, &dest, false)
-                .map(|_| String::new())
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let tree = crate::unpack::record::write(&dest, &record)
+                .map_err(|e| format!("record the unpacked tree {}: {e}", dest.display()))?;
+            serde_json::to_string(&tree).map_err(|e| e.to_string())
         }
         Task::Commit {
             store,
@@ -469,7 +487,11 @@ fn task_inner() -> Result<String, String> {
             // store the caller chose to trust.
             let trusted = crate::StoreOptions { trust_owner: true };
             let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
-            let img = store.resolve(&manifest).map_err(|e| e.to_string())?;
+            // By manifest, not by tag: the tag may be gone (the run pinned
+            // the image, so its blobs are not).
+            let img = store
+                .image_of_manifest(&manifest)
+                .map_err(|e| e.to_string())?;
             let report =
                 crate::sandbox::commit::commit(&store, &img, &upper, &name, &created_by, epoch)
                     .map_err(|e| e.to_string())?;

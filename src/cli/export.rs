@@ -31,7 +31,9 @@ pub fn run(cli: &Cli, a: &ExportArgs) -> Result<i32> {
     if a.output.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let mut lock = stdout.lock();
-        store.export(&a.image, a.format, &mut lock)?;
+        store
+            .export(&a.image, a.format, &mut lock)
+            .context("export to stdout")?;
     } else {
         store
             .export_to_path(&a.image, a.format, &a.output)

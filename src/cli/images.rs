@@ -47,6 +47,23 @@ pub struct GcArgs {
     pub format: Format,
 }
 
+/// `kiln fsck`
+#[derive(Args, Debug)]
+pub struct FsckArgs {
+    /// Also compare every cached root file system with the record made
+    /// when it was unpacked (reads every cached file).
+    #[arg(long)]
+    pub rootfs: bool,
+    /// Fix what can be fixed: remove damaged cached trees (the next run
+    /// unpacks them again); rebuild an unreadable index.json from the
+    /// manifests in blobs/ (the old one is kept in .kiln/).
+    #[arg(long)]
+    pub repair: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
 pub fn images(cli: &Cli, a: &ImagesArgs) -> Result<i32> {
     let store = open_store(cli)?;
     let list = store.images()?;
@@ -60,6 +77,16 @@ pub fn images(cli: &Cli, a: &ImagesArgs) -> Result<i32> {
     );
     for i in list {
         let short = i.digest.strip_prefix("sha256:").unwrap_or(&i.digest);
+        if i.broken.is_some() {
+            println!(
+                "{:<40} {:<19} {:>7} {:>10}  BROKEN (see kiln fsck)",
+                i.name,
+                &short[..12.min(short.len())],
+                "-",
+                "-"
+            );
+            continue;
+        }
         println!(
             "{:<40} {:<19} {:>7} {:>10}  {}",
             i.name,
@@ -119,12 +146,44 @@ pub fn gc(cli: &Cli, a: &GcArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn fsck(cli: &Cli, a: &GcArgs) -> Result<i32> {
+pub fn fsck(cli: &Cli, a: &FsckArgs) -> Result<i32> {
     let store = open_store(cli)?;
-    let problems = store.fsck()?;
+    let mut repaired = Vec::new();
+    if a.repair {
+        if let Some(r) = store.repair_index()? {
+            repaired.push(r);
+        }
+    }
+    let mut problems = store.fsck()?;
+    if a.rootfs {
+        for d in store.fsck_rootfs(a.repair)? {
+            let images = if d.images.is_empty() {
+                "no image".to_string()
+            } else {
+                d.images.join(", ")
+            };
+            let what = format!("cached rootfs {} ({images})", d.entry.display());
+            if d.removed {
+                repaired.push(format!(
+                    "removed {what} (the next run unpacks it again): {}",
+                    d.problems.join("; ")
+                ));
+                continue;
+            }
+            for p in d.problems {
+                problems.push(kiln::store::FsckProblem {
+                    what: what.clone(),
+                    problem: p,
+                });
+            }
+        }
+    }
     if a.format == Format::Json {
-        print_json(&problems)?;
+        print_json(&json!({ "problems": problems, "repaired": repaired }))?;
     } else {
+        for r in &repaired {
+            println!("repaired: {r}");
+        }
         for p in &problems {
             println!("{}: {}", p.what, p.problem);
         }

@@ -55,14 +55,16 @@ pub enum Command {
     Rm(images::RmArgs),
     /// Delete blobs no image uses, and stale temp files.
     Gc(images::GcArgs),
-    /// Verify every blob's digest and every image's references.
-    Fsck(images::GcArgs),
+    /// Verify every blob's digest and every image's references (and with
+    /// --rootfs every cached tree); --repair fixes what can be fixed.
+    Fsck(images::FsckArgs),
     /// Write an image as an oci-archive or docker-archive tarball.
     Export(export::ExportArgs),
     /// Unpack an image's layers into a directory (path-safe, whiteouts applied).
     Unpack(unpack::UnpackArgs),
     /// Print the path of the image's cached, read-only root file system
-    /// (unpacked once per layer chain, shared by every run).
+    /// (unpacked once per layer chain, shared by every run); --drop and
+    /// --rebuild remove it.
     Rootfs(unpack::RootfsArgs),
     /// Show what a disk image, ISO, XVA or chunk folder holds: the detected
     /// chain down to the file system.

@@ -57,6 +57,13 @@ pub fn run(cli: &Cli, a: &UnpackArgs) -> Result<i32> {
 pub struct RootfsArgs {
     /// Image name or digest.
     pub image: String,
+    /// Remove the image's cached trees instead (the next run unpacks it
+    /// again); refused while a run uses one.
+    #[arg(long, conflicts_with = "rebuild")]
+    pub drop: bool,
+    /// Remove the image's cached trees and unpack it again.
+    #[arg(long)]
+    pub rebuild: bool,
     /// Output format: the path, or a JSON report.
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
@@ -64,6 +71,13 @@ pub struct RootfsArgs {
 
 pub fn rootfs(cli: &Cli, a: &RootfsArgs) -> Result<i32> {
     let store = open_store(cli)?;
+    if a.drop || a.rebuild {
+        let n = store.drop_rootfs(&a.image)?;
+        if a.drop {
+            println!("removed {n} cached tree(s) of {}", a.image);
+            return Ok(0);
+        }
+    }
     let r = store.rootfs(&a.image)?;
     if a.format == Format::Json {
         print_json(&r)?;

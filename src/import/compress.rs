@@ -246,7 +246,12 @@ impl<W: Write + Send + 'static> ParGzip<W> {
             Some(h) => h
                 .join()
                 .map_err(|_| io::Error::other("gzip writer thread panicked"))?,
-            None => Err(io::Error::other("gzip stream already finished")),
+            // `submit` already took the writer's error (e.g. disk full).
+            None => {
+                return Err(submitted
+                    .err()
+                    .unwrap_or_else(|| io::Error::other("gzip stream already finished")))
+            }
         };
         // The writer's own error (e.g. disk full) is the more useful one.
         let out = out?;
@@ -331,6 +336,37 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// A disk that is full after `room` bytes.
+    struct Full {
+        room: usize,
+    }
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_such_at_finish() {
+        // The writer dies on its first chunk while the last one is still
+        // buffered: finish() must say ENOSPC, not "stream finished".
+        let mut g = ParGzip::new(Full { room: 10 }, 1, 2);
+        g.write_all(&sample(CHUNK + 100)).unwrap();
+        while !g.writer.as_ref().is_some_and(|h| h.is_finished()) {
+            std::thread::yield_now();
+        }
+        let err = g.finish().err().expect("a full disk fails the stream");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     }
 
     #[test]

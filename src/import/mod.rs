@@ -808,6 +808,14 @@ impl Store {
         layers: &[LayerInfo],
         name: &ImageName,
     ) -> Result<(String, String), ImportError> {
+        // Every layer must be here: a tag whose layers are gone (a gc
+        // since they were written) is a broken image, not a committed one.
+        for l in layers {
+            let d = parse_digest(&l.digest)?;
+            if !self.has_blob(&d) {
+                return Err(crate::store::StoreError::BlobMissing(d.to_string()).into());
+            }
+        }
         let (config_digest, config_size) = self.put_blob(config_bytes)?;
         let mut descs = Vec::new();
         for l in layers {

@@ -35,6 +35,15 @@ pub enum RunError {
     /// The run's changes could not be committed.
     #[error("run --commit: {0}")]
     Commit(#[from] crate::import::ImportError),
+    /// The command succeeded but its changes could not be committed; they
+    /// are kept in `kept` (the run's upper directory) until `kiln gc`.
+    #[error("run --commit: {reason}; the command's changes are kept in {} until `kiln gc`", kept.display())]
+    CommitKept {
+        /// Why the commit failed.
+        reason: String,
+        /// The upper directory holding the changes.
+        kept: PathBuf,
+    },
     /// A host-side step failed.
     #[error("run: {step}: {source}")]
     Host {

@@ -19,6 +19,7 @@ use crate::digest::{HashReader, HashWriter};
 pub struct BlobWriter {
     out: HashWriter<BufWriter<NamedTempFile>>,
     blobs_dir: PathBuf,
+    tmp_path: PathBuf,
 }
 
 impl BlobWriter {
@@ -27,6 +28,7 @@ impl BlobWriter {
         let tmp = NamedTempFile::with_prefix_in("blob-", &tmp_dir)
             .map_err(|e| StoreError::io("create temp blob", &tmp_dir, e))?;
         Ok(BlobWriter {
+            tmp_path: tmp.path().to_path_buf(),
             out: HashWriter::new(BufWriter::with_capacity(1 << 20, tmp)),
             blobs_dir: store.blobs_dir(),
         })
@@ -52,7 +54,7 @@ impl BlobWriter {
         let (buf, digest, size) = self.out.finish();
         let tmp = buf
             .into_inner()
-            .map_err(|e| StoreError::io("flush temp blob", &self.blobs_dir, e.into_error()))?;
+            .map_err(|e| StoreError::io("flush temp blob", &self.tmp_path, e.into_error()))?;
         if let Some(exp) = expected {
             if exp != &digest {
                 return Err(StoreError::DigestMismatch {

@@ -50,6 +50,121 @@ fn dir_entry(path: &str) -> Entry {
     e
 }
 
+/// The output of an export: remembers whether a write to it failed, so
+/// the error is blamed on the output (a full disk) and not on the blob
+/// being copied.
+struct Output<'a> {
+    inner: &'a mut dyn Write,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Write for Output<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.inner.write(buf);
+        if r.is_err() {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.inner.flush();
+        if r.is_err() {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// A file being exported: unnamed (`O_TMPFILE`) until it is complete, so
+/// a killed export leaves nothing; where the file system has no
+/// `O_TMPFILE`, a `.kiln-export-*` temp file beside the destination.
+enum ExportFile {
+    Unnamed(std::fs::File),
+    Named(tempfile::NamedTempFile),
+}
+
+impl ExportFile {
+    fn create(dir: &Path) -> Result<ExportFile, StoreError> {
+        use rustix::fs::{Mode, OFlags};
+        match rustix::fs::open(
+            dir,
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        ) {
+            Ok(fd) => Ok(ExportFile::Unnamed(std::fs::File::from(fd))),
+            Err(e)
+                if [
+                    rustix::io::Errno::OPNOTSUPP,
+                    rustix::io::Errno::ISDIR,
+                    rustix::io::Errno::INVAL,
+                ]
+                .contains(&e) =>
+            {
+                tempfile::NamedTempFile::with_prefix_in(".kiln-export-", dir)
+                    .map(ExportFile::Named)
+                    .map_err(|e| StoreError::io("create temp file", dir, e))
+            }
+            Err(e) => Err(StoreError::io("create temp file", dir, e.into())),
+        }
+    }
+
+    fn file(&mut self) -> &mut std::fs::File {
+        match self {
+            ExportFile::Unnamed(f) => f,
+            ExportFile::Named(t) => t.as_file_mut(),
+        }
+    }
+
+    /// Gives the complete file its name, replacing what was there.
+    fn publish(self, dir: &Path, path: &Path) -> Result<(), StoreError> {
+        use std::os::fd::AsRawFd;
+        match self {
+            ExportFile::Named(t) => {
+                let perm =
+                    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
+                std::fs::set_permissions(t.path(), perm)
+                    .map_err(|e| StoreError::io("chmod", path, e))?;
+                t.persist(path)
+                    .map_err(|e| StoreError::io("rename export into place", path, e.error))?;
+            }
+            ExportFile::Unnamed(f) => {
+                // linkat through /proc needs no privilege (AT_EMPTY_PATH
+                // does); it refuses an existing name, so a replacement
+                // gets a temp name first, complete, then renamed over.
+                let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+                let link = |to: &Path| {
+                    rustix::fs::linkat(
+                        rustix::fs::CWD,
+                        proc.as_str(),
+                        rustix::fs::CWD,
+                        to,
+                        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                    )
+                };
+                match link(path) {
+                    Ok(()) => {}
+                    Err(rustix::io::Errno::EXIST) => {
+                        let tmp = dir.join(format!(".kiln-export-{}", std::process::id()));
+                        let _ = std::fs::remove_file(&tmp);
+                        link(&tmp).map_err(|e| StoreError::io("link export", &tmp, e.into()))?;
+                        std::fs::rename(&tmp, path).map_err(|e| {
+                            let _ = std::fs::remove_file(&tmp);
+                            StoreError::io("rename export into place", path, e)
+                        })?;
+                    }
+                    Err(e) => return Err(StoreError::io("link export", path, e.into())),
+                }
+            }
+        }
+        if let Err(e) = super::sync_dir(dir) {
+            tracing::warn!("{} was written, but {e}", path.display());
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     /// Writes image `name` to `out` as an archive. The output is
     /// deterministic: the same image gives the same bytes.
@@ -59,18 +174,46 @@ impl Store {
         format: ExportFormat,
         out: &mut dyn Write,
     ) -> Result<(), StoreError> {
-        let img = self.resolve(name)?;
-        let mut tw = TarWriter::new(io::BufWriter::with_capacity(1 << 20, out));
-        match format {
-            ExportFormat::OciArchive => self.export_oci(&img, &mut tw)?,
-            ExportFormat::DockerArchive => self.export_docker(&img, &mut tw)?,
-        }
-        let mut w = tw.finish().map_err(wio)?;
-        w.flush().map_err(wio)
+        self.export_blaming(name, format, out, Path::new("<output>"))
     }
 
-    /// Like [`Store::export`] into a file, written to a temp file beside it
-    /// and renamed, so a failed export leaves no partial file.
+    /// [`Store::export`], naming `out_name` in errors of the output.
+    fn export_blaming(
+        &self,
+        name: &str,
+        format: ExportFormat,
+        out: &mut dyn Write,
+        out_name: &Path,
+    ) -> Result<(), StoreError> {
+        let img = self.resolve(name)?;
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let out = Output {
+            inner: out,
+            failed: failed.clone(),
+        };
+        let r = (|| {
+            let mut tw = TarWriter::new(io::BufWriter::with_capacity(1 << 20, out));
+            match format {
+                ExportFormat::OciArchive => self.export_oci(&img, &mut tw)?,
+                ExportFormat::DockerArchive => self.export_docker(&img, &mut tw)?,
+            }
+            let mut w = tw.finish().map_err(wio)?;
+            w.flush().map_err(wio)
+        })();
+        match r {
+            Err(StoreError::Io { source, .. })
+                if failed.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                Err(StoreError::io("write export", out_name, source))
+            }
+            r => r,
+        }
+    }
+
+    /// Like [`Store::export`] into a file. The file has no name until it
+    /// is complete (`O_TMPFILE`, then linked in), so a failed or killed
+    /// export leaves nothing; on file systems without `O_TMPFILE` it is
+    /// written as `.kiln-export-*` beside `path` and renamed.
     pub fn export_to_path(
         &self,
         name: &str,
@@ -81,17 +224,12 @@ impl Store {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let mut tmp = tempfile::NamedTempFile::with_prefix_in(".kiln-export-", dir)
-            .map_err(|e| StoreError::io("create temp file", dir, e))?;
-        self.export(name, format, tmp.as_file_mut())?;
-        tmp.as_file()
+        let mut tmp = ExportFile::create(dir)?;
+        self.export_blaming(name, format, tmp.file(), path)?;
+        tmp.file()
             .sync_all()
             .map_err(|e| StoreError::io("fsync", path, e))?;
-        let perm = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
-        std::fs::set_permissions(tmp.path(), perm).map_err(|e| StoreError::io("chmod", path, e))?;
-        tmp.persist(path)
-            .map_err(|e| StoreError::io("rename export into place", path, e.error))?;
-        Ok(())
+        tmp.publish(dir, path)
     }
 
     fn append_blob<W: Write>(

@@ -35,12 +35,22 @@ use oci_spec::image::{
 };
 use serde::Serialize;
 
+pub(crate) use blob::sync_dir;
 pub use blob::{BlobWriter, VerifiedReader};
 pub use export::ExportFormat;
+pub(crate) use refs::ref_name;
 pub use refs::{ImageName, REF_NAME_ANNOTATION};
 
 /// Largest JSON document (manifest, config, index) kiln will read into memory.
 pub const MAX_JSON_SIZE: u64 = 16 << 20;
+
+/// The file in a run directory naming the manifest the run uses: while the
+/// run lives (its directory is locked) gc keeps that image's blobs.
+pub(crate) const PIN_FILE: &str = "image";
+
+/// The format of kiln's private part (`.kiln/version`). A store made by a
+/// newer kiln with another format is refused rather than damaged.
+const KILN_FORMAT: u32 = 1;
 
 /// Errors of the image store. Each names the step and the path it failed on.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +120,15 @@ pub enum StoreError {
     /// No image has that name.
     #[error("store: no image named {0}")]
     ImageNotFound(String),
+    /// gc cannot tell what a tag references: its document is missing or
+    /// corrupt, so deleting anything might delete what it needs.
+    #[error("store: gc stopped: {root} cannot be read ({reason}); remove it with `kiln rm` (or restore the blob) and run gc again")]
+    Unreachable {
+        /// The tag (or pinned run) whose graph is broken.
+        root: String,
+        /// The read error.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -155,6 +174,10 @@ pub struct ImageSummary {
     pub layers: usize,
     /// The config's `created` time, if set.
     pub created: Option<String>,
+    /// Why the image cannot be used (its manifest or config is missing or
+    /// corrupt), if so; size and layers are then what could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
 }
 
 /// A resolved image: its manifest and config.
@@ -296,8 +319,30 @@ impl Store {
     /// ```
     pub fn open_with(root: impl AsRef<Path>, opts: &StoreOptions) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
+        if let Ok(m) = fs::symlink_metadata(&root) {
+            if m.file_type().is_symlink() && fs::metadata(&root).is_err() {
+                let target = fs::read_link(&root).unwrap_or_default();
+                return Err(StoreError::Untrusted {
+                    path: root,
+                    reason: format!(
+                        "is a symlink to {}, which does not exist: create that directory or point the symlink elsewhere",
+                        target.display()
+                    ),
+                });
+            }
+        }
+        let fresh = !root.exists();
         fs::create_dir_all(&root)
             .map_err(|e| StoreError::io("create store directory", &root, e))?;
+        if fresh {
+            if let Some(p) = root.parent() {
+                let _ = sync_dir(if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                });
+            }
+        }
         check_dir(&root, opts.trust_owner, false)?;
         let store = Store { root };
         // kiln's private part first (mode 0700), checked before anything
@@ -327,6 +372,15 @@ impl Store {
                     fs::create_dir_all(&d)
                         .map_err(|e| StoreError::io("create directory", &d, e))?;
                 }
+                // The new directories survive a power cut with the files
+                // that will be renamed into them.
+                for d in [
+                    store.root.join("blobs"),
+                    store.root.join(".kiln"),
+                    store.root.clone(),
+                ] {
+                    sync_dir(&d)?;
+                }
                 if !store.root.join("index.json").exists() {
                     store.write_index(&empty_index())?;
                 }
@@ -334,11 +388,55 @@ impl Store {
                 store.write_small_file(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
             }
         }
+        store.check_layout_version()?;
         for d in [store.root.join("blobs"), store.blobs_dir()] {
             fs::create_dir_all(&d).map_err(|e| StoreError::io("create directory", &d, e))?;
             check_dir(&d, opts.trust_owner, false)?;
         }
+        store.check_kiln_format()?;
         Ok(store)
+    }
+
+    /// `oci-layout` must say version 1.0.x (as umoci requires): another
+    /// version may lay blobs out differently, and kiln would damage it.
+    fn check_layout_version(&self) -> Result<(), StoreError> {
+        let path = self.root.join("oci-layout");
+        let bad = |reason: String| StoreError::NotALayout {
+            path: self.root.clone(),
+            reason,
+        };
+        let data = fs::read(&path).map_err(|e| StoreError::io("read", &path, e))?;
+        let v: serde_json::Value = serde_json::from_slice(&data)
+            .map_err(|e| bad(format!("oci-layout is not JSON: {e}")))?;
+        match v.get("imageLayoutVersion").and_then(|x| x.as_str()) {
+            Some(ver) if ver == "1.0.0" || ver.starts_with("1.0.") => Ok(()),
+            Some(ver) => Err(bad(format!(
+                "oci-layout says imageLayoutVersion {ver:?}; kiln reads 1.0.x"
+            ))),
+            None => Err(bad("oci-layout has no imageLayoutVersion".into())),
+        }
+    }
+
+    /// `.kiln/version` holds the format of kiln's private part; written when
+    /// absent, refused when newer than this kiln's.
+    fn check_kiln_format(&self) -> Result<(), StoreError> {
+        let path = self.root.join(".kiln/version");
+        match fs::read_to_string(&path) {
+            Ok(s) => match s.trim().parse::<u32>() {
+                Ok(v) if v <= KILN_FORMAT => Ok(()),
+                _ => Err(StoreError::NotALayout {
+                    path: self.root.clone(),
+                    reason: format!(
+                        "its .kiln/version is {:?}: a newer kiln made it (this one knows format {KILN_FORMAT}); use that kiln",
+                        s.trim()
+                    ),
+                }),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.write_small_file(&path, format!("{KILN_FORMAT}\n").as_bytes())
+            }
+            Err(e) => Err(StoreError::io("read", &path, e)),
+        }
     }
 
     /// Creates `.kiln` and its directories with mode 0700, checks each
@@ -479,10 +577,15 @@ impl Store {
         self.lock("gc.lock", false)
     }
 
+    /// Writes `path` atomically: a temp file in `.kiln/tmp` (which gc
+    /// empties, so a crash leaks nothing), fsynced, renamed into place.
+    /// Once renamed the file is in place: a failing directory fsync after
+    /// that is a warning, not an error.
     fn write_small_file(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
         let dir = path.parent().unwrap_or(&self.root);
-        let mut tmp = tempfile::NamedTempFile::with_prefix_in(".tmp-", dir)
-            .map_err(|e| StoreError::io("create temp file", dir, e))?;
+        let tmp_dir = self.tmp_dir();
+        let mut tmp = tempfile::NamedTempFile::with_prefix_in("small-", &tmp_dir)
+            .map_err(|e| StoreError::io("create temp file", &tmp_dir, e))?;
         io::Write::write_all(&mut tmp, data).map_err(|e| StoreError::io("write", path, e))?;
         tmp.as_file()
             .sync_all()
@@ -491,7 +594,13 @@ impl Store {
         fs::set_permissions(tmp.path(), perm).map_err(|e| StoreError::io("chmod", path, e))?;
         tmp.persist(path)
             .map_err(|e| StoreError::io("rename into place", path, e.error))?;
-        blob::sync_dir(dir)
+        if let Err(e) = sync_dir(dir) {
+            tracing::warn!(
+                "{} was written, but {e}: the change may not survive a power cut",
+                path.display()
+            );
+        }
+        Ok(())
     }
 
     /// Reads index.json.
@@ -549,6 +658,28 @@ impl Store {
     pub fn resolve(&self, name: &str) -> Result<Image, StoreError> {
         let index = self.read_index()?;
         let desc = self.find_descriptor(&index, name)?;
+        let name = refs::ref_name(&desc).unwrap_or(name).to_string();
+        self.image_of(desc, name)
+    }
+
+    /// The image whose manifest blob is `digest` (`sha256:...`), whether or
+    /// not a tag names it.
+    pub(crate) fn image_of_manifest(&self, digest: &str) -> Result<Image, StoreError> {
+        let d: Digest = digest.parse().map_err(|_| StoreError::InvalidName {
+            name: digest.into(),
+            reason: "not a digest",
+        })?;
+        let path = self.blob_path(&d);
+        let size = fs::metadata(&path)
+            .map_err(|_| StoreError::BlobMissing(d.to_string()))?
+            .len();
+        self.image_of(
+            Descriptor::new(MediaType::ImageManifest, size, d),
+            digest.to_string(),
+        )
+    }
+
+    fn image_of(&self, desc: Descriptor, name: String) -> Result<Image, StoreError> {
         let manifest_bytes = self.read_blob(desc.digest())?;
         let manifest: ImageManifest =
             serde_json::from_slice(&manifest_bytes).map_err(|e| StoreError::BadDocument {
@@ -563,7 +694,6 @@ impl Store {
                 path: self.blob_path(manifest.config().digest()),
                 reason: e.to_string(),
             })?;
-        let name = refs::ref_name(&desc).unwrap_or(name).to_string();
         Ok(Image {
             name,
             descriptor: desc,
@@ -624,10 +754,25 @@ impl Store {
             let Some(name) = refs::ref_name(d) else {
                 continue;
             };
-            // Entries other tools wrote (image indexes, artifacts) or that
-            // are broken are left to `fsck`; they do not hide the rest.
-            let Ok(img) = self.resolve(d.digest().as_ref()) else {
-                continue;
+            // Image indexes and artifacts other tools wrote are not images
+            // kiln runs; a broken image is listed as broken (`fsck` says more).
+            let is_manifest = matches!(d.media_type(), MediaType::ImageManifest)
+                || d.media_type().to_string().contains("manifest.v2+json");
+            let img = match self.resolve(d.digest().as_ref()) {
+                Ok(img) => img,
+                Err(e) if is_manifest => {
+                    tracing::warn!("image {name} is broken: {e} (see `kiln fsck`)");
+                    out.push(ImageSummary {
+                        name: name.to_string(),
+                        digest: d.digest().to_string(),
+                        size: d.size(),
+                        layers: 0,
+                        created: None,
+                        broken: Some(e.to_string()),
+                    });
+                    continue;
+                }
+                Err(_) => continue,
             };
             let size = d.size()
                 + img.manifest.config().size()
@@ -638,6 +783,7 @@ impl Store {
                 size,
                 layers: img.manifest.layers().len(),
                 created: img.config.created().clone(),
+                broken: None,
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -688,8 +834,25 @@ impl Store {
     fn reachable(&self) -> Result<BTreeSet<String>, StoreError> {
         let index = self.read_index()?;
         let mut seen = BTreeSet::new();
-        let mut todo: Vec<Descriptor> = index.manifests().clone();
-        while let Some(d) = todo.pop() {
+        let mut todo: Vec<(Descriptor, String)> = index
+            .manifests()
+            .iter()
+            .map(|d| {
+                let tag = refs::ref_name(d)
+                    .map(|n| format!("tag {n}"))
+                    .unwrap_or_else(|| format!("index entry {}", d.digest()));
+                (d.clone(), tag)
+            })
+            .collect();
+        for digest in self.pinned_manifests() {
+            if let Ok(img) = self.image_of_manifest(&digest) {
+                todo.push((
+                    img.descriptor,
+                    format!("the image of a running sandbox ({digest})"),
+                ));
+            }
+        }
+        while let Some((d, root)) = todo.pop() {
             if !seen.insert(d.digest().digest().to_string()) {
                 continue;
             }
@@ -701,7 +864,12 @@ impl Store {
             if !json_like || d.size() > MAX_JSON_SIZE {
                 continue;
             }
-            let bytes = self.read_blob(d.digest())?;
+            let bytes = self
+                .read_blob(d.digest())
+                .map_err(|e| StoreError::Unreachable {
+                    root: root.clone(),
+                    reason: e.to_string(),
+                })?;
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
                 continue;
             };
@@ -715,11 +883,31 @@ impl Store {
             children.extend(v.get("subject"));
             for c in children {
                 if let Ok(child) = serde_json::from_value::<Descriptor>(c.clone()) {
-                    todo.push(child);
+                    todo.push((child, root.clone()));
                 }
             }
         }
         Ok(seen)
+    }
+
+    /// Manifests of live runs (their run directory is locked), from the
+    /// run directories' pin files.
+    fn pinned_manifests(&self) -> Vec<String> {
+        let runs = self.root.join(".kiln/runs");
+        let Ok(list) = fs::read_dir(&runs) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in list.flatten() {
+            let Ok(pin) = fs::read_to_string(e.path().join(PIN_FILE)) else {
+                continue;
+            };
+            let live = File::open(e.path()).is_ok_and(|f| f.try_lock_shared().is_err());
+            if live {
+                out.push(pin.trim().to_string());
+            }
+        }
+        out
     }
 
     /// Deletes blobs no tag reaches and stale temp files.
@@ -758,10 +946,98 @@ impl Store {
             r.map_err(|err| StoreError::io("remove temp file", &p, err))?;
             report.temp_removed += 1;
         }
+        // An older kiln wrote index.json's temp files beside it.
+        for e in fs::read_dir(&self.root)
+            .map_err(|e| StoreError::io("read directory", &self.root, e))?
+            .flatten()
+        {
+            let stale = e.file_name().to_string_lossy().starts_with(".tmp-")
+                && e.file_type().is_ok_and(|t| t.is_file());
+            if stale {
+                fs::remove_file(e.path())
+                    .map_err(|err| StoreError::io("remove temp file", &e.path(), err))?;
+                report.temp_removed += 1;
+            }
+        }
         report.rootfs_removed = self.gc_rootfs()?;
         report.runs_removed =
-            crate::sandbox::ns::reap_dead_runs(&self.root.join(".kiln/runs"), None);
+            crate::sandbox::ns::reap_dead_runs(&self.root.join(".kiln/runs"), None, true);
         Ok(report)
+    }
+
+    /// When index.json is missing or unreadable, rebuilds it: the damaged
+    /// file is kept as `.kiln/index.json.damaged-SECONDS`, and every image
+    /// manifest in `blobs/` is tagged `recovered:<first 12 hex digits>`
+    /// (index.json is where names live, so they cannot be recovered; retag
+    /// with `kiln tag`). Returns what was done, or `None` when index.json
+    /// was fine.
+    pub fn repair_index(&self) -> Result<Option<String>, StoreError> {
+        let _g = self.lock_index()?;
+        let path = self.root.join("index.json");
+        match self.read_index() {
+            Ok(_) => return Ok(None),
+            Err(StoreError::BadDocument { .. }) => {}
+            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let kept = self.root.join(format!(".kiln/index.json.damaged-{secs}"));
+        if path.exists() {
+            fs::rename(&path, &kept).map_err(|e| StoreError::io("keep damaged", &path, e))?;
+        }
+        let dir = self.blobs_dir();
+        let mut found = Vec::new();
+        for e in fs::read_dir(&dir)
+            .map_err(|e| StoreError::io("read directory", &dir, e))?
+            .flatten()
+        {
+            let small = e
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.len() <= MAX_JSON_SIZE);
+            let Ok(d) = format!("sha256:{}", e.file_name().to_string_lossy()).parse::<Digest>()
+            else {
+                continue;
+            };
+            if !small {
+                continue;
+            }
+            let Ok(bytes) = self.read_blob(&d) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            let media = v.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
+            let is_image = v.get("config").is_some_and(|c| c.get("digest").is_some())
+                && v.get("layers").is_some_and(|l| l.is_array())
+                && (media.is_empty() || media.contains("manifest"));
+            if !is_image {
+                continue;
+            }
+            let media = if media.is_empty() {
+                MediaType::ImageManifest
+            } else {
+                MediaType::from(media)
+            };
+            let name = ImageName::parse(&format!("recovered:{}", &d.digest()[..12]))?;
+            let mut desc = Descriptor::new(media, bytes.len() as u64, d);
+            let mut ann = std::collections::HashMap::new();
+            ann.insert(REF_NAME_ANNOTATION.to_string(), name.to_string());
+            desc.set_annotations(Some(ann));
+            found.push(desc);
+        }
+        found.sort_by(|a, b| refs::ref_name(a).cmp(&refs::ref_name(b)));
+        let n = found.len();
+        let mut index = empty_index();
+        index.set_manifests(found);
+        self.write_index(&index)?;
+        Ok(Some(format!(
+            "index.json was unreadable (kept as {}): tagged {n} image manifest(s) found in blobs/ as recovered:<digest> (retag them with `kiln tag`)",
+            kept.display()
+        )))
     }
 
     /// Verifies the store: every blob hashes to its name, every tag resolves

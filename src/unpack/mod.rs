@@ -25,8 +25,9 @@ use rustix::fs::{
 use rustix::io::Errno;
 
 mod cache;
+pub(crate) mod record;
 
-pub use cache::{chain_id, CachedRootfs};
+pub use cache::{chain_id, CachedRootfs, RootfsDamage};
 
 use crate::import::{sparse, Entry, EntryKind, ImportError};
 use crate::source::dir::{encode_rootless, ROOTLESS_XATTR};
@@ -116,7 +117,7 @@ impl Store {
         let io_err = |step, e| UnpackError::Io {
             step,
             path: dest.display().to_string(),
-            layer: String::new(),
+            layer: "-".into(),
             source: e,
         };
         if dest.exists() {
@@ -165,7 +166,7 @@ impl Unpacker {
             rootless,
             devices: true,
             dirs: HashMap::new(),
-            layer: String::new(),
+            layer: "-".into(),
             this_layer: HashSet::new(),
             report: UnpackReport::default(),
         })

@@ -182,7 +182,11 @@ struct RunDir {
     path: PathBuf,
     helper: Option<PathBuf>,
     _lock: fs::File,
+    kept: bool,
 }
+
+/// Prefix of a run directory kept because its --commit failed.
+const KEPT_PREFIX: &str = "kept-";
 
 impl RunDir {
     fn create(runs: &Path, helper: Option<&Path>) -> Result<RunDir, RunError> {
@@ -209,25 +213,48 @@ impl RunDir {
             path,
             helper: helper.map(Path::to_path_buf),
             _lock: lock,
+            kept: false,
         })
+    }
+
+    /// Keeps the directory (renamed `kept-run-*`) for the user to recover
+    /// the command's changes from; returns its upper directory.
+    fn keep(&mut self) -> io::Result<PathBuf> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let to = self.path.with_file_name(format!("{KEPT_PREFIX}{name}"));
+        fs::rename(&self.path, &to)?;
+        self.path = to;
+        self.kept = true;
+        Ok(self.path.join("upper"))
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         let _ = remove_tree_mapped(&self.path, self.helper.as_deref());
     }
 }
 
 /// Removes run directories whose owner died (their lock is free). A
 /// directory without `upper` yet is left alone for a minute: its run may be
-/// creating it right now.
-pub fn reap_dead_runs(runs: &Path, helper: Option<&Path>) -> u64 {
+/// creating it right now. Directories kept after a failed --commit go only
+/// with `kept` (what `kiln gc` passes).
+pub fn reap_dead_runs(runs: &Path, helper: Option<&Path>, kept: bool) -> u64 {
     let mut n = 0;
     let Ok(list) = fs::read_dir(runs) else {
         return 0;
     };
     for e in list.flatten() {
+        if !kept && e.file_name().to_string_lossy().starts_with(KEPT_PREFIX) {
+            continue;
+        }
         let Ok(dir) = fs::File::open(e.path()) else {
             continue;
         };
@@ -293,6 +320,10 @@ pub(crate) fn run(
         Some(e) => Some(e),
         None => None,
     };
+    // The writer lock (shared) while the image is resolved, its tree leased
+    // and the run pinned: a gc waits, and after it the pin keeps the
+    // image's blobs (a --commit needs its base layers) for the whole run.
+    let writing = store.writer_lock()?;
     let img = store.resolve(&spec.image)?;
     let (argv, env, workdir) = process_params(spec, &img)?;
     let map = IdMap::detect(
@@ -310,29 +341,25 @@ pub(crate) fn run(
                 .unwrap_or("the id is outside the mapped range")
         )));
     }
-    let rootfs = store.rootfs_mapped(&img, &map, helper)?;
     // A shared lock on the cached tree for the run's lifetime: gc removes
     // only trees it can lock exclusively, never one a run is using.
-    let _in_use = fs::File::open(&rootfs.path)
-        .and_then(|f| f.lock_shared().map(|()| f).map_err(io::Error::other))
-        .map_err(|e| RunError::host(format!("lock {}", rootfs.path.display()), e))?;
-    if !rootfs.path.join(".").is_dir() {
-        return Err(RunError::host(
-            format!("use {}", rootfs.path.display()),
-            io::Error::other("the cached image was removed by a concurrent gc; run again"),
-        ));
-    }
+    let (rootfs, _in_use) = store.lease_rootfs(&img, &map, helper)?;
     let runs = store.root().join(".kiln/runs");
     fs::create_dir_all(&runs)
         .map_err(|e| RunError::host(format!("create {}", runs.display()), e))?;
-    reap_dead_runs(&runs, helper);
+    reap_dead_runs(&runs, helper, false);
     // In memory, the run has no directory on the host at all: the sandbox
     // mounts a tmpfs over `runs` in its own mount namespace.
     let rundir = if spec.upper_in_memory() {
         None
     } else {
-        Some(RunDir::create(&runs, helper)?)
+        let d = RunDir::create(&runs, helper)?;
+        let pin = d.path.join(crate::store::PIN_FILE);
+        fs::write(&pin, img.descriptor.digest().to_string())
+            .map_err(|e| RunError::host(format!("write {}", pin.display()), e))?;
+        Some(d)
     };
+    drop(writing);
     let (scratch, base) = match &rundir {
         Some(d) => (None, d.path.clone()),
         None => (Some(runs.clone()), runs.join("root")),
@@ -500,7 +527,7 @@ pub(crate) fn run(
     let mut result = result?;
     result.warnings.extend(warnings);
     // A successful run with --commit: its upper layer becomes a new image.
-    let (name, rundir) = match (&spec.commit, result.exit_code, rundir) {
+    let (name, mut rundir) = match (&spec.commit, result.exit_code, rundir) {
         (Some(name), 0, Some(d)) => (name, d),
         (Some(_), 0, None) => {
             return Err(RunError::Unsupported(
@@ -516,7 +543,7 @@ pub(crate) fn run(
     }
     let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
     let upper = rundir.path.join("upper");
-    result.committed = Some(if map.kind == MapKind::Subids {
+    let committed = if map.kind == MapKind::Subids {
         // The upper dir holds files of subordinate ids the caller cannot
         // read: commit from inside the same mapping.
         let task = Task::Commit {
@@ -527,10 +554,12 @@ pub(crate) fn run(
             created_by,
             epoch: spec.source_date_epoch,
         };
-        let out = run_task(helper, &map, &task)
-            .map_err(|e| RunError::host("commit inside the subid mapping", e))?;
-        serde_json::from_str(&out)
-            .map_err(|e| RunError::host("commit inside the subid mapping", io::Error::other(e)))?
+        run_task(helper, &map, &task)
+            .map_err(|e| format!("commit inside the subid mapping: {e}"))
+            .and_then(|out| {
+                serde_json::from_str(&out)
+                    .map_err(|e| format!("commit inside the subid mapping: {e}"))
+            })
     } else {
         super::commit::commit(
             store,
@@ -539,8 +568,21 @@ pub(crate) fn run(
             name,
             &created_by,
             spec.source_date_epoch,
-        )?
-    });
+        )
+        .map_err(|e| e.to_string())
+    };
+    match committed {
+        Ok(c) => result.committed = Some(c),
+        Err(reason) => {
+            // The command succeeded: its changes are not thrown away.
+            return Err(match rundir.keep() {
+                Ok(kept) => RunError::CommitKept { reason, kept },
+                Err(e) => {
+                    RunError::host(format!("run --commit: {reason}; keep the run directory"), e)
+                }
+            });
+        }
+    }
     drop(rundir);
     Ok(result)
 }
