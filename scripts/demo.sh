@@ -11,74 +11,111 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${KILN_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --quiet
-kiln=$PWD/target/x86_64-unknown-linux-gnu/release/kiln
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
+# Milliseconds a command took, printed after it.
+timed() {
+  local t0 t1
+  t0=$(date +%s%N)
+  "$@"
+  t1=$(date +%s%N)
+  printf '   (%d ms)\n' $(((t1 - t0) / 1000000))
+}
+
+step "build kiln (cargo build --release; the first build takes a few minutes)"
+cargo build --release
 work=$(mktemp -d /tmp/kiln-demo.XXXXXX)
+chmod 0755 "$work"
+mkdir "$work/bin"
+cp target/x86_64-unknown-linux-gnu/release/kiln "$work/bin/kiln"
+kiln=$work/bin/kiln
+# kiln is rootless: as root, the demo runs kiln as an unprivileged user
+# with a subuid range (created here if needed, as the tests do).
+if [ "$(id -u)" = 0 ]; then
+  user=kiln-demo
+  id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+  for f in /etc/subuid /etc/subgid; do
+    touch "$f"
+    grep -q "^$user:" "$f" || echo "$user:400000:65536" >>"$f"
+  done
+  chown "$user:" "$work"
+  as() { runuser -u "$user" -- env HOME="$(getent passwd "$user" | cut -d: -f6)" KILN_HOME="$work/store" PATH="$PATH" "$@"; }
+  trap 'rm -rf "$work"' EXIT
+else
+  user=$(id -un)
+  as() { env KILN_HOME="$work/store" "$@"; }
+  # Files a run left owned by subordinate ids go through kiln unshare.
+  trap '"$kiln" unshare rm -rf "$work" 2>/dev/null || rm -rf "$work"' EXIT
+fi
+echo "kiln runs as $user ($(as id -u)); store: $work/store (removed at the end)"
 export KILN_HOME=$work/store
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "build the example root file system (images/busybox) and gzip it"
 images/busybox/build.sh "$work/busybox.tar"
 gzip -c "$work/busybox.tar" >"$work/busybox-rootfs"   # no extension: kiln sniffs content
+chmod a+r "$work"/busybox*
 ls -l "$work/busybox-rootfs"
 
 step "kiln import (rootless, no mounts, no loop devices)"
-SOURCE_DATE_EPOCH=1700000000 "$kiln" import "$work/busybox-rootfs" --tag kiln/busybox:demo \
+timed as env SOURCE_DATE_EPOCH=1700000000 "$kiln" import "$work/busybox-rootfs" --tag kiln/busybox:demo \
   --env BUILD=demo --cmd '["/bin/sh"]' --label org.opencontainers.image.title=kiln-demo
 
 step "the same input again gives the same digest (reproducible)"
-SOURCE_DATE_EPOCH=1700000000 "$kiln" import "$work/busybox.tar" --tag kiln/busybox:again \
+as env SOURCE_DATE_EPOCH=1700000000 "$kiln" import "$work/busybox.tar" --tag kiln/busybox:again \
   --env BUILD=demo --cmd '["/bin/sh"]' --label org.opencontainers.image.title=kiln-demo
 
 step "kiln images"
-"$kiln" images
+as "$kiln" images
 
 step "kiln inspect (config)"
-"$kiln" inspect kiln/busybox:demo | jq '.config | {architecture, created, config, rootfs}'
+as "$kiln" inspect kiln/busybox:demo | jq '.config | {architecture, created, config, rootfs}'
 
 step "skopeo reads the store directly"
-skopeo inspect "oci:$KILN_HOME:kiln/busybox:demo" | jq '{Digest, Architecture, Labels, Layers}'
+as skopeo inspect "oci:$KILN_HOME:kiln/busybox:demo" | jq '{Digest, Architecture, Labels, Layers}'
 
 step "umoci unpacks it"
-umoci unpack --rootless --image "$KILN_HOME:kiln/busybox:demo" "$work/bundle" >/dev/null 2>&1
+as umoci unpack --rootless --image "$KILN_HOME:kiln/busybox:demo" "$work/bundle" >/dev/null 2>&1
 ls "$work/bundle/rootfs" | tr '\n' ' '; echo
-"$work/bundle/rootfs/bin/busybox" echo "busybox from the unpacked image runs"
+as "$work/bundle/rootfs/bin/busybox" echo "busybox from the unpacked image runs"
 
 step "kiln run: a build step in the rootless sandbox (no network, caps dropped, seccomp)"
-mkdir -p "$work/src"
+mkdir -p "$work/src" "$work/out"
+[ "$(id -u)" = 0 ] && chown "$user:" "$work/out"
 printf 'kiln\nbuilds\nimages\nrootless\n' >"$work/src/words.txt"
-"$kiln" run -v "$work/src:/src:ro" -v "$work:/out" -w /src kiln/busybox:demo -- \
+chmod -R a+rX "$work/src"
+timed as "$kiln" run -v "$work/src:/src:ro" -v "$work/out:/out" -w /src kiln/busybox:demo -- \
   sh -c 'echo "inside: $(id -un)@$(hostname), pid $$, net: $(ls /sys/class/net)"; sort words.txt | tr a-z A-Z | tee /out/result.txt; grep -E "CapEff|NoNewPrivs|Seccomp:" /proc/self/status'
-echo "on the host: $(tr '\n' ' ' <"$work/result.txt")"
+echo "on the host: $(tr '\n' ' ' <"$work/out/result.txt")"
 
 step "kiln run --commit: bake the step's changes into a new image"
-"$kiln" run --commit kiln/busybox:baked kiln/busybox:demo -- \
+as "$kiln" run --commit kiln/busybox:baked kiln/busybox:demo -- \
   sh -c 'mkdir -p /opt/tool && echo "#!/bin/sh" > /opt/tool/hello && echo "echo hello from the baked image" >> /opt/tool/hello && chmod +x /opt/tool/hello && rm /etc/os-release'
-"$kiln" run kiln/busybox:baked /opt/tool/hello
-"$kiln" run kiln/busybox:baked -- sh -c 'ls /etc/os-release 2>&1 || true'
-"$kiln" images
+as "$kiln" run kiln/busybox:baked /opt/tool/hello
+as "$kiln" run kiln/busybox:baked -- sh -c 'ls /etc/os-release 2>&1 || true'
+as "$kiln" images
 
 step "exit codes: 124 on timeout, 127 not found"
 set +e
-"$kiln" run --timeout 1 kiln/busybox:demo sleep 30; echo "timeout -> $?"
-"$kiln" run kiln/busybox:demo no-such-tool 2>/dev/null; echo "not found -> $?"
+as "$kiln" run --timeout 1 kiln/busybox:demo sleep 30; echo "timeout -> $?"
+as "$kiln" run kiln/busybox:demo no-such-tool 2>/dev/null; echo "not found -> $?"
 set -e
 
 step "a vendor build kit: ISO > gzip chunks > VHD > MBR > ext4, imported without loop devices or mounts"
-CHUNK_BYTES=1048576 scripts/make-ddk-like-iso.sh "$work/busybox.tar" "$work/kit.iso" 2>/dev/null
+CHUNK_BYTES=1048576 ALLOW_NONROOT=1 scripts/make-ddk-like-iso.sh "$work/busybox.tar" "$work/kit.iso" 2>/dev/null
+chmod a+r "$work/kit.iso"
 losetup -a | wc -l | sed 's/^/loop devices before: /'
-"$kiln" probe "$work/kit.iso"
-"$kiln" import "$work/kit.iso" --tag kiln/kit:demo
+as "$kiln" probe "$work/kit.iso"
+timed as "$kiln" import "$work/kit.iso" --tag kiln/kit:demo --map-caller
 losetup -a | wc -l | sed 's/^/loop devices after:  /'
-"$kiln" run kiln/kit:demo sh -c 'echo "hello from the kit: $(ls /bin | wc -l) programs in /bin"'
+as "$kiln" run kiln/kit:demo sh -c 'echo "hello from the kit: $(ls /bin | wc -l) programs in /bin"'
 
 step "kiln export (oci-archive and docker-archive), fsck, gc"
-"$kiln" export kiln/busybox:demo -o "$work/busybox-oci.tar"
-"$kiln" export kiln/busybox:demo -o "$work/busybox-docker.tar" --format docker-archive
-ls -l "$work"/busybox-*.tar
-skopeo inspect "docker-archive:$work/busybox-docker.tar" | jq -c '{Architecture, Layers}'
-"$kiln" fsck
-"$kiln" rm kiln/busybox:again
-"$kiln" gc
+timed as "$kiln" export kiln/busybox:demo -o "$work/out/busybox-oci.tar"
+as "$kiln" export kiln/busybox:demo -o "$work/out/busybox-docker.tar" --format docker-archive
+ls -l "$work"/out/busybox-*.tar
+as skopeo inspect "docker-archive:$work/out/busybox-docker.tar" | jq -c '{Architecture, Layers}'
+as "$kiln" fsck
+as "$kiln" rm kiln/busybox:again
+as "$kiln" gc
 
-echo; echo "demo store left in $KILN_HOME (remove with: rm -rf $work)"
+echo; echo "demo done; removing $work"

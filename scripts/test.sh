@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # kiln's test suite, as CI runs it:
 #   1. cargo fmt --check and clippy -D warnings;
-#   2. unit, integration and doc tests as the calling user;
+#   2. the unit and CLI tests in the debug profile (clap's and std's debug
+#      assertions run only there), then unit, integration and doc tests in
+#      release as the calling user;
 #   3. when run as root: the integration tests again as two unprivileged users,
 #      one with /etc/subuid ranges and one without (scripts/test-unprivileged.sh).
 # The real-toolchain input (a Debian buildd rootfs tarball) is built once and
@@ -18,6 +20,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --release --all-targets --quiet -- -D warnings
+echo "== debug profile: unit tests and the CLI tests"
+cargo test --lib --bins --test cli
 echo "== build"
 cargo build --release --quiet
 echo "== tests as $(id -un)"

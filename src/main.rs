@@ -59,7 +59,7 @@ fn main() {
 
 /// The error and its causes, each said once: library errors often put
 /// their cause in their own message already.
-fn error_chain(e: &anyhow::Error) -> String {
+pub(crate) fn error_chain(e: &anyhow::Error) -> String {
     let mut msg = e.to_string();
     for cause in e.chain().skip(1) {
         let c = cause.to_string();

@@ -40,6 +40,10 @@ pub enum Event {
 pub type ProgressFn = Arc<dyn Fn(&Event) + Send + Sync>;
 
 pub(crate) fn emit(cb: &Option<ProgressFn>, e: Event) {
+    // Every import step is also a debug event (kiln -vv, KILN_LOG=debug).
+    if !matches!(e, Event::Progress { .. }) {
+        tracing::debug!("import: {e:?}");
+    }
     if let Some(cb) = cb {
         cb(&e);
     }

@@ -283,7 +283,7 @@ impl std::str::FromStr for Ulimit {
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// A field is invalid.
-    #[error("run spec: {0}")]
+    #[error("run: {0}")]
     Invalid(String),
 }
 
@@ -311,8 +311,19 @@ pub struct RunSpec {
     /// User and group to run as inside the sandbox. Default 0:0 (the caller,
     /// mapped to root in a user namespace).
     pub user: (u32, u32),
-    /// Kill the whole sandbox after this long (exit code 124). Default none.
+    /// `NAME[:GROUP]` to look up in the image's /etc/passwd and /etc/group
+    /// instead of `user` (numbers pass through). Default none.
+    pub user_name: Option<String>,
+    /// Fail (exit 125) instead of warning when `memory` or `pids_limit`
+    /// cannot be enforced (no delegated cgroup v2). Default false.
+    pub require_limits: bool,
+    /// Stop the sandbox after this long (exit code 124): SIGTERM to the
+    /// command, then SIGKILL to the whole sandbox after
+    /// [`timeout_grace`](Self::timeout_grace). Default none.
     pub timeout: Option<Duration>,
+    /// How long a timed-out command has between SIGTERM and SIGKILL, as
+    /// `timeout -k` gives. Default 10 s; zero kills at once.
+    pub timeout_grace: Duration,
     /// Mount the image read-only (no overlay upper). Default false.
     pub read_only: bool,
     /// Bind mounts. Default none.
@@ -381,7 +392,10 @@ impl RunSpec {
             hostname: "kiln".into(),
             network: Network::None,
             user: (0, 0),
+            user_name: None,
             timeout: None,
+            timeout_grace: Duration::from_secs(10),
+            require_limits: false,
             read_only: false,
             volumes: Vec::new(),
             seccomp: true,
@@ -526,6 +540,43 @@ fn host_memory() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+/// Parses a duration: seconds (fractions allowed), or a number with `ms`,
+/// `s`, `m` or `h`.
+///
+/// ```
+/// use kiln::spec::parse_duration;
+/// use std::time::Duration;
+/// assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+/// assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+/// assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+/// assert!(parse_duration("-1").is_err());
+/// assert!(parse_duration("soon").is_err());
+/// ```
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90, 1.5, 5m, 2h)"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    let secs = n * scale;
+    if !(secs.is_finite() && (0.0..1e10).contains(&secs)) {
+        return Err(format!("{s:?} is not a duration (e.g. 90, 1.5, 5m, 2h)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Parses a size: bytes, or a number with `k`, `m`, `g` or `t` (powers of

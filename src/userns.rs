@@ -267,8 +267,13 @@ impl IdMap {
             }
             MapKind::Subids => {
                 // The setuid helpers check the ranges against /etc/sub[ug]id.
-                newidmap("newuidmap", pid, &self.uids)?;
-                newidmap("newgidmap", pid, &self.gids)
+                // They write different files: run both at once (each is
+                // an exec of a setuid binary, about 2 ms).
+                let uid = newidmap("newuidmap", pid, &self.uids)?;
+                let gid = newidmap("newgidmap", pid, &self.gids);
+                let uid = uid.wait();
+                gid?.wait()?;
+                uid
             }
         }
     }
@@ -281,7 +286,28 @@ fn to_host(v: &[IdExtent], inside: u32) -> Option<u32> {
     })
 }
 
-fn newidmap(tool: &str, pid: i32, v: &[IdExtent]) -> io::Result<()> {
+/// A started newuidmap/newgidmap.
+struct IdMapper {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl IdMapper {
+    fn wait(self) -> io::Result<()> {
+        let out = self.child.wait_with_output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "{} failed ({}): {}",
+            self.path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+fn newidmap(tool: &str, pid: i32, v: &[IdExtent]) -> io::Result<IdMapper> {
     let path = find_tool(tool).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
@@ -297,20 +323,13 @@ fn newidmap(tool: &str, pid: i32, v: &[IdExtent]) -> io::Result<()> {
             e.count.to_string(),
         ]);
     }
-    let out = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .output()?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(io::Error::other(format!(
-        "{} failed ({}): {}",
-        path.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("start {}: {e}", path.display())))?;
+    Ok(IdMapper { child, path })
 }
 
 /// Name of the hidden subcommand the userns task helper runs as.
@@ -343,9 +362,12 @@ pub(crate) enum Task {
         name: String,
         created_by: String,
         epoch: Option<i64>,
+        mount_points: Vec<String>,
     },
     /// Remove a tree.
     Remove { path: PathBuf },
+    /// Run a host command (`kiln unshare`).
+    Exec { argv: Vec<String> },
 }
 
 /// The helper binary: `explicit`, else this executable when it is `kiln`,
@@ -366,14 +388,62 @@ pub(crate) fn helper_path(explicit: Option<&Path>) -> PathBuf {
 
 /// Runs `task` in a helper inside `map`; returns what it printed.
 pub(crate) fn run_task(helper: Option<&Path>, map: &IdMap, task: &Task) -> io::Result<String> {
+    let child = start_task(helper, map, task, true)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `argv` on the host inside the caller's user namespace mapping (as
+/// root there, with its subordinate ids mapped), with the caller's stdio
+/// and environment, as `podman unshare` does: for removing files a run
+/// left owned by subordinate ids. Returns its exit code (128+N if killed
+/// by signal N).
+///
+/// ```no_run
+/// let code = kiln::userns::unshare(&["rm".into(), "-rf".into(), "/tmp/ws".into()])?;
+/// assert_eq!(code, 0);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn unshare(argv: &[String]) -> io::Result<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    if argv.is_empty() {
+        return Err(io::Error::other("unshare: no command given"));
+    }
+    let map = IdMap::detect(false, false);
+    let mut child = start_task(
+        None,
+        &map,
+        &Task::Exec {
+            argv: argv.to_vec(),
+        },
+        false,
+    )?;
+    let st = child.wait()?;
+    Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+}
+
+/// Starts the task helper, maps its user namespace and lets it go.
+fn start_task(
+    helper: Option<&Path>,
+    map: &IdMap,
+    task: &Task,
+    capture: bool,
+) -> io::Result<std::process::Child> {
     let json = serde_json::to_string(task).map_err(io::Error::other)?;
     let mut cmd = Command::new(helper_path(helper));
-    cmd.arg(TASK_ARG)
-        .env_clear()
-        .env(TASK_ENV, json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.arg(TASK_ARG);
+    if capture {
+        cmd.env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
+    cmd.env(TASK_ENV, json);
     crate::sys::pre_exec_pdeathsig(&mut cmd);
     let child = cmd.spawn().map_err(|e| {
         io::Error::new(
@@ -407,14 +477,11 @@ pub(crate) fn run_task(helper: Option<&Path>, map: &IdMap, task: &Task) -> io::R
         let _ = rustix::process::kill_process(pid, Signal::KILL);
     }
     let _ = rustix::process::kill_process(pid, Signal::CONT);
-    let out = child.wait_with_output()?;
-    mapped?;
-    if !out.status.success() {
-        return Err(io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+    if let Err(e) = mapped {
+        let _ = child.wait();
+        return Err(e);
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(child)
 }
 
 /// Entry point of the task helper (`kiln __userns-task`): create a user
@@ -445,6 +512,19 @@ fn task_inner() -> Result<String, String> {
         return Err("uid 0 is not mapped in the helper's user namespace".into());
     }
     match task {
+        Task::Exec { argv } => {
+            use std::os::unix::process::CommandExt;
+            let e = Command::new(&argv[0])
+                .args(&argv[1..])
+                .env_remove(TASK_ENV)
+                .exec();
+            eprintln!("kiln unshare: {}: {e}", argv[0]);
+            std::process::exit(if e.kind() == io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            })
+        }
         Task::Remove { path } => crate::unpack::remove_tree(&path)
             .map(|()| String::new())
             .map_err(|e| format!("remove {}: {e}", path.display())),
@@ -462,7 +542,10 @@ fn task_inner() -> Result<String, String> {
             // kiln checked the store before it started this task; inside
             // the mapping its owner shows as root, or as nobody for a
             // store the caller chose to trust.
-            let trusted = crate::StoreOptions { trust_owner: true };
+            let trusted = crate::StoreOptions {
+                trust_owner: true,
+                ..Default::default()
+            };
             let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
             let img = store
                 .image_of_manifest(&manifest)
@@ -481,20 +564,31 @@ fn task_inner() -> Result<String, String> {
             name,
             created_by,
             epoch,
+            mount_points,
         } => {
             // kiln checked the store before it started this task; inside
             // the mapping its owner shows as root, or as nobody for a
             // store the caller chose to trust.
-            let trusted = crate::StoreOptions { trust_owner: true };
+            let trusted = crate::StoreOptions {
+                trust_owner: true,
+                ..Default::default()
+            };
             let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
             // By manifest, not by tag: the tag may be gone (the run pinned
             // the image, so its blobs are not).
             let img = store
                 .image_of_manifest(&manifest)
                 .map_err(|e| e.to_string())?;
-            let report =
-                crate::sandbox::commit::commit(&store, &img, &upper, &name, &created_by, epoch)
-                    .map_err(|e| e.to_string())?;
+            let report = crate::sandbox::commit::commit(
+                &store,
+                &img,
+                &upper,
+                &name,
+                &created_by,
+                epoch,
+                &mount_points,
+            )
+            .map_err(|e| e.to_string())?;
             serde_json::to_string(&report).map_err(|e| e.to_string())
         }
     }

@@ -355,7 +355,7 @@ fn a_full_disk_is_named_as_such_and_leaves_no_image() {
     fs::create_dir(&mnt).expect("mnt");
     // A 2 MiB tmpfs in a user and mount namespace of our own (rootless).
     let script = format!(
-        "mount -t tmpfs -o size=2m tmpfs {m} && {kiln} --store {m}/s images >/dev/null && \
+        "mount -t tmpfs -o size=2m tmpfs {m} && \
          {kiln} --store {m}/s import {src} -t big; echo \"exit=$?\"; ls -A {m}/s/.kiln/tmp; \
          {kiln} --store {m}/s images --format json",
         m = mnt.display(),

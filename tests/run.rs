@@ -31,23 +31,6 @@ fn run_sh(k: &Kiln, flags: &[&str], script: &str) -> (i32, String, String) {
     )
 }
 
-/// Runs `kiln ARGS` (a shell word list, after `prelude`) on a terminal of
-/// its own (util-linux `script`); returns what the terminal showed.
-fn on_a_terminal(k: &Kiln, prelude: &str, args: &str) -> String {
-    require("script");
-    let cmd = format!(
-        "{prelude} {} --store {} {args}",
-        kiln_bin().display(),
-        k.store().display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("script");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status
         .lines()

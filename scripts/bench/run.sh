@@ -45,6 +45,27 @@ SH
   podman_ok=1
 fi
 
+# The rootless case users run: an unprivileged user with a subuid range
+# (newuidmap/newgidmap), and the same user with --userns self.
+rootless_ok=0
+if [ "$(id -u)" = 0 ] && id -u kiln-sub >/dev/null 2>&1 && grep -q '^kiln-sub:' /etc/subuid; then
+  chmod 0755 "$w"
+  mkdir "$w/u"
+  cp "$kiln" "$w/u/kiln"
+  cp "$w/bb.tar" "$w/u/bb.tar"
+  chown -R kiln-sub: "$w/u"
+  u() { runuser -u kiln-sub -- env HOME="$w/u" KILN_HOME="$w/u/store" PATH="$PATH" "$@"; }
+  u "$w/u/kiln" import "$w/u/bb.tar" -t bb >/dev/null
+  u "$w/u/kiln" run bb true
+  urootfs=$(u "$w/u/kiln" rootfs bb)
+  uhf() { local name=$1; shift; u hyperfine --style none -N --runs "$runs" --warmup 2 --export-json "$w/u/$name.json" "$@" >/dev/null; }
+  uhf kiln-sub "$w/u/kiln run bb /bin/true"
+  uhf kiln-self "$w/u/kiln run --userns self bb /bin/true"
+  uhf bwrap-sub "bwrap --unshare-all --die-with-parent --ro-bind $urootfs / --proc /proc --dev /dev /bin/true"
+  cp "$w"/u/*.json "$w/"
+  rootless_ok=1
+fi
+
 # A C project of 300 files, built inside the buildd image and on the host.
 proj=$w/proj
 mkdir -p "$proj"
@@ -59,14 +80,19 @@ hyperfine --style none --runs 5 --warmup 1 --prepare "make -s -C $proj clean" --
   "make -s -C $proj -j2" >/dev/null
 
 rss=$(/usr/bin/time -f %M "$kiln" run bb /bin/true 2>&1 >/dev/null | tail -n1)
-python3 - "$w" "$runs" "$podman_ok" "$rss" <<'PY'
+python3 - "$w" "$runs" "$podman_ok" "$rss" "$rootless_ok" <<'PY'
 import json, sys
-w, runs, podman_ok, rss = sys.argv[1:]
+w, runs, podman_ok, rss, rootless_ok = sys.argv[1:]
 m = lambda n: json.load(open(f"{w}/{n}.json"))["results"][0]["median"]
 rows = [
     ("`kiln run bb /bin/true`", m("kiln"), "`bwrap --unshare-all --die-with-parent` (same rootfs)", m("bwrap"), "<= 1.2"),
     ("`kiln run --upper disk bb /bin/true`", m("kiln-disk"), "`bwrap --unshare-all --die-with-parent` (same rootfs)", m("bwrap"), "(<= 1.2)"),
 ]
+if rootless_ok == "1":
+    rows += [
+        ("`kiln run bb /bin/true`, a user with a subuid range", m("kiln-sub"), "`bwrap --unshare-all --die-with-parent`, the same user", m("bwrap-sub"), "<= 1.2"),
+        ("`kiln run --userns self bb /bin/true`, the same user", m("kiln-self"), "`bwrap --unshare-all --die-with-parent`, the same user", m("bwrap-sub"), "<= 1.2"),
+    ]
 if podman_ok == "1":
     rows.append(("`kiln run bb /bin/true`", m("kiln"), "`podman run --rm --network none`", m("podman"), "< 0.1"))
 rows += [

@@ -28,6 +28,19 @@ fn parse_format(s: &str) -> Result<ExportFormat, String> {
 
 pub fn run(cli: &Cli, a: &ExportArgs) -> Result<i32> {
     let store = open_store(cli)?;
+    if a.output.as_os_str() == "-" && rustix::termios::isatty(std::io::stdout()) {
+        anyhow::bail!(
+            "export: stdout is a terminal; redirect it (kiln export {} -o - > FILE) or use -o FILE",
+            a.image
+        );
+    }
+    if a.output.as_os_str() != "-" && a.output.is_dir() {
+        anyhow::bail!(
+            "export: {} is a directory; name the archive file (e.g. -o {}/image.tar)",
+            a.output.display(),
+            a.output.display()
+        );
+    }
     if a.output.as_os_str() == "-" {
         let stdout = std::io::stdout();
         let mut lock = stdout.lock();

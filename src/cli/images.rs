@@ -73,7 +73,7 @@ pub fn images(cli: &Cli, a: &ImagesArgs) -> Result<i32> {
     }
     println!(
         "{:<40} {:<19} {:>7} {:>10}  CREATED",
-        "NAME", "DIGEST", "LAYERS", "SIZE"
+        "NAME", "DIGEST", "LAYERS", "COMPRESSED"
     );
     for i in list {
         let short = i.digest.strip_prefix("sha256:").unwrap_or(&i.digest);

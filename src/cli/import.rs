@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln::{Compression, Event, ExpansionLimits, ImportOptions, ImportSource};
 
 use super::output::{print_json, Format};
-use super::{open_store, Cli};
+use super::{create_store, Cli};
 
 /// `kiln import SOURCE --tag NAME[:TAG]`
 #[derive(Args, Debug)]
@@ -53,6 +53,15 @@ pub struct ImportArgs {
     /// Label KEY=VALUE for the image config (repeatable).
     #[arg(short, long = "label", value_name = "KEY=VALUE")]
     pub label: Vec<String>,
+    /// Give every entry this owner, UID:GID (as tar --owner/--group;
+    /// root file-system sources).
+    #[arg(long, value_name = "UID:GID", conflicts_with = "map_caller")]
+    pub owner: Option<String>,
+    /// Files owned by you become root's (uid and gid 0) in the image;
+    /// other owners are kept. Use it for a directory you unpacked or built
+    /// as an unprivileged user (kiln warns when every file is yours).
+    #[arg(long)]
+    pub map_caller: bool,
     /// Which image of a multi-image archive to import.
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
@@ -145,7 +154,7 @@ fn parse_words(s: &str) -> Result<Vec<String>> {
 }
 
 pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
-    let store = open_store(cli)?;
+    let store = create_store(cli)?;
     let mut opts = ImportOptions::new(a.tag.clone());
     opts.compression = a.compression;
     opts.level = a.level;
@@ -170,6 +179,20 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
     }
     opts.labels = labels;
     opts.image = a.image.clone();
+    if let Some(o) = &a.owner {
+        let parsed = o
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)));
+        let Some((uid, gid)) = parsed else {
+            anyhow::bail!("--owner {o:?}: expected numeric UID:GID, e.g. 0:0");
+        };
+        opts.owners = kiln::import::Owners::All { uid, gid };
+    } else if a.map_caller {
+        opts.owners = kiln::import::Owners::ToRoot {
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+        };
+    }
     let mut limits = ExpansionLimits::default();
     if let Some(m) = a.max_size {
         limits.max_bytes = m;

@@ -10,7 +10,7 @@ mod unpack;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use kiln::Store;
@@ -29,8 +29,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "KILN_TRUST_STORE", value_parser = clap::builder::BoolishValueParser::new())]
     pub trust_store: bool,
 
-    /// More log output on stderr (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// More log output on stderr (repeat for more): `kiln -vv COMMAND`.
+    /// Given before the command (`run -v` is a volume); KILN_LOG=debug
+    /// works anywhere.
+    #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
     #[command(subcommand)]
@@ -71,18 +73,74 @@ pub enum Command {
     Probe(import::ProbeArgs),
     /// Print the OCI digest (sha256:...) of files, or of stdin with `-`.
     Digest(export::DigestArgs),
+    /// Print a shell completion script: kiln completions bash >
+    /// /etc/bash_completion.d/kiln (also zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Run a host command inside your user namespace mapping (root there,
+    /// your /etc/subuid range mapped), e.g. to remove files a run left
+    /// owned by subordinate ids: kiln unshare rm -rf DIR.
+    Unshare(UnshareArgs),
 }
 
-/// Opens the store named by `--store` or the default location.
-pub fn open_store(cli: &Cli) -> Result<Store> {
-    let path = match &cli.store {
-        Some(p) => p.clone(),
-        None => Store::default_path()?,
-    };
+/// `kiln completions SHELL`
+#[derive(clap::Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell.
+    pub shell: clap_complete::Shell,
+}
+
+/// `kiln unshare CMD [ARGS...]`
+#[derive(clap::Args, Debug)]
+pub struct UnshareArgs {
+    /// Command and arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+/// The store path and how it was chosen (said in errors).
+fn store_path(cli: &Cli) -> Result<(PathBuf, &'static str)> {
+    let nonempty = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    Ok(match &cli.store {
+        Some(p) => (p.clone(), "--store"),
+        None => (
+            Store::default_path()?,
+            if nonempty("KILN_HOME") {
+                "$KILN_HOME"
+            } else if nonempty("XDG_DATA_HOME") {
+                "$XDG_DATA_HOME/kiln, the default"
+            } else {
+                "~/.local/share/kiln, the default"
+            },
+        ),
+    })
+}
+
+fn open(cli: &Cli, must_exist: bool) -> Result<Store> {
+    let (path, how) = store_path(cli)?;
     let opts = kiln::StoreOptions {
         trust_owner: cli.trust_store,
+        must_exist,
     };
-    Store::open_with(&path, &opts).with_context(|| format!("open store {}", path.display()))
+    Store::open_with(&path, &opts).map_err(|e| {
+        let hint = if matches!(e, kiln::store::StoreError::NoStore { .. }) {
+            "; import an image first (kiln import), or name the store with --store or KILN_HOME"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{e} (store chosen by {how}){hint}")
+    })
+}
+
+/// Opens the existing store named by `--store` or the default location
+/// (commands that only read, or need an image: a mistyped path is an
+/// error, not a new empty store).
+pub fn open_store(cli: &Cli) -> Result<Store> {
+    open(cli, true)
+}
+
+/// Opens the store, creating it if needed (commands that add images).
+pub fn create_store(cli: &Cli) -> Result<Store> {
+    open(cli, false)
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -101,6 +159,41 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Probe(a) => import::probe(a),
         Command::Unpack(a) => unpack::run(&cli, a),
         Command::Rootfs(a) => unpack::rootfs(&cli, a),
+        Command::Unshare(a) => Ok(kiln::userns::unshare(&a.command)?),
+        Command::Completions(a) => {
+            use clap::CommandFactory;
+            clap_complete::generate(a.shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+    .map_err(|e| with_store_hint(&cli, e))
+}
+
+/// A missing image's error names the store searched and how it was chosen.
+fn with_store_hint(cli: &Cli, e: anyhow::Error) -> anyhow::Error {
+    use kiln::sandbox::RunError;
+    use kiln::store::StoreError;
+    let not_found = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StoreError>(),
+            Some(StoreError::ImageNotFound(_))
+        ) || matches!(
+            c.downcast_ref::<RunError>(),
+            Some(RunError::Store(StoreError::ImageNotFound(_)))
+        ) || matches!(
+            c.downcast_ref::<kiln::unpack::UnpackError>(),
+            Some(kiln::unpack::UnpackError::Store(StoreError::ImageNotFound(
+                _
+            )))
+        )
+    });
+    match (not_found, store_path(cli)) {
+        (true, Ok((path, how))) => anyhow::anyhow!(
+            "{} in store {} (chosen by {how}; `kiln images` lists what it holds)",
+            crate::error_chain(&e),
+            path.display()
+        ),
+        _ => e,
     }
 }
 
@@ -135,5 +228,16 @@ mod tests {
         assert_eq!(r.tmpfs_size, Some(512 << 20));
         assert_eq!(r.memory, Some(2 << 30));
         assert!(super::Cli::try_parse_from(["kiln", "run", "--shm-size", "lots", "img"]).is_err());
+    }
+
+    #[test]
+    fn dash_v_is_verbose_before_the_command_and_a_volume_in_run() {
+        let cli = super::Cli::try_parse_from(["kiln", "-vv", "run", "-v", "/a:/b", "img"])
+            .expect("parses");
+        assert_eq!(cli.verbose, 2);
+        let super::Command::Run(r) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(r.volume, vec!["/a:/b".to_string()]);
     }
 }

@@ -29,12 +29,17 @@ pub struct RunArgs {
     /// Network: none (only lo, the default) or host.
     #[arg(long, default_value = "none", value_parser = parse_network)]
     pub network: Network,
-    /// User to run as inside the sandbox, UID[:GID] (default 0:0).
-    #[arg(short, long, value_name = "UID[:GID]")]
+    /// User to run as inside the sandbox, UID[:GID] or NAME[:GROUP] from
+    /// the image's /etc/passwd and /etc/group (default 0:0).
+    #[arg(short, long, value_name = "USER[:GROUP]")]
     pub user: Option<String>,
-    /// Kill the whole sandbox after this many seconds (exit code 124).
-    #[arg(long, value_name = "SECONDS")]
-    pub timeout: Option<f64>,
+    /// Stop the sandbox after this long (exit code 124): SIGTERM to the
+    /// command, SIGKILL after --timeout-grace. Seconds, or 90s, 5m, 2h.
+    #[arg(long, value_name = "DURATION", value_parser = kiln::spec::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL when --timeout fires (0: kill at once).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = kiln::spec::parse_duration)]
+    pub timeout_grace: Duration,
     /// Mount the image read-only.
     #[arg(long)]
     pub read_only: bool,
@@ -102,7 +107,12 @@ pub struct RunArgs {
     /// Process limit (needs a delegated cgroup v2; else a warning).
     #[arg(long, value_name = "N")]
     pub pids_limit: Option<u64>,
-    /// Write the run's result as JSON to FILE.
+    /// Fail (exit 125) instead of warning when --memory or --pids-limit
+    /// cannot be enforced on this host.
+    #[arg(long)]
+    pub require_limits: bool,
+    /// Write the run's result as JSON to FILE (also when kiln fails: exit
+    /// code 125, the error and the stage; the path is checked first).
     #[arg(long, value_name = "FILE")]
     pub json_status: Option<PathBuf>,
     /// Image name or digest.
@@ -120,7 +130,98 @@ fn parse_network(s: &str) -> Result<Network, String> {
     }
 }
 
+/// Where --json-status goes: checked writable before the run, written
+/// (temp file + rename) whatever the outcome.
+struct StatusFile {
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl StatusFile {
+    fn check(path: &std::path::Path) -> Result<StatusFile> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if path.is_dir() {
+            bail!("--json-status {}: is a directory", path.display());
+        }
+        tempfile::Builder::new()
+            .prefix(".kiln-status-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("--json-status {}: cannot write there", path.display()))?;
+        Ok(StatusFile {
+            path: path.to_path_buf(),
+            dir,
+        })
+    }
+
+    fn write(&self, value: &serde_json::Value) -> Result<()> {
+        let mut t = tempfile::Builder::new()
+            .prefix(".kiln-status-")
+            .tempfile_in(&self.dir)
+            .with_context(|| format!("write {}", self.path.display()))?;
+        std::io::Write::write_all(&mut t, &serde_json::to_vec_pretty(value)?)
+            .with_context(|| format!("write {}", self.path.display()))?;
+        t.persist(&self.path)
+            .with_context(|| format!("write {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
 pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
+    let status = a
+        .json_status
+        .as_deref()
+        .map(StatusFile::check)
+        .transpose()?;
+    let outcome = run_inner(cli, a);
+    if let Some(f) = &status {
+        let value = match &outcome {
+            Ok(r) => serde_json::to_value(r)?,
+            Err(e) => serde_json::json!({
+                "exit_code": 125,
+                "error": crate::error_chain(e),
+                "stage": e
+                    .downcast_ref::<kiln::sandbox::RunError>()
+                    .map_or("setup", |r| r.stage()),
+            }),
+        };
+        f.write(&value)?;
+    }
+    let result = outcome?;
+    if result.timed_out {
+        eprintln!(
+            "kiln: timed out after {} s{}",
+            a.timeout.map_or(0.0, |t| t.as_secs_f64()),
+            if result.signal == Some(9) {
+                format!(
+                    ": SIGTERM, then SIGKILL after {} s",
+                    a.timeout_grace.as_secs_f64()
+                )
+            } else {
+                ": SIGTERM".to_string()
+            }
+        );
+    }
+    for w in &result.warnings {
+        eprintln!("kiln: warning: {w}");
+    }
+    if let Some(c) = &result.committed {
+        eprintln!(
+            "kiln: committed {} {} ({} entries)",
+            c.name, c.manifest_digest, c.entries
+        );
+    } else if a.commit.is_some() {
+        eprintln!(
+            "kiln: not committed: the command exited with {}",
+            result.exit_code
+        );
+    }
+    Ok(result.exit_code)
+}
+
+fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
     let store = open_store(cli)?;
     let mut spec = RunSpec::new(a.image.clone());
     spec.argv = (!a.command.is_empty()).then(|| a.command.clone());
@@ -150,17 +251,20 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
             Some((u, g)) => (u.parse::<u32>(), g.parse::<u32>()),
             None => (u.parse::<u32>(), u.parse::<u32>()),
         };
-        let (Ok(uid), Ok(gid)) = (uid, gid) else {
-            bail!("--user {u:?}: expected numeric UID[:GID]")
-        };
-        spec.user = (uid, gid);
+        match (uid, gid) {
+            (Ok(uid), Ok(gid)) => spec.user = (uid, gid),
+            // A name: looked up in the image's /etc/passwd and /etc/group.
+            _ => spec.user_name = Some(u.clone()),
+        }
     }
     if let Some(t) = a.timeout {
-        if !(t > 0.0 && t.is_finite()) {
-            bail!("--timeout must be a positive number of seconds");
+        if t.is_zero() {
+            bail!("--timeout must be positive");
         }
-        spec.timeout = Some(Duration::from_secs_f64(t));
+        spec.timeout = Some(t);
     }
+    spec.timeout_grace = a.timeout_grace;
+    spec.require_limits = a.require_limits;
     spec.read_only = a.read_only;
     for v in &a.volume {
         spec.volumes.push(v.parse::<Volume>()?);
@@ -202,24 +306,17 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     spec.commit = a.commit.clone();
     spec.source_date_epoch = a.source_date_epoch;
     spec.forward_signals = true;
-    let result = Sandbox::new(store).run(&spec)?;
-    if let Some(path) = &a.json_status {
-        std::fs::write(path, serde_json::to_vec_pretty(&result)?)
-            .with_context(|| format!("write {}", path.display()))?;
+    if rustix::termios::isatty(std::io::stderr()) {
+        if let Ok(img) = store.resolve(&spec.image) {
+            if !store.rootfs_is_cached(&img) {
+                eprintln!(
+                    "kiln: unpacking {} for its first run ({} layer(s), {})...",
+                    img.name,
+                    img.manifest.layers().len(),
+                    super::output::human_size(img.manifest.layers().iter().map(|l| l.size()).sum())
+                );
+            }
+        }
     }
-    for w in &result.warnings {
-        eprintln!("kiln: warning: {w}");
-    }
-    if let Some(c) = &result.committed {
-        eprintln!(
-            "kiln: committed {} {} ({} entries)",
-            c.name, c.manifest_digest, c.entries
-        );
-    } else if a.commit.is_some() {
-        eprintln!(
-            "kiln: not committed: the command exited with {}",
-            result.exit_code
-        );
-    }
-    Ok(result.exit_code)
+    Ok(Sandbox::new(store).run(&spec)?)
 }

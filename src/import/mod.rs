@@ -206,8 +206,46 @@ pub struct ImportOptions {
     /// Choices for disk-image sources (`--path`, `--partition`,
     /// `--parent`, `--backing`). Default: detect everything.
     pub disk: crate::disk::chain::ChainOptions,
+    /// How the owners of root file-system entries are rewritten. Default
+    /// [`Owners::Keep`].
+    pub owners: Owners,
     /// Progress callback. Default none.
     pub progress: Option<ProgressFn>,
+}
+
+/// How an import rewrites the owners of root file-system entries
+/// (directories, tarballs, disk images; image archives keep their layers).
+///
+/// A directory an unprivileged user unpacked or built belongs to that
+/// user; in a sandbox, root would then not own `/etc`. [`Owners::ToRoot`]
+/// gives the caller's files to root, as `tar --owner=0 --group=0` would
+/// for all.
+///
+/// ```
+/// use kiln::import::{ImportOptions, Owners};
+/// let mut opts = ImportOptions::new("toolchain");
+/// opts.owners = Owners::ToRoot { uid: 1000, gid: 1000 };
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Owners {
+    /// Owners as the source has them.
+    #[default]
+    Keep,
+    /// Every entry gets this owner.
+    All {
+        /// The uid.
+        uid: u32,
+        /// The gid.
+        gid: u32,
+    },
+    /// Entries owned by `uid` become uid 0 and entries of group `gid`
+    /// become gid 0; other owners are kept.
+    ToRoot {
+        /// The uid that becomes 0.
+        uid: u32,
+        /// The gid that becomes 0.
+        gid: u32,
+    },
 }
 
 impl ImportOptions {
@@ -228,6 +266,7 @@ impl ImportOptions {
             image: None,
             limits: ExpansionLimits::default(),
             disk: crate::disk::chain::ChainOptions::default(),
+            owners: Owners::Keep,
             progress: None,
         }
     }
@@ -346,6 +385,11 @@ pub(crate) struct LayerBuilder {
     epoch: Option<i64>,
     max_bytes: u64,
     source_name: String,
+    owners: Owners,
+    /// Entries added, and how many of them belong to the caller (when
+    /// the caller is not root), for the ownership warning.
+    added: u64,
+    callers: u64,
 }
 
 impl LayerBuilder {
@@ -360,6 +404,9 @@ impl LayerBuilder {
             epoch: opts.source_date_epoch,
             max_bytes: opts.limits.max_bytes,
             source_name: source_name.to_string(),
+            owners: opts.owners,
+            added: 0,
+            callers: 0,
         })
     }
 
@@ -390,6 +437,26 @@ impl LayerBuilder {
                 }
                 if gid != u32::MAX {
                     e.gid = u64::from(gid);
+                }
+            }
+        }
+        let me = rustix::process::getuid().as_raw();
+        self.added += 1;
+        if me != 0 && e.uid == u64::from(me) {
+            self.callers += 1;
+        }
+        match self.owners {
+            Owners::Keep => {}
+            Owners::All { uid, gid } => {
+                e.uid = u64::from(uid);
+                e.gid = u64::from(gid);
+            }
+            Owners::ToRoot { uid, gid } => {
+                if e.uid == u64::from(uid) {
+                    e.uid = 0;
+                }
+                if e.gid == u64::from(gid) {
+                    e.gid = 0;
                 }
             }
         }
@@ -661,6 +728,15 @@ impl Store {
             count += 1;
             layer.add(e, data, 0)
         })?;
+        if opts.owners == Owners::Keep && layer.added > 0 && layer.callers == layer.added {
+            emit(
+                &opts.progress,
+                Event::Warning(format!(
+                    "every file of {display} is owned by you (uid {}): in the image they belong to that uid, and root in the sandbox cannot write /etc; pass --map-caller to give them to root (or --owner 0:0)",
+                    rustix::process::getuid().as_raw()
+                )),
+            );
+        }
         if skipped > 0 {
             emit(
                 &opts.progress,
@@ -700,7 +776,8 @@ impl Store {
                 _vm_work = Some(dir);
             }
             if vm.accel_state.as_os_str().is_empty() {
-                vm.accel_state = self.root().join(".kiln/vm-accel");
+                vm.accel_state = crate::vm::default_accel_state()
+                    .unwrap_or_else(|| self.root().join(".kiln/vm-accel"));
             }
             vm.max_bytes = vm.max_bytes.min(opts.limits.max_bytes);
         }

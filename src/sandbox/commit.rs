@@ -44,7 +44,39 @@ fn is_fuse_opaque_marker(e: &Entry) -> bool {
         || (name == ".wh..wh..opq" && e.kind == EntryKind::File)
 }
 
+/// The mount points (volume targets, the working directory) that are
+/// empty directories in `upper`, with their parents when those hold
+/// nothing else: kiln made them to mount on, the command did not.
+fn empty_mount_points(upper: &Path, mount_points: &[String]) -> std::collections::HashSet<String> {
+    let mut skip = std::collections::HashSet::new();
+    let mut targets: Vec<String> = mount_points
+        .iter()
+        .map(|m| m.trim_matches('/').to_string())
+        .filter(|m| !m.is_empty())
+        .collect();
+    // Deepest first, so a parent sees its skipped children.
+    targets.sort_by_key(|t| std::cmp::Reverse(t.matches('/').count()));
+    for t in targets {
+        let mut cur = Some(t.as_str());
+        while let Some(p) = cur {
+            let dir = upper.join(p);
+            let only_skipped = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
+                && std::fs::read_dir(&dir).is_ok_and(|it| {
+                    it.flatten()
+                        .all(|e| skip.contains(&format!("{p}/{}", e.file_name().to_string_lossy())))
+                });
+            if !only_skipped {
+                break;
+            }
+            skip.insert(p.to_string());
+            cur = p.rsplit_once('/').map(|(parent, _)| parent);
+        }
+    }
+    skip
+}
+
 /// Turns `upper` into a layer on top of `base` and tags it `name`.
+/// Empty directories at `mount_points` (sandbox paths) are left out.
 pub(crate) fn commit(
     store: &Store,
     base: &crate::store::Image,
@@ -52,7 +84,9 @@ pub(crate) fn commit(
     name: &str,
     created_by: &str,
     epoch: Option<i64>,
+    mount_points: &[String],
 ) -> Result<CommitReport, ImportError> {
+    let skip = empty_mount_points(upper, mount_points);
     let name = ImageName::parse(name)?;
     let _w = store.writer_lock()?;
     let mut opts = ImportOptions::new(name.to_string());
@@ -67,6 +101,9 @@ pub(crate) fn commit(
     crate::source::dir::walk(upper, &mut |mut e: Entry, data: &mut dyn io::Read| {
         if e.path.is_empty() || is_fuse_opaque_marker(&e) {
             return Ok(()); // the upper dir itself is not part of the image
+        }
+        if e.kind == EntryKind::Dir && skip.contains(e.path.trim_end_matches('/')) {
+            return Ok(());
         }
         // The command made a file named like a whiteout: in the layer it
         // would delete something (or, as `.wh...`, try to reach the

@@ -59,6 +59,19 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// Which stage of the run failed: `spec`, `image`, `unpack`, `commit`,
+    /// `host` or `unsupported` (as `kiln run --json-status` records it).
+    pub fn stage(&self) -> &'static str {
+        match self {
+            RunError::Spec(_) => "spec",
+            RunError::Store(_) => "image",
+            RunError::Unpack(_) => "unpack",
+            RunError::Commit(_) | RunError::CommitKept { .. } => "commit",
+            RunError::Host { .. } => "host",
+            RunError::Unsupported(_) => "unsupported",
+        }
+    }
+
     pub(crate) fn host(step: impl Into<String>, source: std::io::Error) -> RunError {
         RunError::Host {
             step: step.into(),
@@ -78,7 +91,8 @@ pub struct RunResult {
     pub signal: Option<i32>,
     /// Whether the timeout fired.
     pub timed_out: bool,
-    /// Wall time of the run.
+    /// Wall time of the run (serialized as `duration_ms`).
+    #[serde(rename = "duration_ms", serialize_with = "as_millis")]
     pub duration: Duration,
     /// The manifest digest of the image that ran.
     pub image_digest: String,
@@ -87,6 +101,10 @@ pub struct RunResult {
     /// Things the caller asked for that this host could not do (for example
     /// cgroup limits without a delegated cgroup).
     pub warnings: Vec<String>,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis().try_into().unwrap_or(u64::MAX))
 }
 
 /// Which output stream a chunk came from.

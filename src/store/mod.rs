@@ -66,6 +66,14 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// There is no store at the path (and the caller asked not to create one).
+    #[error("store: no store at {}: {reason}", path.display())]
+    NoStore {
+        /// The path.
+        path: PathBuf,
+        /// Why it is not a store.
+        reason: String,
+    },
     /// No store location could be derived from the environment.
     #[error("store: no store path: set KILN_HOME, XDG_DATA_HOME or HOME, or pass --store")]
     NoDefaultPath,
@@ -227,6 +235,10 @@ pub struct StoreOptions {
     /// unpacks and runs. Default false. Symlinked store directories are
     /// refused regardless.
     pub trust_owner: bool,
+    /// Fail with [`StoreError::NoStore`] instead of creating a store when
+    /// there is none at the path (what reading commands want: a mistyped
+    /// path must not become an empty store). Default false.
+    pub must_exist: bool,
 }
 
 /// Checks a store directory: a real directory (not a symlink), owned by
@@ -313,7 +325,7 @@ impl Store {
     /// ```no_run
     /// use kiln::store::{Store, StoreOptions};
     /// // A CI group's shared store, owned by the `ci` user.
-    /// let opts = StoreOptions { trust_owner: true };
+    /// let opts = StoreOptions { trust_owner: true, ..Default::default() };
     /// let store = Store::open_with("/srv/kiln", &opts)?;
     /// # Ok::<(), kiln::store::StoreError>(())
     /// ```
@@ -330,6 +342,31 @@ impl Store {
                     ),
                 });
             }
+        }
+        if let Ok(m) = fs::metadata(&root) {
+            if !m.is_dir() {
+                return Err(StoreError::Untrusted {
+                    path: root,
+                    reason: "is not a directory".into(),
+                });
+            }
+        }
+        if opts.must_exist && root.is_dir() {
+            // Someone else's directory is refused as such, store or not.
+            check_dir(&root, opts.trust_owner, false)?;
+        }
+        if opts.must_exist && !root.join("oci-layout").exists() {
+            // Say why: missing, unreadable, or something else.
+            let reason = match fs::metadata(&root) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => "it does not exist".to_string(),
+                Err(e) => format!("cannot reach it: {e}"),
+                Ok(_) => match fs::read_dir(&root).map(|mut it| it.next().is_none()) {
+                    Err(e) => format!("cannot read it: {e}"),
+                    Ok(true) => "it is an empty directory".to_string(),
+                    Ok(false) => "it holds no oci-layout file".to_string(),
+                },
+            };
+            return Err(StoreError::NoStore { path: root, reason });
         }
         let fresh = !root.exists();
         fs::create_dir_all(&root)

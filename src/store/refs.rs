@@ -31,8 +31,11 @@ pub struct ImageName(String);
 impl ImageName {
     /// Parses and validates a name; adds `:latest` when no tag is given.
     ///
-    /// Names follow the OCI `ref.name` grammar: components of `[A-Za-z0-9]`
-    /// joined by `-._:@+` and `/`.
+    /// Names follow the Docker/OCI reference grammar that podman, skopeo
+    /// and registries use: an optional registry host (`HOST[:PORT]/`),
+    /// path components of lowercase letters and digits joined by `.`, `_`,
+    /// `__` or dashes, and a tag of up to 128 of `[A-Za-z0-9_.-]` (not
+    /// starting with `.` or `-`), or `@sha256:<hex>`.
     pub fn parse(s: &str) -> Result<ImageName, StoreError> {
         let bad = |reason| StoreError::InvalidName {
             name: s.to_string(),
@@ -50,22 +53,7 @@ impl ImageName {
         } else {
             format!("{s}:latest")
         };
-        for comp in full.split('/') {
-            let ok_chars = comp
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._:@+".contains(&b));
-            if !ok_chars {
-                return Err(bad("only letters, digits, '/' and -._:@+ are allowed"));
-            }
-            let (Some(first), Some(end)) = (comp.bytes().next(), comp.bytes().last()) else {
-                return Err(bad("empty path component"));
-            };
-            if !first.is_ascii_alphanumeric() || !end.is_ascii_alphanumeric() {
-                return Err(bad(
-                    "each component must start and end with a letter or digit",
-                ));
-            }
-        }
+        grammar(&full).map_err(bad)?;
         Ok(ImageName(full))
     }
 
@@ -93,6 +81,101 @@ impl ImageName {
     }
 }
 
+/// Checks `NAME:TAG` (or `NAME@DIGEST`) against the reference grammar.
+fn grammar(full: &str) -> Result<(), &'static str> {
+    let (name, suffix) = match full.split_once('@') {
+        Some((n, d)) => (n, Err(d)),
+        None => {
+            let slash = full.rfind('/').map_or(0, |i| i + 1);
+            match full[slash..].rfind(':') {
+                Some(i) => (&full[..slash + i], Ok(&full[slash + i + 1..])),
+                None => (full, Ok("latest")),
+            }
+        }
+    };
+    match suffix {
+        Ok(tag) => {
+            let b = tag.as_bytes();
+            let ok = !b.is_empty()
+                && b.len() <= 128
+                && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c));
+            if !ok {
+                return Err("a tag is 1-128 of letters, digits, '_', '.', '-', not starting with '.' or '-'");
+            }
+        }
+        Err(digest) => {
+            let ok = digest.split_once(':').is_some_and(|(alg, hex)| {
+                !alg.is_empty()
+                    && alg
+                        .bytes()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && hex.len() >= 32
+                    && hex.bytes().all(|c| c.is_ascii_hexdigit())
+            });
+            if !ok {
+                return Err("a digest is ALGORITHM:HEX (e.g. sha256:...)");
+            }
+        }
+    }
+    let mut comps: Vec<&str> = name.split('/').collect();
+    // A first component with a dot or a port, or `localhost`, is a registry host.
+    if comps.len() > 1
+        && (comps[0].contains('.') || comps[0].contains(':') || comps[0] == "localhost")
+    {
+        let host = comps.remove(0);
+        let (h, port) = host.split_once(':').unwrap_or((host, "0"));
+        let ok = !h.is_empty()
+            && h.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+            && !port.is_empty()
+            && port.bytes().all(|c| c.is_ascii_digit());
+        if !ok {
+            return Err("the registry host must be HOST[:PORT]");
+        }
+    }
+    for c in comps {
+        let b = c.as_bytes();
+        let (Some(first), Some(last)) = (b.first(), b.last()) else {
+            return Err("empty path component");
+        };
+        if !b
+            .iter()
+            .all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(x))
+        {
+            return Err(
+                "a name is lowercase letters and digits, joined by '.', '_', '__' or '-' (and '/')",
+            );
+        }
+        if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
+            return Err("each name component must start and end with a letter or digit");
+        }
+        // Separators: '.', '_' or '__' once between runs; dashes any number.
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'.' || b[i] == b'_' {
+                let run = b[i..]
+                    .iter()
+                    .take_while(|x| **x == b'.' || **x == b'_')
+                    .count();
+                let sep = &c[i..i + run];
+                if !matches!(sep, "." | "_" | "__") {
+                    return Err("separators in a name are '.', '_', '__' or dashes");
+                }
+                i += run;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl fmt::Display for ImageName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -116,6 +199,22 @@ mod tests {
             ("../etc", None),
             ("a b", None),
             ("a//b", None),
+            ("My_Image:V1", None),
+            ("my_image:V1", Some("my_image:V1")),
+            ("a..b", None),
+            ("a__b/c-d--e", Some("a__b/c-d--e:latest")),
+            ("a:-x", None),
+            ("reg.example.com/a/b:1.0", Some("reg.example.com/a/b:1.0")),
+            (
+                "Reg.example.com:443/a",
+                Some("Reg.example.com:443/a:latest"),
+            ),
+            (
+                "a@sha256:0123456789abcdef0123456789abcdef",
+                Some("a@sha256:0123456789abcdef0123456789abcdef"),
+            ),
+            ("a@md5", None),
+            ("recovered:0123456789ab", Some("recovered:0123456789ab")),
         ] {
             assert_eq!(
                 ImageName::parse(input).ok().map(|n| n.to_string()),

@@ -163,6 +163,13 @@ impl Store {
         self.rootfs_of(&img)
     }
 
+    /// Whether image `img`'s tree for the caller's default runs is already
+    /// cached (a first run unpacks it, which takes a while for a big image).
+    pub fn rootfs_is_cached(&self, img: &crate::store::Image) -> bool {
+        let key = cache_key(&img.config, &default_map());
+        complete(&self.rootfs_dir().join(&key), &key).is_some()
+    }
+
     /// [`Store::rootfs`] for an image already resolved.
     pub fn rootfs_of(&self, img: &crate::store::Image) -> Result<CachedRootfs, UnpackError> {
         self.rootfs_mapped(img, &default_map(), None)

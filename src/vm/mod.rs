@@ -278,12 +278,27 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
-/// What a verdict is kept for: the host's kernel.
+/// What a verdict is kept for: the host's kernel and its /dev/kvm (the
+/// device number: another module, another verdict).
 fn host_release() -> String {
-    rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned()
+    use std::os::unix::fs::MetadataExt;
+    let kvm = fs::metadata("/dev/kvm").map(|m| m.rdev()).unwrap_or(0);
+    format!(
+        "{} kvm-dev={kvm:x}",
+        rustix::system::uname().release().to_string_lossy()
+    )
+}
+
+/// Where the KVM verdict is kept when [`VmOptions::accel_state`] is empty:
+/// per host and user, `$XDG_CACHE_HOME/kiln/vm-accel` (else
+/// `~/.cache/kiln/vm-accel`), so a CI job with a fresh store does not
+/// probe again.
+pub fn default_accel_state() -> Option<PathBuf> {
+    let nonempty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let base = nonempty("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| nonempty("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("kiln/vm-accel"))
 }
 
 /// The accelerator to try and whether that is settled (no probe needed):
@@ -299,15 +314,18 @@ fn choose_accel(state: &Path) -> (Accel, bool) {
         return (Accel::Tcg, true);
     }
     let kept = fs::read_to_string(state).unwrap_or_default();
-    let mut words = kept.split_whitespace();
-    match (words.next(), words.next()) {
-        (Some("kvm"), Some(r)) if r == host_release() => (Accel::Kvm, true),
-        (Some("tcg"), Some(r)) if r == host_release() => (Accel::Tcg, true),
+    let (verdict, host) = kept.trim_end().split_once(' ').unwrap_or(("", ""));
+    match verdict {
+        "kvm" if host == host_release() => (Accel::Kvm, true),
+        "tcg" if host == host_release() => (Accel::Tcg, true),
         _ => (Accel::Kvm, false),
     }
 }
 
 fn keep_verdict(state: &Path, accel: Accel) {
+    if let Some(dir) = state.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
     let _ = fs::write(state, format!("{} {}\n", accel.name(), host_release()));
 }
 
@@ -317,8 +335,8 @@ pub struct VmOptions {
     /// A private directory for the VM's files (removed by the caller).
     /// Empty: a store import puts it in the store's temp directory.
     pub work: PathBuf,
-    /// The file that keeps the KVM verdict (e.g. the store's
-    /// `.kiln/vm-accel`). Empty: a store import uses that one.
+    /// The file that keeps the KVM verdict. Empty: a store import uses
+    /// [`default_accel_state`], else the store's `.kiln/vm-accel`.
     pub accel_state: PathBuf,
     /// Memory of the guest in MiB.
     pub memory_mib: u32,
@@ -334,7 +352,8 @@ pub struct VmOptions {
 
 impl Default for VmOptions {
     /// Empty paths (see the fields), 1 GiB of guest memory, an hour's
-    /// deadline, 20 s for a KVM guest's first words.
+    /// deadline, 5 s for a KVM guest's first words (a working KVM has
+    /// the kernel talking well within a second).
     fn default() -> VmOptions {
         VmOptions::new(PathBuf::new(), PathBuf::new())
     }
@@ -348,7 +367,7 @@ impl VmOptions {
             accel_state,
             memory_mib: 1024,
             timeout: Duration::from_secs(3600),
-            kvm_probe: Duration::from_secs(20),
+            kvm_probe: Duration::from_secs(5),
             max_bytes: 256 << 30,
         }
     }
@@ -630,6 +649,11 @@ fn boot(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     crate::sys::pre_exec_pdeathsig(&mut cmd);
+    tracing::debug!(
+        "vm: {:?} {:?}",
+        cmd.get_program(),
+        cmd.get_args().collect::<Vec<_>>()
+    );
     let mut child = cmd.spawn().map_err(|e| {
         Boot::Failed(VmError::Io {
             step: "start",

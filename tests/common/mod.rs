@@ -245,7 +245,16 @@ pub struct Kiln {
 }
 
 impl Kiln {
+    /// A temp dir with an empty store in it (only `kiln import` creates a
+    /// store; the other commands need one).
     pub fn new() -> Kiln {
+        let k = Kiln::without_store();
+        kiln::Store::open(k.store()).expect("create an empty store");
+        k
+    }
+
+    /// A temp dir whose store does not exist yet.
+    pub fn without_store() -> Kiln {
         Kiln { dir: tmpdir() }
     }
 
@@ -372,6 +381,23 @@ impl Kiln {
             .map(|i| i["name"].as_str().unwrap_or("").to_string())
             .collect()
     }
+}
+
+/// Runs `kiln ARGS` (a shell word list, after `prelude`) on a terminal of
+/// its own (util-linux `script`); returns what the terminal showed.
+pub fn on_a_terminal(k: &Kiln, prelude: &str, args: &str) -> String {
+    require("script");
+    let cmd = format!(
+        "{prelude} {} --store {} {args}",
+        kiln_bin().display(),
+        k.store().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Builds the bundled busybox example rootfs tarball into `dir`.

@@ -844,6 +844,10 @@ fn exec_command(cfg: &InitConfig) -> ! {
         None if last.raw_os_error() == Some(libc::ENOENT) => (127, last),
         None => (126, last),
     };
-    eprintln!("kiln: exec {prog}: {err}");
+    if code == 127 && !prog.contains('/') {
+        eprintln!("kiln: error: exec {prog}: not found in the image's PATH ({path})");
+    } else {
+        eprintln!("kiln: error: exec {prog}: {err}");
+    }
     sys::exit_now(code)
 }

@@ -118,8 +118,8 @@ fn process_params(
     };
     if argv.is_empty() {
         return Err(RunError::Spec(crate::spec::SpecError::Invalid(format!(
-            "no command given and image {} has no Entrypoint or Cmd",
-            spec.image
+            "no command given and image {} has no Entrypoint or Cmd: name one after the image, e.g. kiln run {} -- sh",
+            spec.image, spec.image
         ))));
     }
     let mut env: Vec<String> = cfg.env().clone().unwrap_or_default();
@@ -166,6 +166,71 @@ fn process_params(
 }
 
 /// The user the command runs as: `--user`, or the caller with keep-id.
+/// Reads a small file of the tree at `root`, resolving symlinks and `..`
+/// inside it (an image's /etc/passwd may be a symlink anywhere).
+fn read_in_root(root: &Path, path: &str) -> io::Result<String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        path,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let mut s = String::new();
+    io::Read::read_to_string(&mut io::Read::take(fs::File::from(fd), 4 << 20), &mut s)?;
+    Ok(s)
+}
+
+/// `--user NAME[:GROUP]`: the ids from the image's /etc/passwd and
+/// /etc/group (numbers pass through).
+fn lookup_user(root: &Path, spec: &str) -> Result<(u32, u32), RunError> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let field = |file: &str, name: &str, col: usize| -> Result<Option<u32>, RunError> {
+        let text = read_in_root(root, file)
+            .map_err(|e| RunError::host(format!("--user {spec}: read the image's /{file}"), e))?;
+        Ok(text
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&name))
+            .and_then(|f| f.get(col).and_then(|v| v.parse().ok())))
+    };
+    let (uid, mut gid) = match user.parse::<u32>() {
+        Ok(n) => (n, n),
+        Err(_) => {
+            let uid = field("etc/passwd", user, 2)?;
+            let gid = field("etc/passwd", user, 3)?;
+            match (uid, gid) {
+                (Some(u), Some(g)) => (u, g),
+                _ => {
+                    return Err(RunError::Unsupported(format!(
+                        "--user {spec}: no user {user:?} in the image's /etc/passwd"
+                    )))
+                }
+            }
+        }
+    };
+    if let Some(g) = group {
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => field("etc/group", g, 2)?.ok_or_else(|| {
+                RunError::Unsupported(format!(
+                    "--user {spec}: no group {g:?} in the image's /etc/group"
+                ))
+            })?,
+        };
+    }
+    Ok((uid, gid))
+}
+
 fn effective_user(spec: &RunSpec) -> (u32, u32) {
     if spec.userns == Userns::KeepId && spec.user == (0, 0) {
         (
@@ -326,24 +391,61 @@ pub(crate) fn run(
     let writing = store.writer_lock()?;
     let img = store.resolve(&spec.image)?;
     let (argv, env, workdir) = process_params(spec, &img)?;
+    let workdir_used = workdir.clone();
     let map = IdMap::detect(
         spec.userns == Userns::SelfOnly,
         spec.userns == Userns::KeepId,
     );
-    let user = effective_user(spec);
+    // A shared lock on the cached tree for the run's lifetime: gc removes
+    // only trees it can lock exclusively, never one a run is using.
+    tracing::debug!(
+        "run: image {} ({}), id map {:?} (uids {:?}), helper {}",
+        spec.image,
+        img.descriptor.digest(),
+        map.kind,
+        map.uids,
+        crate::userns::helper_path(helper).display()
+    );
+    let (rootfs, _in_use) = store.lease_rootfs(&img, &map, helper)?;
+    tracing::debug!(
+        "run: rootfs {} ({})",
+        rootfs.path.display(),
+        if rootfs.unpacked {
+            "unpacked now"
+        } else {
+            "cached"
+        }
+    );
+    let user = match &spec.user_name {
+        Some(n) => lookup_user(&rootfs.path, n)?,
+        None => effective_user(spec),
+    };
     if !map.maps_uid(user.0) || !map.maps_gid(user.1) {
         return Err(RunError::Unsupported(format!(
             "--user {}:{} is not mapped in the sandbox's user namespace: {}",
             user.0,
             user.1,
-            map.no_subids_reason
-                .as_deref()
-                .unwrap_or("the id is outside the mapped range")
+            map.no_subids_reason.clone().unwrap_or_else(|| {
+                let r = |v: &[crate::userns::IdExtent]| {
+                    v.iter()
+                        .map(|e| {
+                            format!(
+                                "{}-{}",
+                                e.inside,
+                                u64::from(e.inside) + u64::from(e.count) - 1
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                format!(
+                    "the sandbox maps uids {} and gids {}",
+                    r(&map.uids),
+                    r(&map.gids)
+                )
+            })
         )));
     }
-    // A shared lock on the cached tree for the run's lifetime: gc removes
-    // only trees it can lock exclusively, never one a run is using.
-    let (rootfs, _in_use) = store.lease_rootfs(&img, &map, helper)?;
     let runs = store.root().join(".kiln/runs");
     fs::create_dir_all(&runs)
         .map_err(|e| RunError::host(format!("create {}", runs.display()), e))?;
@@ -387,7 +489,15 @@ pub(crate) fn run(
         match super::cgroup::Hierarchy::detect()
             .and_then(|h| super::cgroup::RunCgroup::create(&h, limits, &id))
         {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                tracing::debug!("run: cgroup limits applied ({limits:?})");
+                Some(c)
+            }
+            Err(reason) if spec.require_limits => {
+                return Err(RunError::Unsupported(format!(
+                    "--memory/--pids-limit cannot be enforced here (--require-limits): {reason}"
+                )));
+            }
             Err(reason) => {
                 warnings.push(format!("--memory/--pids-limit ignored: {reason}"));
                 None
@@ -542,6 +652,8 @@ pub(crate) fn run(
         ));
     }
     let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
+    let mut mount_points: Vec<String> = spec.volumes.iter().map(|v| v.target.clone()).collect();
+    mount_points.push(workdir_used.clone());
     let upper = rundir.path.join("upper");
     let committed = if map.kind == MapKind::Subids {
         // The upper dir holds files of subordinate ids the caller cannot
@@ -553,6 +665,7 @@ pub(crate) fn run(
             name: name.clone(),
             created_by,
             epoch: spec.source_date_epoch,
+            mount_points,
         };
         run_task(helper, &map, &task)
             .map_err(|e| format!("commit inside the subid mapping: {e}"))
@@ -568,6 +681,7 @@ pub(crate) fn run(
             name,
             &created_by,
             spec.source_date_epoch,
+            &mount_points,
         )
         .map_err(|e| e.to_string())
     };
@@ -923,13 +1037,28 @@ fn supervise(
     // --timeout bounds the sandbox, not a first-time unpack before it.
     let deadline = spec.timeout.map(|t| Instant::now() + t);
     let mut timed_out = false;
+    // After the timeout: SIGTERM (init passes it to the command), then
+    // SIGKILL of the whole sandbox when the grace period is over.
+    let mut kill_at: Option<Instant> = None;
+    let mut killed = false;
     loop {
-        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if timeout.is_some_and(|t| t.is_zero()) {
+        let now = Instant::now();
+        if !timed_out && deadline.is_some_and(|d| now >= d) {
             timed_out = true;
-            let _ = rustix::process::kill_process(pid, Signal::KILL);
-            break;
+            if spec.timeout_grace.is_zero() {
+                kill_at = Some(now);
+            } else {
+                let _ = rustix::process::kill_process(pid, Signal::TERM);
+                kill_at = Some(now + spec.timeout_grace);
+            }
         }
+        if kill_at.is_some_and(|k| now >= k) {
+            killed = true;
+            kill_at = None;
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+        }
+        let wake = if timed_out { kill_at } else { deadline };
+        let timeout = wake.map(|d| d.saturating_duration_since(now));
         let mut fds = vec![rustix::event::PollFd::new(
             &pidfd,
             rustix::event::PollFlags::IN,
@@ -1078,7 +1207,7 @@ fn supervise(
     }
     if timed_out {
         exit_code = 124;
-        signal = Some(libc::SIGKILL);
+        signal = Some(if killed { libc::SIGKILL } else { libc::SIGTERM });
     }
     Ok(RunResult {
         exit_code,
