@@ -389,6 +389,8 @@ fn messages_say_what_to_do() {
         );
     }
     assert!(k.ok(["images"]).contains("COMPRESSED"));
+    let err = k.fails(["run", "sha256:abc123", "true"]);
+    assert!(err.contains("at least 12 hex digits"), "{err}");
 }
 
 #[test]
@@ -447,4 +449,28 @@ fn user_names_come_from_the_images_passwd() {
         err.contains("no user \"nosuchuser\" in the image's /etc/passwd"),
         "{err}"
     );
+}
+
+#[test]
+fn probe_says_what_a_non_disk_input_is() {
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    let dir = k.dir.path().join("rootfs");
+    fs::create_dir(&dir).expect("dir");
+    let gz = k.dir.path().join("busybox.tar.gz");
+    fs::write(&gz, gzip(&fs::read(&tar).expect("tar"))).expect("gz");
+    let noise = k.dir.path().join("noise");
+    fs::write(&noise, vec![0x5a; 200_000]).expect("noise");
+    for (input, want) in [
+        (&tar, "a tar archive: kiln import reads it directly"),
+        (&gz, "a compressed (Gzip) tar archive"),
+        (&dir, "a directory without disk chunks"),
+        (
+            &noise,
+            "is not a disk image, partition table or file system kiln knows",
+        ),
+    ] {
+        let err = k.fails(["probe", &input.display().to_string()]);
+        assert!(err.contains(want), "{}: {err}", input.display());
+    }
 }

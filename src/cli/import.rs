@@ -127,9 +127,57 @@ pub struct ProbeArgs {
     pub format: Format,
 }
 
+/// What a source that is not a disk image is, when `probe` can tell: a
+/// directory without chunks, a tar archive, a compressed tar archive.
+fn not_a_disk(path: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    let import = "kiln import reads it directly (kiln import SOURCE -t NAME); kiln probe shows what a disk image holds";
+    if path.is_dir() {
+        let has_chunks = std::fs::read_dir(path)
+            .ok()?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("chunk-"));
+        if has_chunks {
+            return None;
+        }
+        let what = if path.join("oci-layout").is_file() {
+            "an OCI image layout"
+        } else {
+            "a directory without disk chunks (a root file system?)"
+        };
+        return Some(format!("{what}: {import}"));
+    }
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(1024)
+        .read_to_end(&mut head)
+        .ok()?;
+    if kiln::source::tar_header_ok(&head) {
+        return Some(format!("a tar archive: {import}"));
+    }
+    let codec = kiln::source::sniff_codec(&head)?;
+    let file = std::fs::File::open(path).ok()?;
+    let mut inner = Vec::new();
+    kiln::source::decoder(Some(codec), file)
+        .ok()?
+        .take(1024)
+        .read_to_end(&mut inner)
+        .ok()?;
+    kiln::source::tar_header_ok(&inner)
+        .then(|| format!("a compressed ({codec:?}) tar archive: {import}"))
+}
+
 pub fn probe(a: &ProbeArgs) -> Result<i32> {
-    let chain = kiln::disk::chain::Chain::open(&a.source, &a.disk.options())
-        .with_context(|| format!("probe {}", a.source.display()))?;
+    // Disk detection first (an XVA is a tar too); when it finds nothing,
+    // say what the input is if it is another kind kiln imports.
+    let chain = match kiln::disk::chain::Chain::open(&a.source, &a.disk.options()) {
+        Ok(c) => c,
+        Err(e) => match not_a_disk(&a.source) {
+            Some(what) => anyhow::bail!("probe {}: {what}", a.source.display()),
+            None => return Err(e).with_context(|| format!("probe {}", a.source.display())),
+        },
+    };
     if a.format == Format::Json {
         print_json(&serde_json::json!({
             "source": a.source.display().to_string(),

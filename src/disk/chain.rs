@@ -654,6 +654,7 @@ fn open_fs(
         });
         return Ok(Root::Vm(src, fstype, vm.clone()));
     }
+    let size = src.size();
     match ExtFs::open(src) {
         Ok(fs) => {
             steps.push(Step {
@@ -665,6 +666,10 @@ fn open_fs(
         Err(ExtError::NotExt { found }) => Err(DiskError::Unsupported(match mount_type(found) {
             Some(_) => format!(
                 "the file system is {found}, which kiln cannot read in userspace (it reads ext2/3/4): import it with --via-vm, which mounts it inside a throwaway VM"
+            ),
+            None if found == "no recognizable file system" => format!(
+                "{} is not a disk image, partition table or file system kiln knows at offset 0 (it reads ISO 9660, XVA, chunk folders, VHD, qcow2, raw disks with MBR/GPT, and ext2/3/4; --via-vm for what Linux mounts)",
+                human(size)
             ),
             None => format!("the file system is {found}, which kiln cannot read (it reads ext2/3/4)"),
         })),

@@ -759,7 +759,17 @@ impl Store {
             return Ok(d);
         }
         let hexpart = name.strip_prefix("sha256:").unwrap_or(name);
-        let is_hex = hexpart.len() >= 12 && hexpart.bytes().all(|b| b.is_ascii_hexdigit());
+        let all_hex = !hexpart.is_empty() && hexpart.bytes().all(|b| b.is_ascii_hexdigit());
+        if all_hex
+            && hexpart.len() < 12
+            && (name.starts_with("sha256:") || hexpart.bytes().any(|b| b.is_ascii_digit()))
+        {
+            return Err(StoreError::InvalidName {
+                name: name.into(),
+                reason: "no image has that name, and a digest prefix needs at least 12 hex digits",
+            });
+        }
+        let is_hex = hexpart.len() >= 12 && all_hex;
         if !is_hex {
             // An invalid name says why; a valid one was simply not found.
             return Err(StoreError::ImageNotFound(
