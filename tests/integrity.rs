@@ -298,50 +298,31 @@ fn a_killed_export_leaves_nothing_in_the_output_directory() {
     let out_dir = k.dir.path().join("out");
     fs::create_dir(&out_dir).expect("out dir");
     let dest = out_dir.join("base.tar");
+    let dest_s = dest.display().to_string();
     // Killed at its fsync: the whole archive is written, not yet named.
-    let (out, trace) = under_strace(
-        &k,
-        &[
-            "-e",
-            "trace=fsync",
-            "-e",
-            "inject=fsync:signal=SIGKILL:when=1",
-        ],
-        &["export", "base", "-o", &dest.display().to_string()],
-    );
-    killed(&out, &trace);
+    let killed_export = || {
+        let (out, trace) = under_strace(
+            &k,
+            &[
+                "-e",
+                "trace=fsync",
+                "-e",
+                "inject=fsync:signal=SIGKILL:when=1",
+            ],
+            &["export", "base", "-o", &dest_s],
+        );
+        killed(&out, &trace);
+    };
+    killed_export();
     assert!(names(&out_dir).is_empty(), "left: {:?}", names(&out_dir));
     // Replacing an existing file: the old one stays whole until the new one is.
-    k.ok(["export", "base", "-o", &dest.display().to_string()]);
+    k.ok(["export", "base", "-o", &dest_s]);
     let first = fs::read(&dest).expect("export");
-    let (out, trace) = under_strace(
-        &k,
-        &[
-            "-e",
-            "trace=fsync",
-            "-e",
-            "inject=fsync:signal=SIGKILL:when=1",
-        ],
-        &["export", "base", "-o", &dest.display().to_string()],
-    );
-    killed(&out, &trace);
+    killed_export();
     assert_eq!(names(&out_dir), vec!["base.tar".to_string()]);
     assert_eq!(fs::read(&dest).expect("export"), first);
-    k.ok(["export", "base", "-o", &dest.display().to_string()]);
+    k.ok(["export", "base", "-o", &dest_s]);
     assert_eq!(names(&out_dir), vec!["base.tar".to_string()]);
-}
-
-/// Incompressible bytes.
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 32) as u8
-        })
-        .collect()
 }
 
 #[test]
@@ -350,7 +331,7 @@ fn a_full_disk_is_named_as_such_and_leaves_no_image() {
     let k = Kiln::new();
     let src = k.dir.path().join("src");
     fs::create_dir(&src).expect("src");
-    fs::write(src.join("noise"), noise(3 << 20)).expect("noise");
+    fs::write(src.join("noise"), noise(7, 3 << 20)).expect("noise");
     let mnt = k.dir.path().join("small");
     fs::create_dir(&mnt).expect("mnt");
     // A 2 MiB tmpfs in a user and mount namespace of our own (rootless).

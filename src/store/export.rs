@@ -55,23 +55,21 @@ fn dir_entry(path: &str) -> Entry {
 /// being copied.
 struct Output<'a> {
     inner: &'a mut dyn Write,
-    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    failed: &'a std::cell::Cell<bool>,
 }
 
 impl Write for Output<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let r = self.inner.write(buf);
         if r.is_err() {
-            self.failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.failed.set(true);
         }
         r
     }
     fn flush(&mut self) -> io::Result<()> {
         let r = self.inner.flush();
         if r.is_err() {
-            self.failed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.failed.set(true);
         }
         r
     }
@@ -186,10 +184,10 @@ impl Store {
         out_name: &Path,
     ) -> Result<(), StoreError> {
         let img = self.resolve(name)?;
-        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed = std::cell::Cell::new(false);
         let out = Output {
             inner: out,
-            failed: failed.clone(),
+            failed: &failed,
         };
         let r = (|| {
             let mut tw = TarWriter::new(io::BufWriter::with_capacity(1 << 20, out));
@@ -201,9 +199,7 @@ impl Store {
             w.flush().map_err(wio)
         })();
         match r {
-            Err(StoreError::Io { source, .. })
-                if failed.load(std::sync::atomic::Ordering::Relaxed) =>
-            {
+            Err(StoreError::Io { source, .. }) if failed.get() => {
                 Err(StoreError::io("write export", out_name, source))
             }
             r => r,

@@ -351,8 +351,9 @@ impl Store {
                 });
             }
         }
-        if opts.must_exist && root.is_dir() {
-            // Someone else's directory is refused as such, store or not.
+        // Someone else's directory is refused as such, store or not.
+        let existed = root.is_dir();
+        if existed {
             check_dir(&root, opts.trust_owner, false)?;
         }
         if opts.must_exist && !root.join("oci-layout").exists() {
@@ -380,7 +381,9 @@ impl Store {
                 });
             }
         }
-        check_dir(&root, opts.trust_owner, false)?;
+        if !existed {
+            check_dir(&root, opts.trust_owner, false)?;
+        }
         let store = Store { root };
         // kiln's private part first (mode 0700), checked before anything
         // in it is used.

@@ -300,12 +300,14 @@ impl Store {
             };
             f.lock_shared()
                 .map_err(|e| io_err("lock", &entry, std::io::Error::other(e)))?;
-            // Still the published entry (not renamed away meanwhile)?
+            // Still the entry found complete (not renamed away meanwhile)?
+            // A published entry is only ever renamed, never emptied in
+            // place, so the same inode is the same complete tree.
             let same = match (f.metadata(), fs::metadata(&entry)) {
                 (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
                 _ => false,
             };
-            if same && complete(&entry, &key).is_some() {
+            if same {
                 return Ok((r, f));
             }
         }

@@ -385,10 +385,16 @@ pub(crate) fn run(
         Some(e) => Some(e),
         None => None,
     };
-    // The writer lock (shared) while the image is resolved, its tree leased
-    // and the run pinned: a gc waits, and after it the pin keeps the
-    // image's blobs (a --commit needs its base layers) for the whole run.
-    let writing = store.writer_lock()?;
+    // A run with an on-disk upper layer (and so any --commit) pins its
+    // image: the writer lock (shared) from resolving it to writing the pin,
+    // so a gc either runs before (and the image is gone) or sees the pin.
+    // An in-memory run needs only its leased tree, not the image's blobs.
+    let in_memory = spec.upper_in_memory();
+    let writing = if in_memory {
+        None
+    } else {
+        Some(store.writer_lock()?)
+    };
     let img = store.resolve(&spec.image)?;
     let (argv, env, workdir) = process_params(spec, &img)?;
     let workdir_used = workdir.clone();
@@ -452,7 +458,7 @@ pub(crate) fn run(
     reap_dead_runs(&runs, helper, false);
     // In memory, the run has no directory on the host at all: the sandbox
     // mounts a tmpfs over `runs` in its own mount namespace.
-    let rundir = if spec.upper_in_memory() {
+    let rundir = if in_memory {
         None
     } else {
         let d = RunDir::create(&runs, helper)?;
