@@ -432,6 +432,26 @@ fn shell_completions_are_generated() {
 }
 
 #[test]
+fn man_pages_are_written_for_every_command() {
+    let k = Kiln::without_store();
+    let dir = k.dir.path().join("man1");
+    k.ok(["man", dir.to_str().expect("utf-8")]);
+    let mut pages: Vec<String> = std::fs::read_dir(&dir)
+        .expect("man dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for want in ["kiln.1", "kiln-run.1", "kiln-import.1", "kiln-probe.1"] {
+        assert!(pages.iter().any(|p| p == want), "{want} missing: {pages:?}");
+    }
+    let run = std::fs::read_to_string(dir.join("kiln-run.1")).expect("kiln-run.1");
+    assert!(run.contains(".TH kiln-run"), "{run:.200}");
+    assert!(run.contains("timeout\\-grace"), "{run:.400}");
+    // No store was needed, and none was made.
+    assert!(!k.dir.path().join("store").exists());
+}
+
+#[test]
 fn user_names_come_from_the_images_passwd() {
     let k = with_bb();
     if is_root() || id_mapping() == "subids" {

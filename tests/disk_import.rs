@@ -225,3 +225,70 @@ fn real_toolchain_ddk_iso_imports_and_builds() {
     ]);
     assert_eq!(out, "built\n");
 }
+
+/// A file system kiln reads only in a VM is a finding for `probe`, not an
+/// error: the chain down to it, its last step marked `needs --via-vm`, and
+/// JSON with sizes, the partition number and its byte offset. `import`
+/// without `--via-vm` fails naming the partition and the way out.
+#[test]
+fn probe_shows_the_chain_down_to_a_file_system_that_needs_a_vm() {
+    let k = Kiln::new();
+    let fs_img = k.dir.path().join("root.btrfs");
+    fs::File::create(&fs_img)
+        .and_then(|f| f.set_len(200 << 20))
+        .expect("image file");
+    sh(Command::new(tool("mkfs.btrfs")).arg("-q").arg(&fs_img));
+    let bare = fs_img.to_str().expect("utf-8");
+    assert_eq!(
+        k.ok(["probe", bare]).trim(),
+        "raw 200 MiB ▸ btrfs 200 MiB (needs --via-vm)"
+    );
+
+    // The same file system in the second partition of a GPT disk, after an
+    // EFI System partition.
+    let disk = k.dir.path().join("disk.raw");
+    fs::File::create(&disk)
+        .and_then(|f| f.set_len(400 << 20))
+        .expect("disk file");
+    let table = "label: gpt\nstart=2048, size=20480, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\nstart=22528, size=409600, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n";
+    let mut sf = Command::new(tool("sfdisk"))
+        .arg("-q")
+        .arg(&disk)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk");
+    std::io::Write::write_all(&mut sf.stdin.take().expect("stdin"), table.as_bytes())
+        .expect("table");
+    assert!(sf.wait().expect("sfdisk").success());
+    sh(Command::new("dd")
+        .arg(format!("if={bare}"))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=512", "seek=22528", "conv=notrunc,sparse", "status=none"]));
+    let d = disk.to_str().expect("utf-8");
+    let text = k.ok(["probe", d]);
+    assert!(
+        text.contains("gpt p2 Linux filesystem 200 MiB")
+            && text.contains("btrfs 200 MiB (needs --via-vm)"),
+        "{text}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&k.ok(["probe", "--format", "json", d])).expect("probe json");
+    let chain = j["chain"].as_array().expect("chain");
+    assert_eq!(chain.len(), 3, "{j}");
+    assert_eq!(chain[0]["reader"], "raw");
+    assert_eq!(chain[0]["size"], 400u64 << 20);
+    assert_eq!(chain[1]["reader"], "gpt");
+    assert_eq!(chain[1]["partition"], 2);
+    assert_eq!(chain[1]["offset"], 22528u64 * 512);
+    assert_eq!(chain[1]["size"], 409600u64 * 512);
+    assert_eq!(chain[2]["reader"], "btrfs");
+    assert_eq!(chain[2]["needs"], "--via-vm");
+    assert!(chain[0].get("needs").is_none(), "{j}");
+
+    let err = k.fails(["import", d, "-t", "nope"]);
+    assert!(
+        err.contains("gpt p2") && err.contains("btrfs") && err.contains("--via-vm"),
+        "{err}"
+    );
+    assert!(k.run(["inspect", "nope"]).status.code() != Some(0));
+}

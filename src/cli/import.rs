@@ -171,8 +171,12 @@ fn not_a_disk(path: &std::path::Path) -> Option<String> {
 pub fn probe(a: &ProbeArgs) -> Result<i32> {
     // Disk detection first (an XVA is a tar too); when it finds nothing,
     // say what the input is if it is another kind kiln imports.
-    let chain = match kiln::disk::chain::Chain::open(&a.source, &a.disk.options()) {
-        Ok(c) => c,
+    use kiln::disk::chain::{display_steps, Chain, DiskError};
+    // A file system kiln reads only in a VM is a finding, not a failure:
+    // the chain down to it, its last step saying what it needs.
+    let steps = match Chain::open(&a.source, &a.disk.options()) {
+        Ok(c) => c.steps,
+        Err(DiskError::NeedsVm { steps, .. }) => steps,
         Err(e) => match not_a_disk(&a.source) {
             Some(what) => anyhow::bail!("probe {}: {what}", a.source.display()),
             None => return Err(e).with_context(|| format!("probe {}", a.source.display())),
@@ -181,10 +185,10 @@ pub fn probe(a: &ProbeArgs) -> Result<i32> {
     if a.format == Format::Json {
         print_json(&serde_json::json!({
             "source": a.source.display().to_string(),
-            "chain": chain.steps,
+            "chain": steps,
         }))?;
     } else {
-        println!("{chain}");
+        println!("{}", display_steps(&steps));
     }
     Ok(0)
 }

@@ -10,7 +10,7 @@ mod unpack;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use kiln::Store;
@@ -76,6 +76,9 @@ pub enum Command {
     /// Print a shell completion script: kiln completions bash >
     /// /etc/bash_completion.d/kiln (also zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
+    /// Write the manual pages (kiln.1 and kiln-COMMAND.1) into a folder,
+    /// e.g. kiln man /usr/local/share/man/man1.
+    Man(ManArgs),
     /// Run a host command inside your user namespace mapping (root there,
     /// your /etc/subuid range mapped), e.g. to remove files a run left
     /// owned by subordinate ids: kiln unshare rm -rf DIR.
@@ -87,6 +90,34 @@ pub enum Command {
 pub struct CompletionsArgs {
     /// The shell.
     pub shell: clap_complete::Shell,
+}
+
+/// `kiln man DIR`
+#[derive(clap::Args, Debug)]
+pub struct ManArgs {
+    /// The folder to write the pages into (created if missing).
+    pub dir: PathBuf,
+}
+
+/// Writes `kiln.1` and one `kiln-COMMAND.1` per command into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> Result<i32> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("man: create {}", dir.display()))?;
+    let top = Cli::command();
+    let mut pages = vec![("kiln".to_string(), top.clone())];
+    for sub in top.get_subcommands() {
+        let name = format!("kiln-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, cmd) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .render(&mut page)
+            .with_context(|| format!("man: render {name}"))?;
+        std::fs::write(&path, page).with_context(|| format!("man: write {}", path.display()))?;
+    }
+    Ok(0)
 }
 
 /// `kiln unshare CMD [ARGS...]`
@@ -160,6 +191,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Unpack(a) => unpack::run(&cli, a),
         Command::Rootfs(a) => unpack::rootfs(&cli, a),
         Command::Unshare(a) => Ok(kiln::userns::unshare(&a.command)?),
+        Command::Man(a) => write_man_pages(&a.dir),
         Command::Completions(a) => {
             use clap::CommandFactory;
             clap_complete::generate(a.shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

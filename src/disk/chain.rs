@@ -50,6 +50,18 @@ pub enum DiskError {
     /// The chain has no file system kiln can read, or a choice is needed.
     #[error("{0}")]
     Unsupported(String),
+    /// The file system is one kiln reads only in a VM (xfs, btrfs, ...):
+    /// import it with [`ChainOptions::via_vm`]. `steps` is the chain down to
+    /// it, its last step the file system (with [`Step::needs`] set).
+    #[error("the file system{} is {fstype}, which kiln cannot read in userspace (it reads ext2/3/4): import it with --via-vm, which mounts it inside a throwaway VM", where_.as_deref().map(|w| format!(" in {w}")).unwrap_or_default())]
+    NeedsVm {
+        /// The `mount` type of the file system.
+        fstype: &'static str,
+        /// Which partition holds it, when a partition table was searched.
+        where_: Option<String>,
+        /// The chain down to the file system, outermost first.
+        steps: Vec<Step>,
+    },
     /// Reading the file system in a VM failed.
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
@@ -92,14 +104,54 @@ pub struct ChainOptions {
     pub via_vm: Option<crate::vm::VmOptions>,
 }
 
-/// One step of a chain, for display.
+/// One step of a chain: what `kiln probe` prints, and its JSON.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Step {
     /// The reader: `iso9660`, `chunks`, `xva`, `vhd`, `qcow2`, `raw`,
-    /// `mbr`/`gpt`, `ext2`/`ext3`/`ext4`, `tree`.
+    /// `mbr`/`gpt`, `ext2`/`ext3`/`ext4`, `tree`, `vm`, or the name of a
+    /// file system read only in a VM (`btrfs`, `xfs`, ...).
     pub reader: String,
     /// What it holds, e.g. `vhd dynamic 626 MiB`.
     pub detail: String,
+    /// Bytes this step presents to the next one (a disk's virtual size, a
+    /// partition's or file system's size), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Where this step starts in the previous step's bytes (a partition's
+    /// byte offset on its disk), when that is not 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// The partition number (`mbr`/`gpt` steps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// What reading this step needs that was not given, e.g. `--via-vm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub needs: Option<String>,
+}
+
+impl Step {
+    fn new(reader: impl Into<String>, detail: impl Into<String>, size: u64) -> Step {
+        Step {
+            reader: reader.into(),
+            detail: detail.into(),
+            size: Some(size),
+            offset: None,
+            partition: None,
+            needs: None,
+        }
+    }
+}
+
+/// Prints a chain's steps as `kiln probe` does: `iso9660 ... ▸ chunks ...`.
+pub fn display_steps(steps: &[Step]) -> String {
+    let parts: Vec<String> = steps
+        .iter()
+        .map(|s| match &s.needs {
+            Some(n) => format!("{} (needs {n})", s.detail),
+            None => s.detail.clone(),
+        })
+        .collect();
+    parts.join(" ▸ ")
 }
 
 /// The file system at the end of a chain.
@@ -170,8 +222,7 @@ pub struct Chain {
 
 impl fmt::Display for Chain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<&str> = self.steps.iter().map(|s| s.detail.as_str()).collect();
-        f.write_str(&parts.join(" ▸ "))
+        f.write_str(&display_steps(&self.steps))
     }
 }
 
@@ -259,10 +310,7 @@ impl Chain {
         let mut steps = Vec::new();
         if path.is_dir() {
             let stream = ChunkedStream::from_dir(path, chunk_opts(opts))?;
-            steps.push(Step {
-                reader: "chunks".into(),
-                detail: stream.describe(),
-            });
+            steps.push(Step::new("chunks", stream.describe(), stream.size()));
             let disk: Arc<dyn ReadAt> = Arc::new(stream);
             let root = open_disk(disk, opts, &mut steps)?;
             return Ok(Chain {
@@ -285,11 +333,8 @@ impl Chain {
         let root = if is_iso(&head) {
             open_iso(outer, opts, &mut steps)?
         } else if is_xva(&head) {
-            let xva = Xva::open(outer)?;
-            steps.push(Step {
-                reader: "xva".into(),
-                detail: xva.describe(),
-            });
+            let xva = Xva::open(Arc::clone(&outer))?;
+            steps.push(Step::new("xva", xva.describe(), outer.size()));
             let disk = xva
                 .disks()
                 .first()
@@ -419,11 +464,9 @@ fn open_iso(
     opts: &ChainOptions,
     steps: &mut Vec<Step>,
 ) -> Result<Root, DiskError> {
+    let size = src.size();
     let iso = Iso::open(src)?;
-    steps.push(Step {
-        reader: "iso9660".into(),
-        detail: iso.describe(),
-    });
+    steps.push(Step::new("iso9660", iso.describe(), size));
     let node = match &opts.path {
         Some(p) => iso.lookup(p)?.ok_or_else(|| {
             DiskError::Unsupported(format!("--path {p}: no such file or folder in the ISO"))
@@ -441,16 +484,17 @@ fn open_iso(
     if node.is_dir() {
         if iso.read_dir(&node)?.iter().any(|c| is_chunk(&c.name)) {
             let stream = ChunkedStream::from_iso(&iso, &node, chunk_opts(opts))?;
-            steps.push(Step {
-                reader: "chunks".into(),
-                detail: format!("{} in /{}", stream.describe(), node.path),
-            });
+            steps.push(Step::new(
+                "chunks",
+                format!("{} in /{}", stream.describe(), node.path),
+                stream.size(),
+            ));
             let disk: Arc<dyn ReadAt> = Arc::new(stream);
             return open_disk(disk, opts, steps);
         }
         steps.push(Step {
-            reader: "tree".into(),
-            detail: format!("tree /{}", node.path),
+            size: None,
+            ..Step::new("tree", format!("tree /{}", node.path), 0)
         });
         let sub = node.path.clone();
         return Ok(Root::Iso(iso, sub));
@@ -502,26 +546,21 @@ fn open_disk(
             Some(b) => Qcow2::open_with_backing(src, open_file(b)?)?,
             None => Qcow2::open(src)?,
         };
-        steps.push(Step {
-            reader: "qcow2".into(),
-            detail: q.describe(),
-        });
+        steps.push(Step::new("qcow2", q.describe(), q.size()));
         Arc::new(q)
     } else if has_vhd_footer(&*src) {
         let v = match &opts.parent {
             Some(p) => Vhd::open_with_parent(src, open_file(p)?)?,
             None => Vhd::open(src)?,
         };
-        steps.push(Step {
-            reader: "vhd".into(),
-            detail: v.describe(),
-        });
+        steps.push(Step::new("vhd", v.describe(), v.size()));
         Arc::new(v)
     } else {
-        steps.push(Step {
-            reader: "raw".into(),
-            detail: format!("raw {}", human(src.size())),
-        });
+        steps.push(Step::new(
+            "raw",
+            format!("raw {}", human(src.size())),
+            src.size(),
+        ));
         src
     };
     let Some(table) = PartitionTable::read(&disk)? else {
@@ -550,8 +589,25 @@ fn open_disk(
                     break;
                 }
             }
-            if found.is_none() && opts.via_vm.is_some() {
-                found = vm_root_candidate(parts, &disk)?;
+            if found.is_none() {
+                let candidate = vm_root_candidate(parts, &disk)?;
+                if opts.via_vm.is_some() {
+                    found = candidate;
+                } else if let Some(p) = candidate {
+                    // Readable only in a VM: say so, with the chain down to
+                    // the file system (what `kiln probe` prints).
+                    steps.push(partition_step(p, " (the likeliest root)"));
+                    let slice: Arc<dyn ReadAt> = Arc::new(p.open(&disk)?);
+                    return Err(needs_vm(
+                        &*slice,
+                        Some(format!(
+                            "{} p{} (no partition holds an ext2/3/4 Linux root)",
+                            scheme_of(p),
+                            p.number
+                        )),
+                        steps,
+                    ));
+                }
             }
             found.ok_or_else(|| {
                 DiskError::Unsupported(format!(
@@ -561,33 +617,69 @@ fn open_disk(
             })?
         }
     };
-    let scheme = if matches!(chosen.kind, PartitionKind::Gpt { .. }) {
+    steps.push(partition_step(
+        chosen,
+        match (opts.partition, opts.via_vm.is_some()) {
+            (Some(_), _) => "",
+            (None, false) => " (has a Linux root)",
+            (None, true) => " (the likeliest root: pick another with --partition)",
+        },
+    ));
+    let slice: Arc<dyn ReadAt> = Arc::new(chosen.open(&disk)?);
+    open_fs(slice, opts, steps)
+}
+
+fn scheme_of(p: &super::part::Partition) -> &'static str {
+    if matches!(p.kind, PartitionKind::Gpt { .. }) {
         "gpt"
     } else {
         "mbr"
-    };
-    let kind = match &chosen.kind {
+    }
+}
+
+/// The step for partition `p`, its detail ending in `why`.
+fn partition_step(p: &super::part::Partition, why: &str) -> Step {
+    let scheme = scheme_of(p);
+    let kind = match &p.kind {
         PartitionKind::Mbr(t) => format!("0x{t:02x}"),
         PartitionKind::Gpt { type_guid, name } => type_guid
             .name()
             .map(str::to_string)
             .unwrap_or_else(|| format!("{name:?}")),
     };
+    Step {
+        offset: Some(p.start_bytes),
+        partition: Some(p.number),
+        ..Step::new(
+            scheme,
+            format!("{scheme} p{} {kind} {}{why}", p.number, human(p.size_bytes)),
+            p.size_bytes,
+        )
+    }
+}
+
+/// [`DiskError::NeedsVm`] for the file system in `src`, with its step
+/// (marked as needing `--via-vm`) at the end of `steps`.
+fn needs_vm(src: &dyn ReadAt, where_: Option<String>, steps: &mut Vec<Step>) -> DiskError {
+    let found = super::ext::sniff_other(src);
+    let Some(fstype) = mount_type(found) else {
+        return DiskError::Unsupported(format!(
+            "the file system is {found}, which kiln cannot read (it reads ext2/3/4)"
+        ));
+    };
     steps.push(Step {
-        reader: scheme.into(),
-        detail: format!(
-            "{scheme} p{} {kind} {}{}",
-            chosen.number,
-            human(chosen.size_bytes),
-            match (opts.partition, opts.via_vm.is_some()) {
-                (Some(_), _) => "",
-                (None, false) => " (has a Linux root)",
-                (None, true) => " (the likeliest root: pick another with --partition)",
-            }
-        ),
+        needs: Some("--via-vm".into()),
+        ..Step::new(
+            fstype,
+            format!("{fstype} {}", human(src.size())),
+            src.size(),
+        )
     });
-    let slice: Arc<dyn ReadAt> = Arc::new(chosen.open(&disk)?);
-    open_fs(slice, opts, steps)
+    DiskError::NeedsVm {
+        fstype,
+        where_,
+        steps: std::mem::take(steps),
+    }
 }
 
 /// For `--via-vm` when no partition holds an ext Linux root: the one most
@@ -648,25 +740,21 @@ fn open_fs(
                 ))
             })?
         };
-        steps.push(Step {
-            reader: "vm".into(),
-            detail: format!("{fstype} {} (read in a VM)", human(src.size())),
-        });
+        steps.push(Step::new(
+            "vm",
+            format!("{fstype} {} (read in a VM)", human(src.size())),
+            src.size(),
+        ));
         return Ok(Root::Vm(src, fstype, vm.clone()));
     }
     let size = src.size();
-    match ExtFs::open(src) {
+    match ExtFs::open(Arc::clone(&src)) {
         Ok(fs) => {
-            steps.push(Step {
-                reader: fs.kind().to_string(),
-                detail: fs.describe(),
-            });
+            steps.push(Step::new(fs.kind().to_string(), fs.describe(), size));
             Ok(Root::Ext(fs))
         }
         Err(ExtError::NotExt { found }) => Err(DiskError::Unsupported(match mount_type(found) {
-            Some(_) => format!(
-                "the file system is {found}, which kiln cannot read in userspace (it reads ext2/3/4): import it with --via-vm, which mounts it inside a throwaway VM"
-            ),
+            Some(_) => return Err(needs_vm(&*src, None, steps)),
             None if found == "no recognizable file system" => format!(
                 "{} is not a disk image, partition table or file system kiln knows at offset 0 (it reads ISO 9660, XVA, chunk folders, VHD, qcow2, raw disks with MBR/GPT, and ext2/3/4; --via-vm for what Linux mounts)",
                 human(size)
