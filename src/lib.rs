@@ -28,8 +28,11 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod digest;
-pub mod disk;
+mod gc;
+pub mod helper;
+
 pub mod import;
+pub mod layer;
 pub mod progress;
 pub mod sandbox;
 pub mod source;
@@ -42,5 +45,8 @@ pub mod vm;
 
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
 pub use progress::{Event, ProgressFn};
+/// The disk-image readers (ISO 9660, chunks, XVA, VHD, qcow2, MBR/GPT,
+/// ext2/3/4) and their chain, which live in [`source::disk`].
+pub use source::disk;
 pub use source::ExpansionLimits;
 pub use store::{ExportFormat, Store, StoreError, StoreOptions};

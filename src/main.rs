@@ -6,23 +6,9 @@ mod cli;
 use clap::Parser;
 
 fn main() {
-    // kiln is also the guest agent of its VMs (PID 1 of their initramfs).
-    if kiln::vm::agent::is_agent() {
-        kiln::vm::agent::agent_main();
-    }
-    // The sandbox helper: kiln re-executes itself to set up namespaces.
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == kiln::sandbox::ns::HELPER_ARG)
-    {
-        kiln::sandbox::ns::helper_main();
-    }
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == kiln::userns::TASK_ARG)
-    {
-        kiln::userns::task_main();
-    }
+    // kiln re-executes itself for the sandbox helper, store tasks in the
+    // caller's id mapping, and the VM guest agent: those never return here.
+    kiln::helper::dispatch();
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

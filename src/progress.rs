@@ -48,3 +48,41 @@ pub(crate) fn emit(cb: &Option<ProgressFn>, e: Event) {
         cb(&e);
     }
 }
+
+/// `bytes` with a binary unit, for messages: `512 B`, `4 KiB`, `626 MiB`,
+/// `1.5 GiB` (one decimal unless the size is a whole number of the unit).
+///
+/// ```
+/// assert_eq!(kiln::progress::human_bytes(626 << 20), "626 MiB");
+/// assert_eq!(kiln::progress::human_bytes(3 << 29), "1.5 GiB");
+/// ```
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >> (10 * (unit + 2)) > 0 {
+        unit += 1;
+    }
+    let scale = 1u64 << (10 * (unit + 1));
+    if bytes.is_multiple_of(scale) {
+        format!("{} {}", bytes / scale, UNITS[unit])
+    } else {
+        format!("{:.1} {}", bytes as f64 / scale as f64, UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1024), "1 KiB");
+        assert_eq!(human_bytes(626 << 20), "626 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+}

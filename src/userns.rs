@@ -94,14 +94,7 @@ pub fn parse_subid(db: &str, name: Option<&str>, id: u32) -> Option<(u32, u32)> 
     })
 }
 
-/// `name` in PATH (or /usr/bin, /usr/sbin).
-pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+use crate::sys::find_tool;
 
 /// A subordinate id range: (first host id, count).
 type Range = (u32, u32);
@@ -334,7 +327,7 @@ fn newidmap(tool: &str, pid: i32, v: &[IdExtent]) -> io::Result<IdMapper> {
 
 /// Name of the hidden subcommand the userns task helper runs as.
 pub const TASK_ARG: &str = "__userns-task";
-const TASK_ENV: &str = "KILN_USERNS_TASK";
+pub(crate) const TASK_ENV: &str = "KILN_USERNS_TASK";
 
 /// Store work that must happen inside a subid mapping.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -352,7 +345,8 @@ pub(crate) enum Task {
     Verify {
         root: PathBuf,
         record: PathBuf,
-        tree: crate::unpack::record::TreeSummary,
+        /// The tree's summary, as JSON (the unpacker's `TreeSummary`).
+        tree: String,
     },
     /// Commit a run's upper directory as a new image.
     Commit {
@@ -484,24 +478,10 @@ fn start_task(
     Ok(child)
 }
 
-/// Entry point of the task helper (`kiln __userns-task`): create a user
-/// namespace, stop until the parent has mapped it, then do the task as
-/// root of the namespace.
-pub fn task_main() -> ! {
-    let code = match task_inner() {
-        Ok(out) => {
-            print!("{out}");
-            0
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            1
-        }
-    };
-    std::process::exit(code)
-}
-
-fn task_inner() -> Result<String, String> {
+/// In the task helper: reads the task kiln handed over, creates a user
+/// namespace, stops until the parent has mapped it, and checks that it is
+/// root there. The task itself is done by the helper dispatcher.
+pub(crate) fn enter_task() -> Result<Task, String> {
     let json = std::env::var(TASK_ENV).map_err(|_| format!("{TASK_ENV} is not set"))?;
     let task: Task = serde_json::from_str(&json).map_err(|e| format!("bad task: {e}"))?;
     crate::sys::unshare(rustix::thread::UnshareFlags::NEWUSER)
@@ -511,94 +491,14 @@ fn task_inner() -> Result<String, String> {
     if !rustix::process::getuid().is_root() {
         return Err("uid 0 is not mapped in the helper's user namespace".into());
     }
-    match task {
-        Task::Exec { argv } => {
-            use std::os::unix::process::CommandExt;
-            let e = Command::new(&argv[0])
-                .args(&argv[1..])
-                .env_remove(TASK_ENV)
-                .exec();
-            eprintln!("kiln unshare: {}: {e}", argv[0]);
-            std::process::exit(if e.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            })
-        }
-        Task::Remove { path } => crate::unpack::remove_tree(&path)
-            .map(|()| String::new())
-            .map_err(|e| format!("remove {}: {e}", path.display())),
-        Task::Verify { root, record, tree } => {
-            crate::unpack::record::verify(&root, &record, &tree, 20)
-                .map_err(|e| format!("verify {}: {e}", root.display()))
-                .and_then(|p| serde_json::to_string(&p).map_err(|e| e.to_string()))
-        }
-        Task::Unpack {
-            store,
-            manifest,
-            dest,
-            record,
-        } => {
-            // kiln checked the store before it started this task; inside
-            // the mapping its owner shows as root, or as nobody for a
-            // store the caller chose to trust.
-            let trusted = crate::StoreOptions {
-                trust_owner: true,
-                ..Default::default()
-            };
-            let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
-            let img = store
-                .image_of_manifest(&manifest)
-                .map_err(|e| e.to_string())?;
-            store
-                .unpack_layers(&img, &dest, false)
-                .map_err(|e| e.to_string())?;
-            let tree = crate::unpack::record::write(&dest, &record)
-                .map_err(|e| format!("record the unpacked tree {}: {e}", dest.display()))?;
-            serde_json::to_string(&tree).map_err(|e| e.to_string())
-        }
-        Task::Commit {
-            store,
-            manifest,
-            upper,
-            name,
-            created_by,
-            epoch,
-            mount_points,
-        } => {
-            // kiln checked the store before it started this task; inside
-            // the mapping its owner shows as root, or as nobody for a
-            // store the caller chose to trust.
-            let trusted = crate::StoreOptions {
-                trust_owner: true,
-                ..Default::default()
-            };
-            let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
-            // By manifest, not by tag: the tag may be gone (the run pinned
-            // the image, so its blobs are not).
-            let img = store
-                .image_of_manifest(&manifest)
-                .map_err(|e| e.to_string())?;
-            let report = crate::sandbox::commit::commit(
-                &store,
-                &img,
-                &upper,
-                &name,
-                &created_by,
-                epoch,
-                &mount_points,
-            )
-            .map_err(|e| e.to_string())?;
-            serde_json::to_string(&report).map_err(|e| e.to_string())
-        }
-    }
+    Ok(task)
 }
 
 /// Removes a tree, entering the caller's subid mapping when plain removal
 /// is refused (files a subid-mapped run created belong to host ids the
 /// caller does not own).
 pub(crate) fn remove_tree_mapped(path: &Path, helper: Option<&Path>) -> io::Result<()> {
-    match crate::unpack::remove_tree(path) {
+    match crate::sys::tree::remove_tree(path) {
         Err(e)
             if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM))
                 && !rustix::process::getuid().is_root() =>

@@ -110,7 +110,7 @@ impl DiskArgs {
             parent: self.parent.clone(),
             backing: self.backing.clone(),
             max_stream: None,
-            via_vm: self.via_vm.then(kiln::vm::VmOptions::default),
+            via_vm: self.via_vm,
         }
     }
 }

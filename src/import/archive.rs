@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use super::{build_config, ImportError, ImportOptions, ImportReport, LayerInfo, LayerSink};
 use crate::digest;
+use crate::layer::LayerError;
 use crate::progress::{emit, Event};
 use crate::source::{self, archive::FileSet};
 use crate::store::{ImageName, Store, REF_NAME_ANNOTATION};
@@ -71,19 +72,20 @@ fn scan_layer(
     source::tarball::walk(&mut tee, &name, &mut |_e, data, _pos| {
         io::copy(data, &mut io::sink())
             .map(|_| ())
-            .map_err(|e| ImportError::from_read(&name, "read layer", 0, &e))
+            .map_err(|e| LayerError::from_read(&name, "read layer", 0, &e))
     })?;
     // What follows the end-of-archive blocks is part of the blob too.
     io::copy(&mut tee, &mut io::sink())
-        .map_err(|e| ImportError::from_read(&name, "read layer", 0, &e))?;
+        .map_err(|e| LayerError::from_read(&name, "read layer", 0, &e))?;
     Ok(())
 }
 
 fn bad(path: &str, reason: impl Into<String>) -> ImportError {
-    ImportError::Archive {
+    LayerError::Archive {
         path: path.to_string(),
         reason: reason.into(),
     }
+    .into()
 }
 
 /// Imports the image held by `set`.
@@ -279,7 +281,7 @@ fn copy_blob(
         ));
     }
     let mut w = store.blob_writer()?;
-    io::copy(&mut r, &mut w).map_err(|e| ImportError::from_read(display, "copy blob", 0, &e))?;
+    io::copy(&mut r, &mut w).map_err(|e| LayerError::from_read(display, "copy blob", 0, &e))?;
     w.commit_expect(d.digest())
         .map_err(|e| bad(display, format!("{member}: {e}")))?;
     Ok(())

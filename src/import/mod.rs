@@ -6,9 +6,7 @@
 //! -> hash (blob digest) -> store. Memory stays flat whatever the input size.
 
 mod archive;
-mod compress;
-mod entry;
-pub mod sparse;
+mod via_vm;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -23,10 +21,9 @@ use oci_spec::image::{
 };
 use serde::Serialize;
 
-pub use compress::{Compression, Encoder, ParGzip};
-
-pub use entry::{
-    check_whiteout, normalize_path, Entry, EntryKind, PathError, PathGuard, TarWriter,
+pub use crate::layer::{
+    check_whiteout, normalize_path, sparse, Compression, Encoder, Entry, EntryKind, LayerError,
+    ParGzip, PathError, PathGuard, TarWriter,
 };
 
 use crate::digest::HashWriter;
@@ -37,64 +34,9 @@ use crate::store::{canonical_json, ImageName, Store, StoreError};
 /// Errors of `kiln import`, each naming the step, the input and where in it.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    /// The source could not be opened.
-    #[error("import: open {path}: {source}")]
-    Open {
-        /// The source as given.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// The input is malformed (truncated, corrupt, bad checksum...).
-    #[error("import: {step}: {path}: at offset {offset}: {reason}")]
-    Corrupt {
-        /// What kiln was reading.
-        step: &'static str,
-        /// The input.
-        path: String,
-        /// Byte offset in the (decompressed) stream where it went wrong.
-        offset: u64,
-        /// What was wrong.
-        reason: String,
-    },
-    /// An entry would write outside the image or through a symlink.
-    #[error("import: refusing unsafe entry in {source_name} at offset {offset}: {reason}")]
-    UnsafeEntry {
-        /// The input.
-        source_name: String,
-        /// Offset of the entry's header.
-        offset: u64,
-        /// The check that failed.
-        reason: PathError,
-    },
-    /// The compressed input expands far beyond its size.
-    #[error("import: {path}: {reason} (raise the limits with --max-size/--max-ratio if this input is genuine)")]
-    Bomb {
-        /// The input.
-        path: String,
-        /// Sizes and limits.
-        reason: String,
-    },
-    /// Reading a file of a directory source failed.
-    #[error("import: {step} {}: {source}", path.display())]
-    ReadFile {
-        /// What kiln was doing.
-        step: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// The input is a format kiln does not import.
-    #[error("import: {path}: unsupported input: {what}")]
-    Unsupported {
-        /// The input.
-        path: String,
-        /// What it is.
-        what: String,
-    },
+    /// Reading the input or writing the layer failed.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
     /// A disk image, ISO or chunk stream could not be read (the reason
     /// names the reader and the offset).
     #[error("import: {path}: {reason}")]
@@ -104,51 +46,9 @@ pub enum ImportError {
         /// What went wrong, where.
         reason: String,
     },
-    /// An image archive is inconsistent or ambiguous.
-    #[error("import: {path}: {reason}")]
-    Archive {
-        /// The input.
-        path: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Writing the layer failed (disk full, store error...).
-    #[error("import: write layer: {0}")]
-    Write(#[source] io::Error),
     /// A store operation failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl ImportError {
-    /// Classifies a read error from a (possibly decompressing) input stream.
-    pub(crate) fn from_read(
-        path: &str,
-        step: &'static str,
-        offset: u64,
-        e: &io::Error,
-    ) -> ImportError {
-        let msg = e.to_string();
-        if msg.contains(source::BOMB_MARKER) {
-            return ImportError::Bomb {
-                path: path.to_string(),
-                reason: msg,
-            };
-        }
-        // The tar crate reports a short header read as "failed to read entire block".
-        let short = e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("entire block");
-        let reason = if short {
-            format!("truncated input: {msg}")
-        } else {
-            msg
-        };
-        ImportError::Corrupt {
-            step,
-            path: path.to_string(),
-            offset,
-            reason,
-        }
-    }
 }
 
 /// What to import.
@@ -205,7 +105,10 @@ pub struct ImportOptions {
     pub limits: ExpansionLimits,
     /// Choices for disk-image sources (`--path`, `--partition`,
     /// `--parent`, `--backing`). Default: detect everything.
-    pub disk: crate::disk::chain::ChainOptions,
+    pub disk: crate::source::disk::chain::ChainOptions,
+    /// The VM that reads a file system when `disk.via_vm` is set. Default:
+    /// detected accelerator, a temp directory in the store.
+    pub vm: crate::vm::VmOptions,
     /// How the owners of root file-system entries are rewritten. Default
     /// [`Owners::Keep`].
     pub owners: Owners,
@@ -265,7 +168,8 @@ impl ImportOptions {
             labels: BTreeMap::new(),
             image: None,
             limits: ExpansionLimits::default(),
-            disk: crate::disk::chain::ChainOptions::default(),
+            disk: crate::source::disk::chain::ChainOptions::default(),
+            vm: crate::vm::VmOptions::default(),
             owners: Owners::Keep,
             progress: None,
         }
@@ -340,7 +244,7 @@ impl LayerSink {
         level: Option<i32>,
     ) -> Result<Self, ImportError> {
         let enc =
-            Encoder::new(store.blob_writer()?, compression, level).map_err(ImportError::Write)?;
+            Encoder::new(store.blob_writer()?, compression, level).map_err(LayerError::Write)?;
         Ok(LayerSink {
             out: BufWriter::with_capacity(256 << 10, HashWriter::new(enc)),
             compression,
@@ -357,9 +261,9 @@ impl LayerSink {
         let hw = self
             .out
             .into_inner()
-            .map_err(|e| ImportError::Write(e.into_error()))?;
+            .map_err(|e| LayerError::Write(e.into_error()))?;
         let (enc, diff_id, _) = hw.finish();
-        let (digest, size) = enc.finish().map_err(ImportError::Write)?.commit()?;
+        let (digest, size) = enc.finish().map_err(LayerError::Write)?.commit()?;
         Ok(LayerInfo {
             digest: digest.to_string(),
             diff_id: diff_id.to_string(),
@@ -416,10 +320,10 @@ impl LayerBuilder {
         mut e: Entry,
         data: &mut dyn Read,
         offset: u64,
-    ) -> Result<(), ImportError> {
+    ) -> Result<(), LayerError> {
         self.guard
             .check(&mut e)
-            .map_err(|reason| ImportError::UnsafeEntry {
+            .map_err(|reason| LayerError::UnsafeEntry {
                 source_name: self.source_name.clone(),
                 offset,
                 reason,
@@ -462,17 +366,17 @@ impl LayerBuilder {
         }
         if let (EntryKind::File, Some(map)) = (e.kind, &e.sparse) {
             // Sources check their maps; a bad one is a bug, named anyway.
-            sparse::check(map, e.size).map_err(|m| ImportError::Corrupt {
+            sparse::check(map, e.size).map_err(|m| LayerError::Corrupt {
                 step: "read sparse file map",
                 path: self.source_name.clone(),
                 offset,
                 reason: format!("{:?}: {m}", e.path),
             })?;
         }
-        let content = TarWriter::<LayerSink>::content_size(&e).map_err(ImportError::Write)?;
+        let content = TarWriter::<LayerSink>::content_size(&e).map_err(LayerError::Write)?;
         let written = self.tar.inner_ref().written();
         if written.saturating_add(content) > self.max_bytes {
-            return Err(ImportError::Bomb {
+            return Err(LayerError::Bomb {
                 path: self.source_name.clone(),
                 reason: format!(
                     "layer would exceed {} bytes at entry {:?}",
@@ -486,11 +390,11 @@ impl LayerBuilder {
         };
         if let Err(err) = self.tar.append(&e, &mut tap) {
             if tap.err.is_none() && err.kind() != io::ErrorKind::UnexpectedEof {
-                return Err(ImportError::Write(err));
+                return Err(LayerError::Write(err));
             }
             // Name the entry whose content could not be read.
             let err = io::Error::new(err.kind(), format!("{err} (in entry {:?})", e.path));
-            return Err(ImportError::from_read(
+            return Err(LayerError::from_read(
                 &self.source_name,
                 "read file data",
                 offset,
@@ -503,7 +407,7 @@ impl LayerBuilder {
     /// Finishes the tar stream and commits the blob.
     pub(crate) fn finish(self) -> Result<(LayerInfo, u64), ImportError> {
         let entries = self.tar.entries();
-        let info = self.tar.finish().map_err(ImportError::Write)?.finish()?;
+        let info = self.tar.finish().map_err(LayerError::Write)?.finish()?;
         Ok((info, entries))
     }
 }
@@ -531,22 +435,22 @@ impl Store {
         ) = match source {
             ImportSource::Path(p) => {
                 let display = p.display().to_string();
-                let md = std::fs::metadata(&p).map_err(|e| ImportError::Open {
+                let md = std::fs::metadata(&p).map_err(|e| LayerError::Open {
                     path: display.clone(),
                     source: e,
                 })?;
-                if crate::disk::chain::recognizes(&p) {
+                if crate::source::disk::chain::recognizes(&p) {
                     return self.import_disk(&p, &display, &name, opts);
                 }
                 if md.is_dir() {
                     // Through a symlink to a directory: walk the directory itself.
-                    let real = std::fs::canonicalize(&p).map_err(|e| ImportError::Open {
+                    let real = std::fs::canonicalize(&p).map_err(|e| LayerError::Open {
                         path: display.clone(),
                         source: e,
                     })?;
                     return self.import_dir(&real, &display, &name, opts);
                 }
-                let f = File::open(&p).map_err(|e| ImportError::Open {
+                let f = File::open(&p).map_err(|e| LayerError::Open {
                     path: display.clone(),
                     source: e,
                 })?;
@@ -562,25 +466,27 @@ impl Store {
         let progress = opts.progress.clone();
         let counted = source::CountingReader::new(raw, Arc::clone(&counter));
         let (head, r) = source::peek(counted, 64 << 10)
-            .map_err(|e| ImportError::from_read(&display, "read", 0, &e))?;
+            .map_err(|e| LayerError::from_read(&display, "read", 0, &e))?;
         if head.is_empty() {
-            return Err(ImportError::Unsupported {
+            return Err(LayerError::Unsupported {
                 path: display,
                 what: "the input is empty".into(),
-            });
+            }
+            .into());
         }
         let codec = source::sniff_codec(&head);
         // Disk-image magic is only meaningful in raw, non-tar input.
         if codec.is_none() && !source::tar_header_ok(&head) {
             if let Some(what) = source::sniff_unsupported(&head) {
-                return Err(ImportError::Unsupported {
+                return Err(LayerError::Unsupported {
                     path: display,
                     what: format!("{what} (disk-image import is not implemented yet)"),
-                });
+                }
+                .into());
             }
         }
         let dec = source::decoder(codec, r)
-            .map_err(|e| ImportError::from_read(&display, "start decompressor", 0, &e))?;
+            .map_err(|e| LayerError::from_read(&display, "start decompressor", 0, &e))?;
         // Every input is held to --max-size; compressed ones also to --max-ratio.
         let ratio_counter = codec.map(|_| Arc::clone(&counter));
         let guarded = source::BombGuard::new(dec, ratio_counter, opts.limits);
@@ -593,16 +499,17 @@ impl Store {
             "read"
         };
         let (dhead, stream) = source::peek(guarded, 256 << 10).map_err(|e| {
-            ImportError::from_read(&display, step, dcount.load(Ordering::Relaxed), &e)
+            LayerError::from_read(&display, step, dcount.load(Ordering::Relaxed), &e)
         })?;
         if dhead.is_empty() {
-            return Err(ImportError::Unsupported {
+            return Err(LayerError::Unsupported {
                 path: display,
                 what: format!(
                     "the {} stream decompresses to nothing",
                     codec.map(|c| c.to_string()).unwrap_or_default()
                 ),
-            });
+            }
+            .into());
         }
         let ctext = codec.map(|c| format!(" ({c})")).unwrap_or_default();
         if source::archive::looks_like_archive(&dhead) {
@@ -623,7 +530,7 @@ impl Store {
                         "archive-",
                         self.root().join(".kiln/tmp"),
                     )
-                    .map_err(ImportError::Write)?;
+                    .map_err(LayerError::Write)?;
                     let mut stream = stream;
                     copy_classified(&mut stream, tmp.as_file_mut(), &display, &dcount)?;
                     spooled = tmp;
@@ -642,18 +549,20 @@ impl Store {
         }
         if !source::tar_header_ok(&dhead) {
             if dhead.len() >= 263 && &dhead[257..262] == b"ustar" {
-                return Err(ImportError::Corrupt {
+                return Err(LayerError::Corrupt {
                     step: "read tar header",
                     path: display,
                     offset: 0,
                     reason: "the first tar header has a bad checksum".into(),
-                });
+                }
+                .into());
             }
             let magic: String = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
-            return Err(ImportError::Unsupported {
+            return Err(LayerError::Unsupported {
                 path: display,
                 what: format!("not a directory, tarball or image archive (first bytes {magic})"),
-            });
+            }
+            .into());
         }
         emit(
             &progress,
@@ -762,7 +671,8 @@ impl Store {
         // A VM's files (a copy of the file system, its output) live in the
         // store's temp directory for the import only.
         let mut _vm_work = None;
-        if let Some(vm) = &mut copts.via_vm {
+        let mut vm = opts.vm.clone();
+        if copts.via_vm {
             if vm.work.as_os_str().is_empty() {
                 let tmp = self.root().join(".kiln/tmp");
                 let dir = tempfile::Builder::new()
@@ -781,11 +691,11 @@ impl Store {
             }
             vm.max_bytes = vm.max_bytes.min(opts.limits.max_bytes);
         }
-        let disk_err = |e: crate::disk::chain::DiskError| ImportError::Disk {
+        let disk_err = |e: crate::source::disk::chain::DiskError| ImportError::Disk {
             path: display.to_string(),
             reason: e.to_string(),
         };
-        let chain = crate::disk::chain::Chain::open(path, &copts).map_err(disk_err)?;
+        let chain = crate::source::disk::chain::Chain::open(path, &copts).map_err(disk_err)?;
         let total = (chain.outer_size > 0).then_some(chain.outer_size);
         emit(&opts.progress, Event::DiskChain(chain.to_string()));
         emit(
@@ -799,17 +709,22 @@ impl Store {
         let mut n = 0u64;
         /// The walk fails in a reader or in the layer writer.
         enum Fail {
-            Disk(crate::disk::chain::DiskError),
+            Disk(crate::source::disk::chain::DiskError),
             Import(ImportError),
         }
-        impl From<crate::disk::chain::DiskError> for Fail {
-            fn from(e: crate::disk::chain::DiskError) -> Self {
+        impl From<crate::source::disk::chain::DiskError> for Fail {
+            fn from(e: crate::source::disk::chain::DiskError) -> Self {
                 Fail::Disk(e)
+            }
+        }
+        impl From<ImportError> for Fail {
+            fn from(e: ImportError) -> Self {
+                Fail::Import(e)
             }
         }
         let progress = opts.progress.clone();
         let mut note = |n: &str| emit(&progress, Event::Step(n.to_string()));
-        let walked = chain.walk_noting(&mut note, |e, data| -> Result<(), Fail> {
+        let add = |e: Entry, data: &mut dyn Read| -> Result<(), Fail> {
             n += 1;
             if n.is_multiple_of(256) {
                 emit(
@@ -820,8 +735,12 @@ impl Store {
                     },
                 );
             }
-            layer.add(e, data, 0).map_err(Fail::Import)
-        });
+            layer.add(e, data, 0).map_err(|e| Fail::Import(e.into()))
+        };
+        let walked = match chain.in_vm() {
+            Some((src, fstype)) => via_vm::walk(src, fstype, &vm, display, &mut note, add),
+            None => chain.walk(add),
+        };
         match walked {
             Ok(()) => {}
             Err(Fail::Disk(e)) => return Err(disk_err(e)),
@@ -912,7 +831,7 @@ impl Store {
             ))
             .layers(descs)
             .build()
-            .map_err(|e| ImportError::Archive {
+            .map_err(|e| LayerError::Archive {
                 path: name.to_string(),
                 reason: format!("build manifest: {e}"),
             })?;
@@ -939,23 +858,27 @@ fn copy_classified(
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                return Err(ImportError::from_read(
+                return Err(LayerError::from_read(
                     display,
                     "decompress",
                     pos.load(Ordering::Relaxed),
                     &e,
-                ))
+                )
+                .into())
             }
         };
-        w.write_all(&buf[..k]).map_err(ImportError::Write)?;
+        w.write_all(&buf[..k]).map_err(LayerError::Write)?;
         n += k as u64;
     }
 }
 
 pub(crate) fn parse_digest(s: &str) -> Result<Digest, ImportError> {
-    s.parse::<Digest>().map_err(|e| ImportError::Archive {
-        path: s.to_string(),
-        reason: format!("bad digest: {e}"),
+    s.parse::<Digest>().map_err(|e| {
+        LayerError::Archive {
+            path: s.to_string(),
+            reason: format!("bad digest: {e}"),
+        }
+        .into()
     })
 }
 
@@ -967,7 +890,7 @@ pub(crate) fn build_config(
     diff_ids: &[String],
     created_by: &str,
 ) -> Result<Vec<u8>, ImportError> {
-    let bad = |e: String| ImportError::Archive {
+    let bad = |e: String| LayerError::Archive {
         path: opts.tag.clone(),
         reason: format!("build config: {e}"),
     };

@@ -13,7 +13,8 @@ use std::path::Path;
 
 use oci_spec::image::{HistoryBuilder, ImageConfiguration};
 
-use crate::import::{rfc3339, Entry, EntryKind, ImportError, ImportOptions, LayerBuilder};
+use crate::import::{rfc3339, ImportError, ImportOptions, LayerBuilder};
+use crate::layer::{Entry, EntryKind, LayerError};
 use crate::store::{ImageName, Store};
 
 /// What a commit produced.
@@ -111,10 +112,10 @@ pub(crate) fn commit(
         let is_whiteout = e.kind == EntryKind::Char && (e.dev_major, e.dev_minor) == (0, 0);
         let name = e.path.rsplit('/').next().unwrap_or(&e.path);
         if name.starts_with(".wh.") && !is_whiteout {
-            return Err(ImportError::UnsafeEntry {
+            return Err(LayerError::UnsafeEntry {
                 source_name: display.clone(),
                 offset: 0,
-                reason: crate::import::PathError::ReservedName(format!("/{}", e.path)),
+                reason: crate::layer::PathError::ReservedName(format!("/{}", e.path)),
             });
         }
         if rootless {
@@ -176,7 +177,7 @@ pub(crate) fn commit(
         cfg.set_created(Some(rfc3339(t)));
     }
     let mut history = cfg.history().clone().unwrap_or_default();
-    history.push(h.build().map_err(|e| ImportError::Archive {
+    history.push(h.build().map_err(|e| LayerError::Archive {
         path: name.to_string(),
         reason: e.to_string(),
     })?);

@@ -7,8 +7,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::import::sparse::{data_len, read_map, DenseReader, PaxSparse, Segment};
-use crate::import::{normalize_path, ImportError};
+use crate::layer::sparse::{data_len, read_map, DenseReader, PaxSparse, Segment};
+use crate::layer::{normalize_path, LayerError};
 
 /// Whether a (normalized) top-level tar member name belongs to an image
 /// archive rather than a root file system.
@@ -35,7 +35,7 @@ pub fn looks_like_archive(head: &[u8]) -> bool {
         if h.iter().all(|b| *b == 0) || !super::tar_header_ok(h) {
             break;
         }
-        let size = super::parse_octal(&h[124..136]).unwrap_or(0);
+        let size = crate::layer::codec::parse_octal(&h[124..136]).unwrap_or(0);
         let typeflag = h[156];
         let mut name: Vec<u8> = h[..100].iter().copied().take_while(|b| *b != 0).collect();
         if &h[257..262] == b"ustar" && h[345] != 0 {
@@ -88,8 +88,8 @@ pub struct Member {
 impl FileSet {
     /// Indexes the members of an uncompressed tar file (headers only, seeking
     /// over file data). Symlinks and hardlinks between members are resolved.
-    pub fn index_tar(path: &Path, display: &str) -> Result<FileSet, ImportError> {
-        let f = File::open(path).map_err(|e| ImportError::Open {
+    pub fn index_tar(path: &Path, display: &str) -> Result<FileSet, LayerError> {
+        let f = File::open(path).map_err(|e| LayerError::Open {
             path: display.into(),
             source: e,
         })?;
@@ -98,14 +98,14 @@ impl FileSet {
         let mut links: Vec<(String, String)> = Vec::new();
         let entries = ar
             .entries_with_seek()
-            .map_err(|e| ImportError::from_read(display, "index archive", 0, &e))?;
+            .map_err(|e| LayerError::from_read(display, "index archive", 0, &e))?;
         let mut at = 0;
         for item in entries {
             let mut e =
-                item.map_err(|e| ImportError::from_read(display, "index archive", at, &e))?;
+                item.map_err(|e| LayerError::from_read(display, "index archive", at, &e))?;
             at = e.raw_header_position();
             let sparse =
-                super::tarball::pax_sparse(&mut e).map_err(|reason| ImportError::Corrupt {
+                super::tarball::pax_sparse(&mut e).map_err(|reason| LayerError::Corrupt {
                     step: "index archive",
                     path: display.into(),
                     offset: at,
@@ -128,7 +128,7 @@ impl FileSet {
                             sparse: None,
                         },
                         Some(sp) => sparse_member(path, offset, stored, sp).map_err(|reason| {
-                            ImportError::Corrupt {
+                            LayerError::Corrupt {
                                 step: "index archive",
                                 path: display.into(),
                                 offset: at,
@@ -222,14 +222,14 @@ impl FileSet {
     /// Reads a small member (JSON) fully; refuses anything over 16 MiB.
     pub fn read_small(&self, name: &str) -> io::Result<Vec<u8>> {
         let (r, size) = self.open(name)?;
-        if size > crate::store::MAX_JSON_SIZE {
+        if size > crate::layer::MAX_JSON_SIZE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("{name} is {size} bytes, more than a JSON document may be"),
             ));
         }
         let mut buf = Vec::with_capacity(size as usize);
-        r.take(crate::store::MAX_JSON_SIZE).read_to_end(&mut buf)?;
+        r.take(crate::layer::MAX_JSON_SIZE).read_to_end(&mut buf)?;
         Ok(buf)
     }
 }
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn sparse_members_read_with_their_holes() {
-        use crate::import::{Entry, EntryKind, TarWriter};
+        use crate::layer::{Entry, EntryKind, TarWriter};
         let mut w = TarWriter::new(Vec::new());
         let mut e = Entry::new("blobs/sha256/aa".into(), EntryKind::File);
         e.size = 1 << 20;

@@ -6,33 +6,31 @@ use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::import::sparse::Segment;
-use crate::import::{Entry, EntryKind, ImportError};
+use crate::layer::sparse::Segment;
+use crate::layer::{Entry, EntryKind, LayerError};
 use crate::sys;
 
-/// The xattr in which rootless unpackers (umoci, kiln) record a file's real
-/// owner when they could not chown it.
-pub const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
+pub use crate::layer::rootless::{decode_rootless, encode_rootless, ROOTLESS_XATTR};
 
 /// Host-specific xattrs that never go into a layer.
 const SKIP_XATTRS: &[&str] = &[ROOTLESS_XATTR, "security.selinux"];
 
 /// Callback receiving each entry with its content (empty for non-files).
-pub type DirEntryFn<'a> = dyn FnMut(Entry, &mut dyn Read) -> Result<(), ImportError> + 'a;
+pub type DirEntryFn<'a> = dyn FnMut(Entry, &mut dyn Read) -> Result<(), LayerError> + 'a;
 
 /// Walks `root`, calling `f` for the root itself and then every object
 /// below it, each directory before its children, siblings sorted by name
 /// bytes. Hardlinked files become [`EntryKind::Hardlink`] entries pointing
 /// at the first path seen. Sockets are skipped (they cannot be archived).
-pub fn walk(root: &Path, f: &mut DirEntryFn<'_>) -> Result<u64, ImportError> {
+pub fn walk(root: &Path, f: &mut DirEntryFn<'_>) -> Result<u64, LayerError> {
     let mut links: HashMap<(u64, u64), String> = HashMap::new();
     let mut skipped = 0;
     visit(root, String::new(), &mut links, &mut skipped, f)?;
     Ok(skipped)
 }
 
-fn io_err(path: &Path, step: &'static str, e: io::Error) -> ImportError {
-    ImportError::ReadFile {
+fn io_err(path: &Path, step: &'static str, e: io::Error) -> LayerError {
+    LayerError::ReadFile {
         step,
         path: path.to_path_buf(),
         source: e,
@@ -45,7 +43,7 @@ fn visit(
     links: &mut HashMap<(u64, u64), String>,
     skipped: &mut u64,
     f: &mut DirEntryFn<'_>,
-) -> Result<(), ImportError> {
+) -> Result<(), LayerError> {
     let md = fs::symlink_metadata(path).map_err(|e| io_err(path, "stat", e))?;
     let ft = md.file_type();
     let kind = if ft.is_dir() {
@@ -144,7 +142,7 @@ fn visit(
             });
             for n in names {
                 let Some(s) = n.to_str() else {
-                    return Err(ImportError::Unsupported {
+                    return Err(LayerError::Unsupported {
                         path: path.join(&n).display().to_string(),
                         what: "file name that is not valid UTF-8".into(),
                     });
@@ -247,64 +245,9 @@ impl Read for FileReader {
     }
 }
 
-/// Decodes the `user.rootlesscontainers` protobuf (`uint32 uid = 1; uint32 gid = 2;`).
-pub fn decode_rootless(v: &[u8]) -> Option<(u32, u32)> {
-    let (mut uid, mut gid) = (0u32, 0u32);
-    let mut i = 0;
-    while i < v.len() {
-        let key = v[i];
-        i += 1;
-        let mut val: u64 = 0;
-        let mut shift = 0;
-        loop {
-            let b = *v.get(i)?;
-            i += 1;
-            val |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-            if shift > 63 {
-                return None;
-            }
-        }
-        match key {
-            0x08 => uid = u32::try_from(val).ok()?,
-            0x10 => gid = u32::try_from(val).ok()?,
-            _ => return None,
-        }
-    }
-    Some((uid, gid))
-}
-
-/// Encodes the `user.rootlesscontainers` protobuf.
-pub fn encode_rootless(uid: u32, gid: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (key, mut v) in [(0x08u8, uid), (0x10u8, gid)] {
-        if v == 0 {
-            continue;
-        }
-        out.push(key);
-        while v >= 0x80 {
-            out.push((v as u8 & 0x7f) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rootless_xattr_round_trip() {
-        for (u, g) in [(0, 0), (1000, 1000), (65534, 5), (300, 0), (u32::MAX, 1)] {
-            assert_eq!(decode_rootless(&encode_rootless(u, g)), Some((u, g)));
-        }
-        assert_eq!(decode_rootless(&[0x08]), None);
-    }
 
     #[test]
     fn holes_are_found_and_only_data_is_read() {

@@ -2,8 +2,8 @@
 
 use std::io::{self, Read};
 
-use crate::import::sparse::PaxSparse;
-use crate::import::{Entry, EntryKind, ImportError};
+use crate::layer::sparse::PaxSparse;
+use crate::layer::{Entry, EntryKind, LayerError};
 
 /// Records the first read error of a data stream, so a failed copy can be
 /// blamed on the input (corrupt archive) rather than the output.
@@ -32,7 +32,7 @@ pub struct EntryPos {
 }
 
 /// Callback receiving each entry and its content.
-pub type EntryFn<'a> = dyn FnMut(Entry, &mut dyn Read, EntryPos) -> Result<(), ImportError> + 'a;
+pub type EntryFn<'a> = dyn FnMut(Entry, &mut dyn Read, EntryPos) -> Result<(), LayerError> + 'a;
 
 /// Reads every entry of the tar stream `r`, in archive order.
 ///
@@ -41,7 +41,7 @@ pub type EntryFn<'a> = dyn FnMut(Entry, &mut dyn Read, EntryPos) -> Result<(), I
 /// out under their real path and size with their data map in
 /// [`Entry::sparse`] (the reader yields only the stored data); old GNU
 /// sparse files (type `S`) come out dense, their holes as zeros.
-pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportError> {
+pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), LayerError> {
     let mut ar = tar::Archive::new(r);
     let entries = ar.entries().map_err(|e| corrupt(name, "read tar", 0, &e))?;
     let mut next_offset = 0u64;
@@ -54,7 +54,7 @@ pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportE
             continue;
         };
         if let Some(sp) = sparse {
-            let bad = |reason: String| ImportError::Corrupt {
+            let bad = |reason: String| LayerError::Corrupt {
                 step: "read sparse file map",
                 path: name.to_string(),
                 offset,
@@ -64,12 +64,12 @@ pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportE
             let map = match sp.map {
                 // 1.0: the map starts the data; the segments' bytes follow.
                 None => {
-                    crate::import::sparse::read_map(&mut te, sp.size, stored)
+                    crate::layer::sparse::read_map(&mut te, sp.size, stored)
                         .map_err(bad)?
                         .0
                 }
                 Some(map) => {
-                    let want = crate::import::sparse::data_len(&map);
+                    let want = crate::layer::sparse::data_len(&map);
                     if want != stored {
                         return Err(bad(format!(
                             "the sparse map lists {want} bytes of data but the entry holds {stored}"
@@ -89,8 +89,8 @@ pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), ImportE
     Ok(())
 }
 
-fn corrupt(name: &str, step: &'static str, offset: u64, e: &io::Error) -> ImportError {
-    ImportError::from_read(name, step, offset, e)
+fn corrupt(name: &str, step: &'static str, offset: u64, e: &io::Error) -> LayerError {
+    LayerError::from_read(name, step, offset, e)
 }
 
 /// The `GNU.sparse.*` PAX records of a tar entry, read and checked: `None`
@@ -111,7 +111,7 @@ pub(crate) fn pax_sparse<R: Read>(te: &mut tar::Entry<'_, R>) -> Result<Option<P
             }
         }
     }
-    crate::import::sparse::from_pax(records.iter().map(|(k, v)| (k.as_str(), &v[..])))
+    crate::layer::sparse::from_pax(records.iter().map(|(k, v)| (k.as_str(), &v[..])))
 }
 
 /// The entry, whether its path was absolute, and what its PAX records say
@@ -122,10 +122,10 @@ fn to_entry<R: Read>(
     te: &mut tar::Entry<'_, R>,
     name: &str,
     offset: u64,
-) -> Result<Option<Parsed>, ImportError> {
+) -> Result<Option<Parsed>, LayerError> {
     use tar::EntryType as T;
     // A PAX sparse file: its real path and size are in GNU.sparse.* records.
-    let sparse = pax_sparse(te).map_err(|reason| ImportError::Corrupt {
+    let sparse = pax_sparse(te).map_err(|reason| LayerError::Corrupt {
         step: "read sparse file header",
         path: name.to_string(),
         offset,
@@ -161,7 +161,7 @@ fn to_entry<R: Read>(
             if other.as_byte() == b'V' {
                 return Ok(None);
             }
-            return Err(ImportError::Corrupt {
+            return Err(LayerError::Corrupt {
                 step: "read tar header",
                 path: name.to_string(),
                 offset,
@@ -182,7 +182,7 @@ fn to_entry<R: Read>(
         None => te.path_bytes().into_owned(),
     };
     let (path, absolute) =
-        crate::import::normalize_path(&path).map_err(|e| ImportError::UnsafeEntry {
+        crate::layer::normalize_path(&path).map_err(|e| LayerError::UnsafeEntry {
             source_name: name.to_string(),
             offset,
             reason: e,

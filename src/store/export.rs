@@ -7,7 +7,7 @@ use oci_spec::image::{Descriptor, ImageIndex, MediaType};
 use serde_json::json;
 
 use super::{canonical_json, Image, ImageName, Store, StoreError, REF_NAME_ANNOTATION};
-use crate::import::{Entry, EntryKind, TarWriter};
+use crate::layer::{Entry, EntryKind, TarWriter};
 
 /// Archive format of [`Store::export`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,8 +368,9 @@ impl Store {
         let r = self.open_blob(layer.digest(), Some(layer.size()))?;
         let path = self.blob_path(layer.digest());
         let (head, r) =
-            crate::source::peek(r, 16).map_err(|e| StoreError::io("read layer", &path, e))?;
-        let codec = crate::source::sniff_codec(&head);
-        crate::source::decoder(codec, r).map_err(|e| StoreError::io("decompress layer", &path, e))
+            crate::layer::codec::peek(r, 16).map_err(|e| StoreError::io("read layer", &path, e))?;
+        let codec = crate::layer::codec::sniff_codec(&head);
+        crate::layer::codec::decoder(codec, r)
+            .map_err(|e| StoreError::io("decompress layer", &path, e))
     }
 }

@@ -41,8 +41,7 @@ pub use export::ExportFormat;
 pub(crate) use refs::ref_name;
 pub use refs::{ImageName, REF_NAME_ANNOTATION};
 
-/// Largest JSON document (manifest, config, index) kiln will read into memory.
-pub const MAX_JSON_SIZE: u64 = 16 << 20;
+pub use crate::layer::MAX_JSON_SIZE;
 
 /// The file in a run directory naming the manifest the run uses: while the
 /// run lives (its directory is locked) gc keeps that image's blobs.
@@ -960,12 +959,16 @@ impl Store {
         out
     }
 
-    /// Deletes blobs no tag reaches and stale temp files.
-    ///
-    /// Takes the writer lock exclusively, so it waits for running imports and
-    /// commits (which hold it shared) and they wait for it.
-    pub fn gc(&self) -> Result<GcReport, StoreError> {
-        let _x = self.lock("gc.lock", true)?;
+    /// The lock [`Store::gc`] holds exclusively (writers hold it shared).
+    pub(crate) fn gc_lock(&self) -> Result<StoreLock, StoreError> {
+        self.lock("gc.lock", true)
+    }
+
+    /// The store's own part of gc: deletes blobs no tag (and no pinned
+    /// run) reaches and stale temp files. The caller holds
+    /// [`Store::gc_lock`]; the rest of gc (caches, run directories) is
+    /// composed above the store.
+    pub(crate) fn gc_blobs(&self) -> Result<GcReport, StoreError> {
         let keep = self.reachable()?;
         let mut report = GcReport::default();
         let dir = self.blobs_dir();
@@ -1009,9 +1012,6 @@ impl Store {
                 report.temp_removed += 1;
             }
         }
-        report.rootfs_removed = self.gc_rootfs()?;
-        report.runs_removed =
-            crate::sandbox::ns::reap_dead_runs(&self.root.join(".kiln/runs"), None, true);
         Ok(report)
     }
 

@@ -3,6 +3,8 @@
 //! Everything here is a thin, documented wrapper that returns
 //! [`std::io::Result`]; callers attach the path and the step to errors.
 
+pub(crate) mod tree;
+
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -626,6 +628,18 @@ pub fn blocked_of(signals: &[i32]) -> io::Result<Vec<i32>> {
         // SAFETY: `cur` is initialized; sigismember only reads it.
         .filter(|s| unsafe { libc::sigismember(&cur, *s) } == 1)
         .collect())
+}
+
+/// `name` in PATH (or /usr/bin, /usr/sbin).
+pub(crate) fn find_tool(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .chain([
+            std::path::PathBuf::from("/usr/bin"),
+            std::path::PathBuf::from("/usr/sbin"),
+        ])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -540,7 +540,7 @@ fn verify_tree(entry: &Path, key: &str, tree: &TreeSummary) -> std::io::Result<V
     let task = Task::Verify {
         root,
         record,
-        tree: tree.clone(),
+        tree: serde_json::to_string(tree).map_err(std::io::Error::other)?,
     };
     let out = run_task(None, &map, &task)?;
     serde_json::from_str(&out).map_err(std::io::Error::other)

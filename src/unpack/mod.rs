@@ -15,12 +15,11 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Seek};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{
     self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags,
-    CWD,
 };
 use rustix::io::Errno;
 
@@ -29,7 +28,7 @@ pub(crate) mod record;
 
 pub use cache::{chain_id, CachedRootfs, RootfsDamage};
 
-use crate::import::{sparse, Entry, EntryKind, ImportError};
+use crate::layer::{sparse, Entry, EntryKind, LayerError};
 use crate::source::dir::{encode_rootless, ROOTLESS_XATTR};
 use crate::store::{Store, StoreError};
 
@@ -56,7 +55,7 @@ pub enum UnpackError {
         layer: String,
         /// What went wrong reading it.
         #[source]
-        source: ImportError,
+        source: LayerError,
     },
     /// The destination exists and is not empty.
     #[error("unpack: destination {} exists and is not empty", .0.display())]
@@ -210,7 +209,7 @@ impl Unpacker {
         let res = crate::source::tarball::walk(r, layer, &mut |e, data, _pos| {
             if let Err(err) = self.entry(e, data) {
                 failure = Some(err);
-                return Err(ImportError::Archive {
+                return Err(LayerError::Archive {
                     path: layer.to_string(),
                     reason: "stopped".into(),
                 });
@@ -239,7 +238,7 @@ impl Unpacker {
         if let Some(target) = name.strip_prefix(".wh.") {
             // Every tar stream is checked when read; entries from elsewhere
             // (a copied tree) are checked here.
-            crate::import::check_whiteout(&e.path).map_err(|err| {
+            crate::layer::check_whiteout(&e.path).map_err(|err| {
                 self.err(
                     "apply whiteout",
                     &e.path,
@@ -323,7 +322,7 @@ impl Unpacker {
             }
             EntryKind::Hardlink => {
                 let raw = e.link.clone().unwrap_or_default();
-                let (target, _) = crate::import::normalize_path(&raw).map_err(|err| {
+                let (target, _) = crate::layer::normalize_path(&raw).map_err(|err| {
                     self.err("hardlink", &e.path, io::Error::other(err.to_string()))
                 })?;
                 let (tparent, tname) = split(&target);
@@ -501,45 +500,6 @@ fn set_mtime(pfd: &OwnedFd, name: &str, mtime: i64) -> Result<(), Errno> {
     )
 }
 
-/// Removes `name` in `dir` (recursively for a directory), not following
-/// symlinks. `name` must be one entry of `dir`: `""`, `.`, `..` and
-/// anything with a `/` are refused, so no removal ever leaves `dir`.
-fn remove_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let b = name.as_bytes();
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("refusing to remove {name:?}: not a name in the directory"),
-        ));
-    }
-    match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Err(Errno::NOENT) => Ok(()),
-        Err(e) => Err(e.into()),
-        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-            // Make it writable first: lower layers may have left it read-only.
-            let _ = rfs::chmodat(dir, name, Mode::from_raw_mode(0o700), AtFlags::empty());
-            let sub = rfs::openat(
-                dir,
-                name,
-                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            // Names as bytes: a sandbox may create names that are not UTF-8.
-            let names: Vec<std::ffi::OsString> =
-                fs::read_dir(format!("/proc/self/fd/{}", sub.as_fd().as_raw_fd()))?
-                    .filter_map(Result::ok)
-                    .map(|d| d.file_name())
-                    .collect();
-            for n in &names {
-                remove_at(&sub, n.as_os_str())?;
-            }
-            rfs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(Into::into)
-        }
-        Ok(_) => rfs::unlinkat(dir, name, AtFlags::empty()).map_err(Into::into),
-    }
-}
-
 /// Opens directory `path` of the tree at `root`, creating it and its
 /// missing parents (mode 0755).
 ///
@@ -638,19 +598,5 @@ fn in_userns() -> bool {
         .unwrap_or(false)
 }
 
-/// Removes a directory tree an unpack created, making read-only
-/// directories writable first.
-pub fn remove_tree(path: &Path) -> io::Result<()> {
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::other("bad path"))?;
-    let pfd = rfs::openat(
-        CWD,
-        parent,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    remove_at(&pfd, name.as_ref())
-}
+use crate::sys::tree::remove_at;
+pub use crate::sys::tree::remove_tree;

@@ -151,10 +151,10 @@ fn run() -> Result<u64, String> {
         inner: io::BufWriter::with_capacity(1 << 20, &mut disk),
         n: 0,
     };
-    let mut tar = crate::import::TarWriter::new(counted);
+    let mut tar = crate::layer::TarWriter::new(counted);
     crate::source::dir::walk(Path::new("/mnt"), &mut |e, data| {
         tar.append(&e, data)
-            .map_err(|err| crate::import::ImportError::ReadFile {
+            .map_err(|err| crate::layer::LayerError::ReadFile {
                 step: "write the tar",
                 path: Path::new("/mnt").join(&e.path),
                 source: err,

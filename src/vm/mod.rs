@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::disk::ReadAt;
+use crate::source::disk::ReadAt;
 
 /// What went wrong starting or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -456,7 +456,7 @@ pub fn export_tree(
             "mount a {fstype} file system: not supported"
         )));
     }
-    let qemu = crate::userns::find_tool("qemu-system-x86_64")
+    let qemu = crate::sys::find_tool("qemu-system-x86_64")
         .ok_or_else(|| VmError::NoQemu("qemu-system-x86_64".into()))?;
     if fs.size() > opts.max_bytes {
         return Err(VmError::Agent(format!(

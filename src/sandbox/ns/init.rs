@@ -561,7 +561,7 @@ fn fuse_overlay(cfg: &InitConfig, root: &Path) -> io::Result<()> {
     let found = cfg
         .fuse_overlayfs
         .clone()
-        .or_else(|| crate::userns::find_tool("fuse-overlayfs"));
+        .or_else(|| crate::sys::find_tool("fuse-overlayfs"));
     let bin = found.as_ref().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
@@ -598,7 +598,7 @@ fn copy_tree(from: &Path, to: &Path, rootless: bool) {
     let mut u = crate::unpack::Unpacker::new(to, rootless).or_die("open the copy target");
     crate::source::dir::walk(from, &mut |e, data| {
         u.entry(e, data)
-            .map_err(|err| crate::import::ImportError::Archive {
+            .map_err(|err| crate::import::LayerError::Archive {
                 path: from.display().to_string(),
                 reason: err.to_string(),
             })

@@ -580,7 +580,7 @@ pub(crate) fn run(
     {
         Launch::Fork(Box::new(cfg), stdin_r)
     } else {
-        cfg.fuse_overlayfs = crate::userns::find_tool("fuse-overlayfs");
+        cfg.fuse_overlayfs = crate::sys::find_tool("fuse-overlayfs");
         let json = serde_json::to_string(&cfg)
             .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
         let mut cmd = Command::new(crate::userns::helper_path(helper));

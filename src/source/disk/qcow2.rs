@@ -577,7 +577,7 @@ impl Qcow2 {
 
     /// A one-line summary, e.g. `qcow2 v3 10 GiB, 64 KiB clusters, zlib`.
     pub fn describe(&self) -> String {
-        use super::part::human_size;
+        use crate::progress::human_bytes as human_size;
         let mut s = format!(
             "qcow2 v{} {}, {} clusters",
             self.version,

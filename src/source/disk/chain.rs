@@ -14,7 +14,7 @@
 //!
 //! A file system kiln has no reader for (xfs, btrfs, ...) is read with
 //! [`ChainOptions::via_vm`]: the last step's bytes go to a throwaway VM
-//! that mounts them and sends a tar back ([`crate::vm`]).
+//! that mounts them and sends a tar back (the importer boots it).
 
 use std::fmt;
 use std::fs;
@@ -31,7 +31,8 @@ use super::qcow2::Qcow2;
 use super::vhd::Vhd;
 use super::xva::Xva;
 use super::{FileSource, ReadAt};
-use crate::import::Entry;
+use crate::layer::Entry;
+use crate::progress::human_bytes as human;
 
 /// Why a disk-image chain could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +63,6 @@ pub enum DiskError {
         /// The chain down to the file system, outermost first.
         steps: Vec<Step>,
     },
-    /// Reading the file system in a VM failed.
-    #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
 }
 
 macro_rules! reader_errors {
@@ -99,9 +97,10 @@ pub struct ChainOptions {
     pub backing: Option<PathBuf>,
     /// Upper bound of a chunked stream's size when no descriptor gives it.
     pub max_stream: Option<u64>,
-    /// Read the file system in a throwaway VM (`--via-vm`), whatever it
-    /// is: the way to import xfs, btrfs, f2fs, squashfs, ... .
-    pub via_vm: Option<crate::vm::VmOptions>,
+    /// The file system is to be read in a throwaway VM (`--via-vm`),
+    /// whatever it is: the way to import xfs, btrfs, f2fs, squashfs, ... .
+    /// The chain then ends at [`Chain::in_vm`]; the importer boots the VM.
+    pub via_vm: bool,
 }
 
 /// One step of a chain: what `kiln probe` prints, and its JSON.
@@ -159,7 +158,7 @@ enum Root {
     Ext(ExtFs),
     Iso(Iso, String),
     /// Read in a VM: the file system's bytes, its `mount` type.
-    Vm(Arc<dyn ReadAt>, &'static str, crate::vm::VmOptions),
+    Vm(Arc<dyn ReadAt>, &'static str),
 }
 
 /// The `mount` type for what the ext reader's sniffing found, when the VM
@@ -360,16 +359,8 @@ impl Chain {
     /// Walks the file system: every object as an [`Entry`] with its data,
     /// parents first, children sorted by name. A file with holes carries its
     /// data map in [`Entry::sparse`] and its reader yields only the data.
+    /// A chain that ends in a VM ([`Chain::in_vm`]) is not walked here.
     pub fn walk<E, F>(&self, f: F) -> Result<(), E>
-    where
-        E: From<DiskError>,
-        F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
-    {
-        self.walk_noting(&mut |_| {}, f)
-    }
-
-    /// [`Chain::walk`], telling `note` about slow steps (booting a VM).
-    pub fn walk_noting<E, F>(&self, note: &mut dyn FnMut(&str), f: F) -> Result<(), E>
     where
         E: From<DiskError>,
         F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
@@ -392,7 +383,18 @@ impl Chain {
                 iso.walk(sub, |e, d| f(e, d).map_err(WalkErr))
                     .map_err(|e: WalkErr<E>| e.0)
             }
-            Root::Vm(src, fstype, vm) => walk_in_vm(&**src, fstype, vm, note, f),
+            Root::Vm(_, fstype) => Err(E::from(DiskError::Unsupported(format!(
+                "the file system is {fstype}, which is read in a VM: the importer walks it"
+            )))),
+        }
+    }
+
+    /// The file system's bytes and its `mount` type when the chain was
+    /// opened with [`ChainOptions::via_vm`]: what a VM is to read.
+    pub fn in_vm(&self) -> Option<(&dyn ReadAt, &'static str)> {
+        match &self.root {
+            Root::Vm(src, fstype) => Some((&**src, fstype)),
+            Root::Ext(_) | Root::Iso(..) => None,
         }
     }
 
@@ -403,44 +405,6 @@ impl Chain {
             Root::Iso(..) | Root::Vm(..) => 0,
         }
     }
-}
-
-/// Boots a VM that tars the file system up, then walks the tar.
-fn walk_in_vm<E, F>(
-    src: &dyn ReadAt,
-    fstype: &str,
-    vm: &crate::vm::VmOptions,
-    note: &mut dyn FnMut(&str),
-    mut f: F,
-) -> Result<(), E>
-where
-    E: From<DiskError>,
-    F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
-{
-    let kernel = crate::vm::Kernel::find().map_err(|e| E::from(e.into()))?;
-    let result = crate::vm::export_tree(&kernel, src, fstype, vm, note);
-    let mut out = result.map_err(|e| E::from(e.into()))?;
-    let mut caller: Option<E> = None;
-    let reader = out
-        .reader()
-        .map_err(|e| E::from(DiskError::Reader(format!("vm: read the guest's tar: {e}"))))?;
-    let walked = crate::source::tarball::walk(reader, "the guest's tar", &mut |e, d, _| {
-        // As with the ext reader: lost+found is housekeeping.
-        if e.path == "lost+found" || e.path.starts_with("lost+found/") {
-            return Ok(());
-        }
-        f(e, d).map_err(|err| {
-            caller = Some(err);
-            crate::import::ImportError::Unsupported {
-                path: "the guest's tar".into(),
-                what: "stopped by the caller".into(),
-            }
-        })
-    });
-    if let Some(err) = caller {
-        return Err(err);
-    }
-    walked.map_err(|e| E::from(DiskError::Reader(format!("vm: {e}"))))
 }
 
 /// Carries the caller's error through a reader's walk.
@@ -591,7 +555,7 @@ fn open_disk(
             }
             if found.is_none() {
                 let candidate = vm_root_candidate(parts, &disk)?;
-                if opts.via_vm.is_some() {
+                if opts.via_vm {
                     found = candidate;
                 } else if let Some(p) = candidate {
                     // Readable only in a VM: say so, with the chain down to
@@ -619,7 +583,7 @@ fn open_disk(
     };
     steps.push(partition_step(
         chosen,
-        match (opts.partition, opts.via_vm.is_some()) {
+        match (opts.partition, opts.via_vm) {
             (Some(_), _) => "",
             (None, false) => " (has a Linux root)",
             (None, true) => " (the likeliest root: pick another with --partition)",
@@ -729,7 +693,7 @@ fn open_fs(
     opts: &ChainOptions,
     steps: &mut Vec<Step>,
 ) -> Result<Root, DiskError> {
-    if let Some(vm) = &opts.via_vm {
+    if opts.via_vm {
         let found = super::ext::sniff_other(&*src);
         let fstype = if ExtFs::open(Arc::clone(&src)).is_ok() {
             "ext4"
@@ -745,7 +709,7 @@ fn open_fs(
             format!("{fstype} {} (read in a VM)", human(src.size())),
             src.size(),
         ));
-        return Ok(Root::Vm(src, fstype, vm.clone()));
+        return Ok(Root::Vm(src, fstype));
     }
     let size = src.size();
     match ExtFs::open(Arc::clone(&src)) {
@@ -762,21 +726,6 @@ fn open_fs(
             None => format!("the file system is {found}, which kiln cannot read (it reads ext2/3/4)"),
         })),
         Err(e) => Err(e.into()),
-    }
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.0} {}", UNITS[u])
     }
 }
 

@@ -7,7 +7,7 @@ use std::io;
 use super::error::{ExtError, PathCtx};
 use super::superblock::{le16, le32, read_exact, INCOMPAT_64BIT, RO_COMPAT_HUGE_FILE};
 use super::ExtFs;
-use crate::disk::ReadAt;
+use crate::source::disk::ReadAt;
 
 pub(crate) const S_IFMT: u16 = 0xF000;
 pub(crate) const S_IFSOCK: u16 = 0xC000;

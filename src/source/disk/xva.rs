@@ -798,7 +798,7 @@ impl Xva {
                 format!(
                     "vdi {:?} {}, {} blocks{note}",
                     d.reference,
-                    super::chunks::human(d.size),
+                    crate::progress::human_bytes(d.size),
                     d.blocks.len()
                 )
             })

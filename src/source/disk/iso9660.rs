@@ -17,7 +17,7 @@ use std::io::{self, Read};
 use std::sync::Arc;
 
 use super::{Cursor, ReadAt, Slice};
-use crate::import::{Entry, EntryKind};
+use crate::layer::{Entry, EntryKind};
 
 /// Sector where the volume descriptors start (after the 32 KiB system area).
 const FIRST_VD: u64 = 16;
@@ -499,7 +499,7 @@ impl Iso {
         format!(
             "iso9660 {:?} ({mode}) {}",
             self.volume_id,
-            super::chunks::human(self.blocks.saturating_mul(self.block))
+            crate::progress::human_bytes(self.blocks.saturating_mul(self.block))
         )
     }
 

@@ -435,7 +435,7 @@ impl PartitionTable {
             if p.bootable {
                 s.push_str(" (boot)");
             }
-            s.push_str(&format!(" {}", human_size(p.size_bytes)));
+            s.push_str(&format!(" {}", crate::progress::human_bytes(p.size_bytes)));
             if let PartitionKind::Gpt { name, .. } = &p.kind {
                 if !name.is_empty() {
                     s.push_str(&format!(" {name:?}"));
@@ -814,24 +814,6 @@ fn read_gpt(disk: &dyn ReadAt) -> Result<PartitionTable, PartError> {
     Ok(table)
 }
 
-/// `bytes` with a binary unit: `512 B`, `4 KiB`, `625 MiB`, `1.5 GiB`.
-pub(crate) fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut unit = 0;
-    while unit + 1 < UNITS.len() && bytes >> (10 * (unit + 2)) > 0 {
-        unit += 1;
-    }
-    let scale = 1u64 << (10 * (unit + 1));
-    if bytes.is_multiple_of(scale) {
-        format!("{} {}", bytes / scale, UNITS[unit])
-    } else {
-        format!("{:.1} {}", bytes as f64 / scale as f64, UNITS[unit])
-    }
-}
-
 /// Reads a fuzzed disk, ignoring errors: all of it up to 4 MiB, else 64
 /// spread 64 KiB windows (a mutated size field must not make a fuzz run
 /// read terabytes of zeros).
@@ -1204,15 +1186,6 @@ mod tests {
         img[n - 512] = b'X';
         let e = PartitionTable::read(&disk(img)).unwrap_err();
         assert!(e.to_string().contains("exceed 4 MiB"), "{e}");
-    }
-
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human_size(0), "0 B");
-        assert_eq!(human_size(1024), "1 KiB");
-        assert_eq!(human_size(626 << 20), "626 MiB");
-        assert_eq!(human_size(3 << 29), "1.5 GiB");
-        assert_eq!(human_size(u64::MAX), "16.0 EiB");
     }
 
     #[test]

@@ -855,7 +855,7 @@ impl ChunkedStream {
         format!(
             "chunks: {} {codec} chunks, {} stream",
             self.chunks.len(),
-            human(self.size)
+            crate::progress::human_bytes(self.size)
         )
     }
 
@@ -1205,24 +1205,6 @@ fn ova_size(src: &dyn ReadAt, dirname: &str) -> Result<Option<u64>, ChunkError> 
         .find(|v| v.source.as_deref() == Some(want.as_str()))
         .or(if vdis.len() == 1 { vdis.first() } else { None });
     Ok(pick.and_then(|v| v.size))
-}
-
-/// `1.5 GiB` style sizes for descriptions.
-pub(crate) fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} bytes")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Decodes `data` as one gzip chunk, then as one zlib chunk, reading all of

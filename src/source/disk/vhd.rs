@@ -648,7 +648,11 @@ impl Vhd {
 
     /// A one-line summary, e.g. `vhd dynamic 626 MiB`.
     pub fn describe(&self) -> String {
-        let mut s = format!("vhd {} {}", self.kind, super::part::human_size(self.size));
+        let mut s = format!(
+            "vhd {} {}",
+            self.kind,
+            crate::progress::human_bytes(self.size)
+        );
         if let Some(name) = &self.parent_name {
             s.push_str(&format!(", parent {name:?}"));
         }

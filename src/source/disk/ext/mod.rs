@@ -36,8 +36,8 @@ use std::sync::{Arc, Mutex};
 pub use error::{ExtError, PathCtx};
 pub(crate) use superblock::sniff_other;
 
-use crate::disk::ReadAt;
-use crate::import::{Entry, EntryKind};
+use crate::layer::{Entry, EntryKind};
+use crate::source::disk::ReadAt;
 use inode::{
     Content, FileReader, Inode, FL_ENCRYPT, FL_EXTENTS, FL_INLINE_DATA, S_IFBLK, S_IFCHR, S_IFDIR,
     S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK,

@@ -1,7 +1,7 @@
 //! The superblock, feature flags and block group descriptors.
 
 use super::error::ExtError;
-use crate::disk::ReadAt;
+use crate::source::disk::ReadAt;
 
 /// Little-endian field readers over a byte slice. Callers pass offsets
 /// inside fixed-size structures they have already bounds-checked; a short

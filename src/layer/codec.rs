@@ -1,0 +1,281 @@
+//! Compression sniffing and decoding of input streams, tar header checks,
+//! and the guard that stops decompression bombs.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A stream compression format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// gzip (also several concatenated members).
+    Gzip,
+    /// zstd (also several frames).
+    Zstd,
+    /// xz.
+    Xz,
+    /// bzip2.
+    Bzip2,
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Codec::Gzip => "gzip",
+            Codec::Zstd => "zstd",
+            Codec::Xz => "xz",
+            Codec::Bzip2 => "bzip2",
+        })
+    }
+}
+
+/// Recognizes a compression format from the first bytes of a stream.
+///
+/// ```
+/// use kiln::source::{sniff_codec, Codec};
+/// assert_eq!(sniff_codec(&[0x1f, 0x8b, 8, 0]), Some(Codec::Gzip));
+/// assert_eq!(sniff_codec(b"ustar"), None);
+/// ```
+pub fn sniff_codec(head: &[u8]) -> Option<Codec> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Some(Codec::Gzip)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some(Codec::Zstd)
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Some(Codec::Xz)
+    } else if head.len() >= 4 && head.starts_with(b"BZh") && (b'1'..=b'9').contains(&head[3]) {
+        Some(Codec::Bzip2)
+    } else {
+        None
+    }
+}
+
+/// Names formats kiln recognizes but cannot import (yet), for a clear error.
+pub fn sniff_unsupported(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"QFI\xfb") {
+        Some("a qcow2 disk image")
+    } else if head.starts_with(b"conectix") {
+        Some("a VHD disk image")
+    } else if head.len() > 0x8006 && &head[0x8001..0x8006] == b"CD001" {
+        Some("an ISO 9660 image")
+    } else if head.starts_with(b"PK\x03\x04") {
+        Some("a zip archive")
+    } else if head.starts_with(b"7z\xbc\xaf") {
+        Some("a 7z archive")
+    } else if head.len() >= 1082 && head[1080..1082] == [0x53, 0xef] {
+        Some("an ext2/3/4 file system image")
+    } else if head.len() >= 512 && head[510..512] == [0x55, 0xaa] && !tar_header_ok(head) {
+        Some("a disk image with a partition table")
+    } else {
+        None
+    }
+}
+
+/// Whether the first 512 bytes are a tar header with a valid checksum.
+pub fn tar_header_ok(head: &[u8]) -> bool {
+    if head.len() < 512 {
+        return false;
+    }
+    let h = &head[..512];
+    let stored = parse_octal(&h[148..156]);
+    let mut sum: u64 = 0;
+    for (i, b) in h.iter().enumerate() {
+        sum += if (148..156).contains(&i) {
+            u64::from(b' ')
+        } else {
+            u64::from(*b)
+        };
+    }
+    stored == Some(sum) && h.iter().any(|b| *b != 0)
+}
+
+pub(crate) fn parse_octal(field: &[u8]) -> Option<u64> {
+    let s: Vec<u8> = field
+        .iter()
+        .copied()
+        .skip_while(|b| *b == b' ')
+        .take_while(|b| (b'0'..=b'7').contains(b))
+        .collect();
+    if s.is_empty() {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(&s).ok()?, 8).ok()
+}
+
+/// Wraps `r` in the decoder for `codec` (multi-member/multi-frame aware).
+pub fn decoder<'a>(
+    codec: Option<Codec>,
+    r: impl Read + Send + 'a,
+) -> io::Result<Box<dyn Read + Send + 'a>> {
+    Ok(match codec {
+        None => Box::new(r),
+        Some(Codec::Gzip) => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(1 << 16, r),
+        )),
+        Some(Codec::Zstd) => Box::new(zstd::stream::read::Decoder::new(r)?),
+        Some(Codec::Xz) => Box::new(xz2::read::XzDecoder::new_multi_decoder(r)),
+        Some(Codec::Bzip2) => Box::new(bzip2::read::MultiBzDecoder::new(r)),
+    })
+}
+
+/// Reads the first `n` bytes (or fewer at EOF) and returns them with a reader
+/// that yields the whole stream again.
+pub fn peek<'a, R: Read + Send + 'a>(
+    mut r: R,
+    n: usize,
+) -> io::Result<(Vec<u8>, Box<dyn Read + Send + 'a>)> {
+    let mut head = Vec::with_capacity(n);
+    (&mut r).take(n as u64).read_to_end(&mut head)?;
+    let again = io::Cursor::new(head.clone()).chain(r);
+    Ok((head, Box::new(again)))
+}
+
+/// Counts bytes read through it into a shared counter (for progress and for
+/// the decompression-bomb check).
+pub struct CountingReader<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> CountingReader<R> {
+    /// Wraps `inner`; the count is readable through `count` from anywhere.
+    pub fn new(inner: R, count: Arc<AtomicU64>) -> Self {
+        CountingReader { inner, count }
+    }
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Limits against decompression bombs.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpansionLimits {
+    /// Largest decompressed stream accepted. Default 256 GiB.
+    pub max_bytes: u64,
+    /// Largest decompressed/compressed ratio accepted once more than
+    /// `ratio_after` bytes came out. Default 500 (real root file systems
+    /// compress 3-10x; a gzip bomb of zeros is about 1000x).
+    pub max_ratio: u64,
+    /// Output size below which the ratio is not checked. Default 64 MiB.
+    pub ratio_after: u64,
+}
+
+impl Default for ExpansionLimits {
+    fn default() -> Self {
+        ExpansionLimits {
+            max_bytes: 256 << 30,
+            max_ratio: 500,
+            ratio_after: 64 << 20,
+        }
+    }
+}
+
+/// Error text of a tripped [`BombGuard`]; callers match it to build a typed error.
+pub const BOMB_MARKER: &str = "decompression bomb";
+
+/// Stops a decompressed stream that expands beyond [`ExpansionLimits`].
+pub struct BombGuard<R> {
+    inner: R,
+    compressed: Option<Arc<AtomicU64>>,
+    out: u64,
+    limits: ExpansionLimits,
+}
+
+impl<R: Read> BombGuard<R> {
+    /// `compressed` counts the bytes consumed from the compressed input;
+    /// `None` for an uncompressed input (only `max_bytes` applies).
+    pub fn new(inner: R, compressed: Option<Arc<AtomicU64>>, limits: ExpansionLimits) -> Self {
+        BombGuard {
+            inner,
+            compressed,
+            out: 0,
+            limits,
+        }
+    }
+}
+
+impl<R: Read> Read for BombGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out += n as u64;
+        if self.out > self.limits.max_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{BOMB_MARKER} or oversized input: the stream exceeds the limit of {} bytes",
+                    self.limits.max_bytes
+                ),
+            ));
+        }
+        // Without a compressed counter (plain input) only the size limit applies.
+        if let Some(c) = &self.compressed {
+            let c = c.load(Ordering::Relaxed).max(1);
+            if self.out > self.limits.ratio_after && self.out / c > self.limits.max_ratio {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{BOMB_MARKER}: about {c} compressed bytes expanded to {} bytes, more than {}:1",
+                        self.out, self.limits.max_ratio
+                    ),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bomb_guard_trips_on_ratio_and_size() {
+        let zeros = vec![0u8; 1 << 20];
+        let counter = Arc::new(AtomicU64::new(10));
+        let lim = ExpansionLimits {
+            max_bytes: u64::MAX,
+            max_ratio: 100,
+            ratio_after: 4096,
+        };
+        let mut g = BombGuard::new(&zeros[..], Some(Arc::clone(&counter)), lim);
+        let err = io::copy(&mut g, &mut io::sink()).unwrap_err();
+        assert!(err.to_string().contains(BOMB_MARKER), "{err}");
+        let lim = ExpansionLimits {
+            max_bytes: 1000,
+            max_ratio: u64::MAX,
+            ratio_after: 0,
+        };
+        let mut g = BombGuard::new(&zeros[..], Some(Arc::new(AtomicU64::new(1 << 30))), lim);
+        assert!(io::copy(&mut g, &mut io::sink()).is_err());
+        let mut ok = BombGuard::new(
+            &zeros[..],
+            Some(Arc::new(AtomicU64::new(1 << 19))),
+            ExpansionLimits::default(),
+        );
+        assert_eq!(io::copy(&mut ok, &mut io::sink()).unwrap(), 1 << 20);
+    }
+
+    #[test]
+    fn sniffing() {
+        assert_eq!(sniff_codec(&[0x28, 0xb5, 0x2f, 0xfd, 0]), Some(Codec::Zstd));
+        assert_eq!(sniff_codec(b"BZh9"), Some(Codec::Bzip2));
+        assert_eq!(
+            sniff_codec(&[0xfd, b'7', b'z', b'X', b'Z', 0]),
+            Some(Codec::Xz)
+        );
+        assert_eq!(
+            sniff_unsupported(b"QFI\xfb\0\0\0\x03"),
+            Some("a qcow2 disk image")
+        );
+        let mut h = vec![0u8; 512];
+        h[..4].copy_from_slice(b"file");
+        assert!(!tar_header_ok(&h));
+    }
+}
