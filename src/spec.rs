@@ -116,9 +116,10 @@ impl std::str::FromStr for Volume {
     /// ```
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let bad = || {
-            SpecError::Invalid(format!(
-            "volume {s:?}: expected SRC:DST[:OPTIONS], OPTIONS from ro, rw, dev, nodev, suid, nosuid"
-        ))
+            SpecError::invalid(
+                "volumes",
+                format!("{s:?}: expected SRC:DST[:OPTIONS], OPTIONS from ro, rw, dev, nodev, suid, nosuid"),
+            )
         };
         let parts: Vec<&str> = s.split(':').collect();
         let (src, dst, opts) = match parts.as_slice() {
@@ -243,10 +244,13 @@ impl std::str::FromStr for Ulimit {
     /// Parses `NAME=SOFT[:HARD]` (`unlimited` allowed).
     fn from_str(s: &str) -> Result<Self, SpecError> {
         let bad = || {
-            SpecError::Invalid(format!(
-                "ulimit {s:?}: expected NAME=SOFT[:HARD], NAME one of {}",
-                RLIMITS.iter().map(|r| r.0).collect::<Vec<_>>().join(" ")
-            ))
+            SpecError::invalid(
+                "ulimits",
+                format!(
+                    "{s:?}: expected NAME=SOFT[:HARD], NAME one of {}",
+                    RLIMITS.iter().map(|r| r.0).collect::<Vec<_>>().join(" ")
+                ),
+            )
         };
         let (name, vals) = s.split_once('=').ok_or_else(bad)?;
         let resource = RLIMITS
@@ -266,9 +270,10 @@ impl std::str::FromStr for Ulimit {
             None => (num(vals)?, num(vals)?),
         };
         if soft > hard {
-            return Err(SpecError::Invalid(format!(
-                "ulimit {s:?}: soft limit above hard limit"
-            )));
+            return Err(SpecError::invalid(
+                "ulimits",
+                format!("{s:?}: soft limit above hard limit"),
+            ));
         }
         Ok(Ulimit {
             resource,
@@ -279,12 +284,66 @@ impl std::str::FromStr for Ulimit {
     }
 }
 
-/// Errors of an invalid run spec.
+/// Errors of an invalid run spec. Each names the [`RunSpec`] field at
+/// fault by its Rust name, so a front end can say it in its own words (the
+/// `kiln` CLI names its flag instead).
+///
+/// ```
+/// use kiln::spec::{RunSpec, SpecError};
+/// let mut spec = RunSpec::new("busybox");
+/// spec.cap_add.push(99);
+/// match spec.validate() {
+///     Err(SpecError::Invalid { field: "cap_add", .. }) => {}
+///     other => panic!("{other:?}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SpecError {
-    /// A field is invalid.
-    #[error("run: {0}")]
-    Invalid(String),
+    /// A field's value is invalid.
+    #[error("run: {field}: {reason}")]
+    Invalid {
+        /// The [`RunSpec`] field (`env`, `volumes`, `cap_add`, ...).
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `field` needs what another field's value rules out.
+    #[error("run: {field} needs {needs} (not {other}{}): {why}", other_value.map(|v| format!(" = {v}")).unwrap_or_default())]
+    Conflict {
+        /// The field that cannot be honoured (`commit`).
+        field: &'static str,
+        /// What it needs.
+        needs: &'static str,
+        /// The field that rules it out.
+        other: &'static str,
+        /// That field's value, where it is not a flag.
+        other_value: Option<&'static str>,
+        /// Why.
+        why: &'static str,
+    },
+    /// A `ulimits` hard limit is above the calling process's, which only
+    /// `CAP_SYS_RESOURCE` on the host could raise.
+    #[error("run: ulimits: {name}={soft}:{hard}: the hard limit is above the current hard limit {current} (raising it needs CAP_SYS_RESOURCE on the host)")]
+    UlimitAboveHard {
+        /// The limit's name (`nofile`).
+        name: String,
+        /// The soft limit asked for.
+        soft: u64,
+        /// The hard limit asked for.
+        hard: u64,
+        /// The current hard limit.
+        current: u64,
+    },
+}
+
+impl SpecError {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        SpecError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// What to run, built with the public fields and checked by [`RunSpec::validate`].
@@ -453,20 +512,23 @@ impl RunSpec {
 
     /// Checks every field once, before anything starts.
     pub fn validate(&self) -> Result<(), SpecError> {
-        let bad = |m: String| Err(SpecError::Invalid(m));
+        let bad = |field, m: String| Err(SpecError::invalid(field, m));
         if let Some(a) = &self.argv {
             if a.is_empty() {
-                return bad("empty command".into());
+                return bad("argv", "empty command".into());
             }
         }
         for kv in &self.env {
             if !kv.contains('=') || kv.starts_with('=') {
-                return bad(format!("environment entry {kv:?} is not KEY=VALUE"));
+                return bad("env", format!("entry {kv:?} is not KEY=VALUE"));
             }
         }
         if let Some(w) = &self.workdir {
             if !w.starts_with('/') {
-                return bad(format!("working directory {w:?} is not absolute"));
+                return bad(
+                    "workdir",
+                    format!("working directory {w:?} is not absolute"),
+                );
             }
         }
         if self.hostname.is_empty()
@@ -476,59 +538,109 @@ impl RunSpec {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         {
-            return bad(format!(
-                "host name {:?} is not a valid host name",
-                self.hostname
-            ));
+            return bad(
+                "hostname",
+                format!("host name {:?} is not a valid host name", self.hostname),
+            );
         }
         for v in &self.volumes {
             if !v.target.starts_with('/') || v.target.split('/').any(|c| c == "..") {
-                return bad(format!(
-                    "volume target {:?} must be absolute without '..'",
-                    v.target
-                ));
+                return bad(
+                    "volumes",
+                    format!("volume target {:?} must be absolute without '..'", v.target),
+                );
             }
             if !v.source.exists() {
-                return bad(format!(
-                    "volume source {} does not exist",
-                    v.source.display()
-                ));
+                return bad(
+                    "volumes",
+                    format!("volume source {} does not exist", v.source.display()),
+                );
             }
         }
+        let conflict = |needs, other, other_value, why| {
+            Err(SpecError::Conflict {
+                field: "commit",
+                needs,
+                other,
+                other_value,
+                why,
+            })
+        };
         if self.commit.is_some() && self.rootfs == RootfsMode::Copy {
-            return bad("--commit needs an overlay (not --rootfs copy): a copy cannot tell deletions from the image".into());
+            return conflict(
+                "an overlay",
+                "rootfs",
+                Some("copy"),
+                "a copy cannot tell deletions from the image",
+            );
         }
         if self.commit.is_some() && self.upper == Upper::Memory {
-            return bad("--commit needs the upper layer on disk (not --upper memory): it is read after the sandbox is gone".into());
+            return conflict(
+                "the upper layer on disk",
+                "upper",
+                Some("memory"),
+                "it is read after the sandbox is gone",
+            );
         }
         if self.commit.is_some() && self.read_only {
-            return bad("--commit needs a writable root (not --read-only)".into());
+            return conflict(
+                "a writable root",
+                "read_only",
+                None,
+                "the command's changes are the commit",
+            );
         }
         if let Some(c) = &self.commit {
-            crate::store::ImageName::parse(c).map_err(|e| SpecError::Invalid(e.to_string()))?;
+            crate::store::ImageName::parse(c)
+                .map_err(|e| SpecError::invalid("commit", e.to_string()))?;
         }
-        for u in &self.ulimits {
-            let (cur_soft, cur_hard) = current_rlimit(u.resource);
-            let _ = cur_soft;
-            if u.hard > cur_hard {
-                return bad(format!(
-                    "--ulimit {}={}:{}: the hard limit is above the current hard limit {} (raising it needs CAP_SYS_RESOURCE on the host)",
-                    u.name, u.soft, u.hard, cur_hard
-                ));
+        for &c in &self.cap_add {
+            if c as usize >= CAPABILITIES.len() {
+                return bad(
+                    "cap_add",
+                    format!(
+                        "capability number {c} is unknown (the last is {}, CAP_{})",
+                        CAPABILITIES.len() - 1,
+                        CAPABILITIES[CAPABILITIES.len() - 1]
+                    ),
+                );
             }
         }
-        for (what, v) in [
-            ("--tmpfs-size", self.tmpfs_size),
-            ("--shm-size", self.shm_size),
-            ("--upper-size", self.upper_size),
-            ("--memory", self.memory),
+        for u in &self.ulimits {
+            if rlimit_resource(u.resource).is_none() {
+                return bad(
+                    "ulimits",
+                    format!("{}: resource number {} is unknown", u.name, u.resource),
+                );
+            }
+            if u.soft > u.hard {
+                return bad(
+                    "ulimits",
+                    format!("{}: soft limit above hard limit", u.name),
+                );
+            }
+            let (_, cur_hard) = current_rlimit(u.resource);
+            if u.hard > cur_hard {
+                return Err(SpecError::UlimitAboveHard {
+                    name: u.name.clone(),
+                    soft: u.soft,
+                    hard: u.hard,
+                    current: cur_hard,
+                });
+            }
+        }
+        for (field, v) in [
+            ("tmpfs_size", self.tmpfs_size),
+            ("shm_size", self.shm_size),
+            ("upper_size", self.upper_size),
+            ("memory", self.memory),
         ] {
             if v == Some(0) {
-                return bad(format!("{what} must be more than 0 bytes"));
+                return bad(field, "must be more than 0 bytes".into());
             }
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
-            return bad("timeout must be positive".into());
+            return bad("timeout", "must be positive".into());
         }
         Ok(())
     }
@@ -607,15 +719,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
-/// The calling process's (soft, hard) limit for an `RLIMIT_*` number.
+/// The calling process's (soft, hard) limit for an `RLIMIT_*` number
+/// (unlimited for a number this kernel interface does not know).
 pub fn current_rlimit(resource: u32) -> (u64, u64) {
-    let r = rustix::process::getrlimit(rlimit_resource(resource));
+    let Some(res) = rlimit_resource(resource) else {
+        return (u64::MAX, u64::MAX);
+    };
+    let r = rustix::process::getrlimit(res);
     (r.current.unwrap_or(u64::MAX), r.maximum.unwrap_or(u64::MAX))
 }
 
-pub(crate) fn rlimit_resource(n: u32) -> rustix::process::Resource {
+/// The resource of an `RLIMIT_*` number, `None` for one beyond
+/// `RLIMIT_RTTIME` (15).
+pub(crate) fn rlimit_resource(n: u32) -> Option<rustix::process::Resource> {
     use rustix::process::Resource as R;
-    match n {
+    Some(match n {
         0 => R::Cpu,
         1 => R::Fsize,
         2 => R::Data,
@@ -630,8 +748,10 @@ pub(crate) fn rlimit_resource(n: u32) -> rustix::process::Resource {
         11 => R::Sigpending,
         12 => R::Msgqueue,
         13 => R::Nice,
-        _ => R::Rtprio,
-    }
+        14 => R::Rtprio,
+        15 => R::Rttime,
+        _ => return None,
+    })
 }
 
 /// Whether this kernel's tmpfs stores `user.*` xattrs (Linux 6.6 and later).

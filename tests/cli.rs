@@ -494,3 +494,30 @@ fn probe_says_what_a_non_disk_input_is() {
         assert!(err.contains(want), "{}: {err}", input.display());
     }
 }
+
+/// A disk image on stdin cannot be read (the readers seek): the error says
+/// to import the file, and nothing is tagged.
+#[test]
+fn a_disk_image_on_stdin_says_to_import_the_file() {
+    require("qemu-img");
+    let k = Kiln::new();
+    let img = k.dir.path().join("disk.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M"));
+    let out = k
+        .cmd()
+        .args(["import", "-", "-t", "fromstdin"])
+        .stdin(std::fs::File::open(&img).expect("open the image"))
+        .output()
+        .expect("spawn kiln");
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("a qcow2 disk image") && err.contains("read from a file, not a stream"),
+        "{err}"
+    );
+    assert!(!err.contains("not implemented"), "{err}");
+    assert!(!k.ok(["images"]).contains("fromstdin"));
+}

@@ -44,3 +44,70 @@ fn run_with_events_streams_output_and_state() {
     bad.workdir = Some("relative".into());
     assert!(sandbox.run(&bad).is_err());
 }
+
+/// A bad spec is a typed error naming the `RunSpec` field, so an embedder
+/// can match it; the library's words name fields, not `kiln` flags. The
+/// capability and rlimit numbers are range-checked (a capability >= 64
+/// once shifted past the mask; an unknown rlimit became RLIMIT_RTPRIO).
+#[test]
+fn bad_specs_are_typed_errors_naming_the_field() {
+    use kiln::spec::{SpecError, Ulimit, Upper};
+    let field_of = |spec: &RunSpec| match spec.validate() {
+        Err(SpecError::Invalid { field, reason }) => {
+            assert!(!reason.contains("--"), "{reason}");
+            field
+        }
+        other => panic!("expected SpecError::Invalid, got {other:?}"),
+    };
+    let mut caps = RunSpec::new("bb");
+    caps.cap_add = vec![kiln::spec::CAPABILITIES.len() as u32 - 1];
+    caps.validate().expect("the last capability is fine");
+    for c in [kiln::spec::CAPABILITIES.len() as u32, 64, 65, u32::MAX] {
+        caps.cap_add = vec![c];
+        assert_eq!(field_of(&caps), "cap_add", "capability {c}");
+    }
+    let mut lim = RunSpec::new("bb");
+    lim.ulimits = vec![Ulimit {
+        resource: 99,
+        name: "bogus".into(),
+        soft: 1,
+        hard: 1,
+    }];
+    assert_eq!(field_of(&lim), "ulimits");
+    // A Ulimit built by hand, not parsed, with soft above hard.
+    lim.ulimits = vec![Ulimit {
+        resource: 7,
+        name: "nofile".into(),
+        soft: 64,
+        hard: 32,
+    }];
+    assert_eq!(field_of(&lim), "ulimits", "soft above hard");
+    let mut env = RunSpec::new("bb");
+    env.env = vec!["NOEQUALS".into()];
+    assert_eq!(field_of(&env), "env");
+    let mut commit = RunSpec::new("bb");
+    commit.commit = Some("bb:new".into());
+    commit.upper = Upper::Memory;
+    match commit.validate() {
+        Err(e @ SpecError::Conflict { .. }) => {
+            let SpecError::Conflict { field, other, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!((*field, *other), ("commit", "upper"));
+            assert!(!e.to_string().contains("--"), "{e}");
+        }
+        other => panic!("expected SpecError::Conflict, got {other:?}"),
+    }
+    // Sandbox::run refuses them as RunError::Spec before anything starts.
+    let k = Kiln::new();
+    let store = kiln::Store::open(k.store()).expect("open store");
+    let sandbox = Sandbox::new(store).with_helper(kiln_bin());
+    caps.cap_add = vec![64];
+    assert!(matches!(
+        sandbox.run(&caps),
+        Err(kiln::sandbox::RunError::Spec(SpecError::Invalid {
+            field: "cap_add",
+            ..
+        }))
+    ));
+}

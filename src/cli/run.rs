@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use kiln::sandbox::Sandbox;
-use kiln::spec::{Network, RunSpec, Volume};
+use kiln::spec::{Network, RunSpec, SpecError, Volume};
 
 use super::{open_store, Cli};
 
@@ -184,6 +184,7 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
                 "error": crate::error_chain(e),
                 "stage": e
                     .downcast_ref::<kiln::sandbox::RunError>()
+                    .or_else(|| e.downcast_ref::<InFlags>().map(|f| &f.error))
                     .map_or("setup", |r| r.stage()),
             }),
         };
@@ -267,7 +268,10 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
     spec.require_limits = a.require_limits;
     spec.read_only = a.read_only;
     for v in &a.volume {
-        spec.volumes.push(v.parse::<Volume>()?);
+        spec.volumes.push(
+            v.parse::<Volume>()
+                .map_err(|e| anyhow::anyhow!(spec_words(&e)))?,
+        );
     }
     spec.seccomp = a.seccomp == "default";
     spec.allow_userns = a.allow_userns;
@@ -280,7 +284,8 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
         spec.cap_add.push(n);
     }
     for u in &a.ulimit {
-        spec.ulimits.push(u.parse()?);
+        spec.ulimits
+            .push(u.parse().map_err(|e| anyhow::anyhow!(spec_words(&e)))?);
     }
     spec.memory = a.memory;
     spec.tmpfs_size = a.tmpfs_size;
@@ -318,5 +323,79 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
             }
         }
     }
-    Ok(Sandbox::new(store).run(&spec)?)
+    Sandbox::new(store)
+        .run(&spec)
+        .map_err(|e| in_flags(e, &spec.image))
+}
+
+/// A library error said in the CLI's words: [`RunSpec`] fields become
+/// the flags that set them. It keeps the error for its stage.
+#[derive(Debug)]
+pub struct InFlags {
+    text: String,
+    /// The library's error.
+    pub error: kiln::sandbox::RunError,
+}
+
+impl std::fmt::Display for InFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for InFlags {}
+
+fn in_flags(e: kiln::sandbox::RunError, image: &str) -> anyhow::Error {
+    match &e {
+        kiln::sandbox::RunError::Spec(s) => {
+            let mut text = spec_words(s);
+            if matches!(s, SpecError::Invalid { field: "argv", reason } if reason.starts_with("no command"))
+            {
+                text.push_str(&format!(
+                    ": name one after the image, e.g. kiln run {image} -- sh"
+                ));
+            }
+            anyhow::Error::new(InFlags { text, error: e })
+        }
+        _ => e.into(),
+    }
+}
+
+/// The flag of `kiln run` that sets a [`RunSpec`] field.
+fn flag(field: &str) -> String {
+    match field {
+        "argv" => "the command".into(),
+        "volumes" => "--volume".into(),
+        "ulimits" => "--ulimit".into(),
+        f => format!("--{}", f.replace('_', "-")),
+    }
+}
+
+/// A spec error naming flags instead of fields.
+pub fn spec_words(e: &SpecError) -> String {
+    match e {
+        SpecError::Invalid { field: "argv", reason } => reason.clone(),
+        SpecError::Invalid { field, reason } => format!("{}: {reason}", flag(field)),
+        SpecError::Conflict {
+            field,
+            needs,
+            other,
+            other_value,
+            why,
+        } => format!(
+            "{} needs {needs} (not {}{}): {why}",
+            flag(field),
+            flag(other),
+            other_value.map(|v| format!(" {v}")).unwrap_or_default()
+        ),
+        SpecError::UlimitAboveHard {
+            name,
+            soft,
+            hard,
+            current,
+        } => format!(
+            "--ulimit {name}={soft}:{hard}: the hard limit is above the current hard limit {current} (raising it needs CAP_SYS_RESOURCE on the host)"
+        ),
+        other => other.to_string(),
+    }
 }

@@ -478,9 +478,17 @@ impl Store {
         // Disk-image magic is only meaningful in raw, non-tar input.
         if codec.is_none() && !source::tar_header_ok(&head) {
             if let Some(what) = source::sniff_unsupported(&head) {
+                // A disk image the chain recognizes never gets here from a
+                // path: this is stdin (readers seek) or an image the chain
+                // has no reader for.
+                let why = if path.is_none() {
+                    "disk images are read from a file, not a stream: save it to a file and import that"
+                } else {
+                    "kiln has no reader for it"
+                };
                 return Err(LayerError::Unsupported {
                     path: display,
-                    what: format!("{what} (disk-image import is not implemented yet)"),
+                    what: format!("{what}; {why}"),
                 }
                 .into());
             }

@@ -183,9 +183,13 @@ pub fn unblock_all_signals() -> io::Result<()> {
 /// survive exec, and Rust ignores SIGPIPE: without this a command in the
 /// sandbox would see `find / | head -1` fail with "Broken pipe".
 pub fn default_signal_dispositions() {
-    /// The kernel's `struct sigaction` on x86_64 (handler, flags,
-    /// restorer, mask): the raw syscall also reaches the real-time signals
-    /// glibc keeps to itself (32, 33), which libc's signal() refuses.
+    /// The kernel's `struct sigaction` on x86_64 and aarch64 (handler,
+    /// flags, restorer, mask): the raw syscall also reaches the real-time
+    /// signals glibc keeps to itself (32, 33), which libc's signal()
+    /// refuses. Other architectures order the fields differently (mips,
+    /// sparc, alpha) or have no restorer: they must add their layout here.
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    compile_error!("default_signal_dispositions: add this architecture's kernel struct sigaction");
     #[repr(C)]
     struct KernelSigaction {
         handler: usize,
@@ -216,6 +220,11 @@ pub fn default_signal_dispositions() {
             )
         };
     }
+}
+
+/// Commits every file system's buffers to disk (`sync(2)`).
+pub fn sync_all() {
+    rustix::fs::sync();
 }
 
 /// Waits for one of `signals` (which must be blocked); returns its number.

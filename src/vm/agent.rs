@@ -35,8 +35,7 @@ fn say(msg: &str) {
 }
 
 fn power_off() -> ! {
-    // SAFETY: sync(2) takes no arguments.
-    unsafe { libc::sync() };
+    crate::sys::sync_all();
     let _ = rustix::system::reboot(rustix::system::RebootCommand::PowerOff);
     // PID 1 must not exit (the kernel would panic, which -no-reboot and
     // panic=-1 also turn into the VM's end).

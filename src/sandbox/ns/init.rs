@@ -758,13 +758,23 @@ fn exec_command(cfg: &InitConfig) -> ! {
             current: (u.soft != u64::MAX).then_some(u.soft),
             maximum: (u.hard != u64::MAX).then_some(u.hard),
         };
-        rustix::process::setrlimit(crate::spec::rlimit_resource(u.resource), lim)
-            .or_die(&format!("--ulimit {}", u.name));
+        // RunSpec::validate refused unknown numbers; a config that skipped
+        // it still gets an error, not another limit.
+        let res = crate::spec::rlimit_resource(u.resource)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
+            .or_die(&format!("ulimit {} (resource {})", u.name, u.resource));
+        rustix::process::setrlimit(res, lim).or_die(&format!("ulimit {}", u.name));
     }
     // Capabilities: empty the bounding set (but for --cap-add) while we
     // still hold CAP_SETPCAP, switch identity, then set every other set to
     // exactly the kept ones.
-    let keep: u64 = cfg.cap_add.iter().fold(0, |m, c| m | (1u64 << c));
+    // validate() range-checked cap_add; checked_shl keeps a number >= 64
+    // from wrapping around to another capability all the same.
+    let keep: u64 = cfg
+        .cap_add
+        .iter()
+        .map(|&c| 1u64.checked_shl(c).unwrap_or(0))
+        .fold(0, |m, bit| m | bit);
     sys::drop_bounding_set(keep).or_die("drop the capability bounding set");
     let (uid, gid) = cfg.user;
     if !cfg.setgroups_denied {

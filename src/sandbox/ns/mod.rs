@@ -117,10 +117,13 @@ fn process_params(
         }
     };
     if argv.is_empty() {
-        return Err(RunError::Spec(crate::spec::SpecError::Invalid(format!(
-            "no command given and image {} has no Entrypoint or Cmd: name one after the image, e.g. kiln run {} -- sh",
-            spec.image, spec.image
-        ))));
+        return Err(RunError::Spec(crate::spec::SpecError::invalid(
+            "argv",
+            format!(
+                "no command given and image {} has no Entrypoint or Cmd",
+                spec.image
+            ),
+        )));
     }
     let mut env: Vec<String> = cfg.env().clone().unwrap_or_default();
     let mut set = |kv: String| {
