@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # kiln's test suite, as CI runs it:
 #   1. cargo fmt --check and clippy -D warnings;
-#   2. the unit and CLI tests in the debug profile (clap's and std's debug
+#   2. the library built without the default `cli` feature; the unit and CLI tests in the debug profile (clap's and std's debug
 #      assertions run only there), then unit, integration and doc tests in
 #      release as the calling user;
 #   3. when run as root: the integration tests again as two unprivileged users,
@@ -20,6 +20,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --release --all-targets --quiet -- -D warnings
+echo "== the library alone (no cli feature: no clap, anyhow, indicatif, tracing-subscriber)"
+cargo build --no-default-features --lib --quiet
+if cargo tree --no-default-features -e normal --prefix none | grep -E '^(clap|anyhow|indicatif|tracing-subscriber) '; then
+  echo "the library without the cli feature still pulls the crates above" >&2
+  exit 1
+fi
 echo "== debug profile: unit tests and the CLI tests"
 cargo test --lib --bins --test cli
 echo "== build"

@@ -22,8 +22,29 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! Running a build step in that image, in Linux namespaces:
+//!
+//! ```no_run
+//! use kiln::{RunSpec, Sandbox, Store};
+//!
+//! // First thing in main(): kiln re-executes the program's own binary for
+//! // the sandbox's setup, for work in the caller's id mapping and as a VM's
+//! // guest agent; dispatch() hands such a start to its entry point and
+//! // returns at once for an ordinary one.
+//! kiln::helper::dispatch();
+//!
+//! let store = Store::open(Store::default_path()?)?;
+//! let mut spec = RunSpec::new("toolchain");
+//! spec.argv = Some(vec!["make".into(), "-C".into(), "/src".into()]);
+//! spec.volumes.push("/srv/src:/src".parse()?);
+//! let result = Sandbox::new(store).run(&spec)?;
+//! println!("exit {} ({} warnings)", result.exit_code, result.warnings.len());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! The library never prints: long operations report through a
-//! [`progress::ProgressFn`] callback and `tracing`.
+//! [`progress::ProgressFn`] callback and `tracing`; a run's output and
+//! state through [`RunEvent`]s.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -44,9 +65,11 @@ pub mod userns;
 pub mod vm;
 
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
+pub use layer::codec::{Expansion, ExpansionLimits};
 pub use progress::{Event, ProgressFn};
+pub use sandbox::{RunError, RunEvent, RunResult, Sandbox, Stream};
 /// The disk-image readers (ISO 9660, chunks, XVA, VHD, qcow2, MBR/GPT,
 /// ext2/3/4) and their chain, which live in [`source::disk`].
 pub use source::disk;
-pub use source::ExpansionLimits;
+pub use spec::{RunSpec, SpecError};
 pub use store::{ExportFormat, Store, StoreError, StoreOptions};

@@ -326,7 +326,7 @@ fn newidmap(tool: &str, pid: i32, v: &[IdExtent]) -> io::Result<IdMapper> {
 }
 
 /// Name of the hidden subcommand the userns task helper runs as.
-pub const TASK_ARG: &str = "__userns-task";
+pub(crate) const TASK_ARG: &str = "__userns-task";
 pub(crate) const TASK_ENV: &str = "KILN_USERNS_TASK";
 
 /// Store work that must happen inside a subid mapping.

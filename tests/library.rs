@@ -111,3 +111,53 @@ fn bad_specs_are_typed_errors_naming_the_field() {
         }))
     ));
 }
+
+/// A decompression bomb is a typed error an embedder can match (which
+/// limit, what sizes), not a string to search; its words name no flag.
+#[test]
+fn a_bomb_is_a_typed_error() {
+    use kiln::layer::LayerError;
+    use kiln::{Expansion, ImportError, ImportOptions, ImportSource};
+    let k = Kiln::new();
+    // A tar of one 64 MiB file of zeros, gzip'd: about 64 KiB.
+    let bomb = k.dir.path().join("bomb.tar.gz");
+    sh(std::process::Command::new("sh")
+        .current_dir(k.dir.path())
+        .args([
+            "-c",
+            "truncate -s 64M zero && tar -cf - zero | gzip -c > bomb.tar.gz && rm zero",
+        ]));
+    let store = kiln::Store::open(k.store()).expect("open store");
+    let mut opts = ImportOptions::new("bomb");
+    opts.limits.max_bytes = 1 << 20;
+    let err = store
+        .import(ImportSource::Path(bomb.clone()), &opts)
+        .expect_err("a 64 MiB stream over a 1 MiB limit");
+    match &err {
+        // The stream or the layer written from it: whichever check
+        // crosses the limit first.
+        ImportError::Layer(LayerError::Bomb {
+            exceeded: Expansion::Size { limit } | Expansion::Layer { limit, .. },
+            ..
+        }) => assert_eq!(*limit, 1 << 20),
+        other => panic!("expected a typed bomb error, got {other:?}"),
+    }
+    assert!(!err.to_string().contains("--"), "{err}");
+    // The ratio limit trips on its own too.
+    let mut opts = ImportOptions::new("bomb");
+    opts.limits.max_ratio = 10;
+    opts.limits.ratio_after = 1 << 20;
+    let err = store
+        .import(ImportSource::Path(bomb), &opts)
+        .expect_err("64 MiB from 64 KiB is over 10:1");
+    assert!(
+        matches!(
+            err,
+            ImportError::Layer(LayerError::Bomb {
+                exceeded: Expansion::Ratio { max_ratio: 10, .. },
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}

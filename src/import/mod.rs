@@ -378,22 +378,28 @@ impl LayerBuilder {
         if written.saturating_add(content) > self.max_bytes {
             return Err(LayerError::Bomb {
                 path: self.source_name.clone(),
-                reason: format!(
-                    "layer would exceed {} bytes at entry {:?}",
-                    self.max_bytes, e.path
-                ),
+                exceeded: crate::layer::codec::Expansion::Layer {
+                    limit: self.max_bytes,
+                    entry: e.path.clone(),
+                },
             });
         }
         let mut tap = source::tarball::ErrTap {
             inner: data,
             err: None,
+            bomb: None,
         };
         if let Err(err) = self.tar.append(&e, &mut tap) {
             if tap.err.is_none() && err.kind() != io::ErrorKind::UnexpectedEof {
                 return Err(LayerError::Write(err));
             }
-            // Name the entry whose content could not be read.
-            let err = io::Error::new(err.kind(), format!("{err} (in entry {:?})", e.path));
+            // Name the entry whose content could not be read (a tripped
+            // bomb guard is its own error, whatever entry it tripped in).
+            let err = match tap.bomb.take() {
+                Some(x) => io::Error::new(io::ErrorKind::InvalidData, x),
+                None if crate::layer::codec::Expansion::of(&err).is_some() => err,
+                None => io::Error::new(err.kind(), format!("{err} (in entry {:?})", e.path)),
+            };
             return Err(LayerError::from_read(
                 &self.source_name,
                 "read file data",

@@ -177,8 +177,59 @@ impl Default for ExpansionLimits {
     }
 }
 
-/// Error text of a tripped [`BombGuard`]; callers match it to build a typed error.
-pub const BOMB_MARKER: &str = "decompression bomb";
+/// Which expansion limit an input broke: the payload of the `io::Error` a
+/// tripped [`BombGuard`] returns, and the detail of
+/// [`LayerError::Bomb`](super::LayerError::Bomb).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Expansion {
+    /// The decompressed stream grew past [`ExpansionLimits::max_bytes`].
+    #[error(
+        "decompression bomb or oversized input: the stream exceeds the limit of {limit} bytes"
+    )]
+    Size {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The stream expanded more than [`ExpansionLimits::max_ratio`] times.
+    #[error("decompression bomb: about {compressed} compressed bytes expanded to {expanded} bytes, more than {max_ratio}:1")]
+    Ratio {
+        /// Compressed bytes read so far.
+        compressed: u64,
+        /// Bytes they expanded to.
+        expanded: u64,
+        /// The ratio limit.
+        max_ratio: u64,
+    },
+    /// The layer being written would grow past the size limit.
+    #[error("decompression bomb or oversized input: the layer would exceed {limit} bytes at entry {entry:?}")]
+    Layer {
+        /// The limit in bytes.
+        limit: u64,
+        /// The entry that would cross it.
+        entry: String,
+    },
+}
+
+impl Expansion {
+    /// The [`Expansion`] inside an I/O error, however deeply readers
+    /// wrapped it (an `io::Error` payload, or an error's source chain).
+    pub fn of(e: &io::Error) -> Option<&Expansion> {
+        let mut cur: &(dyn std::error::Error + 'static) = e.get_ref()?;
+        loop {
+            if let Some(x) = cur.downcast_ref::<Expansion>() {
+                return Some(x);
+            }
+            if let Some(inner) = cur.downcast_ref::<io::Error>() {
+                if let Some(r) = inner.get_ref() {
+                    cur = r;
+                    continue;
+                }
+            }
+            cur = cur.source()?;
+        }
+    }
+}
 
 /// Stops a decompressed stream that expands beyond [`ExpansionLimits`].
 pub struct BombGuard<R> {
@@ -208,10 +259,9 @@ impl<R: Read> Read for BombGuard<R> {
         if self.out > self.limits.max_bytes {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "{BOMB_MARKER} or oversized input: the stream exceeds the limit of {} bytes",
-                    self.limits.max_bytes
-                ),
+                Expansion::Size {
+                    limit: self.limits.max_bytes,
+                },
             ));
         }
         // Without a compressed counter (plain input) only the size limit applies.
@@ -220,10 +270,11 @@ impl<R: Read> Read for BombGuard<R> {
             if self.out > self.limits.ratio_after && self.out / c > self.limits.max_ratio {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!(
-                        "{BOMB_MARKER}: about {c} compressed bytes expanded to {} bytes, more than {}:1",
-                        self.out, self.limits.max_ratio
-                    ),
+                    Expansion::Ratio {
+                        compressed: c,
+                        expanded: self.out,
+                        max_ratio: self.limits.max_ratio,
+                    },
                 ));
             }
         }
@@ -246,7 +297,17 @@ mod tests {
         };
         let mut g = BombGuard::new(&zeros[..], Some(Arc::clone(&counter)), lim);
         let err = io::copy(&mut g, &mut io::sink()).unwrap_err();
-        assert!(err.to_string().contains(BOMB_MARKER), "{err}");
+        assert!(
+            matches!(
+                Expansion::of(&err),
+                Some(Expansion::Ratio { max_ratio: 100, .. })
+            ),
+            "{err}"
+        );
+        // Found through a wrapping error too (readers wrap what they read).
+        let wrapped = io::Error::other(err);
+        assert!(Expansion::of(&wrapped).is_some());
+        assert!(Expansion::of(&io::Error::other("decompression bomb")).is_none());
         let lim = ExpansionLimits {
             max_bytes: 1000,
             max_ratio: u64::MAX,

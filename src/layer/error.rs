@@ -41,12 +41,12 @@ pub enum LayerError {
         reason: PathError,
     },
     /// The compressed input expands far beyond its size.
-    #[error("import: {path}: {reason} (raise the limits with --max-size/--max-ratio if this input is genuine)")]
+    #[error("import: {path}: {exceeded} (raise the expansion limits if this input is genuine)")]
     Bomb {
         /// The input.
         path: String,
-        /// Sizes and limits.
-        reason: String,
+        /// The limit it broke, with the sizes.
+        exceeded: super::codec::Expansion,
     },
     /// Reading a file of a directory source failed.
     #[error("import: {step} {}: {source}", path.display())]
@@ -88,13 +88,13 @@ impl LayerError {
         offset: u64,
         e: &io::Error,
     ) -> LayerError {
-        let msg = e.to_string();
-        if msg.contains(super::codec::BOMB_MARKER) {
+        if let Some(x) = super::codec::Expansion::of(e) {
             return LayerError::Bomb {
                 path: path.to_string(),
-                reason: msg,
+                exceeded: x.clone(),
             };
         }
+        let msg = e.to_string();
         // The tar crate reports a short header read as "failed to read entire block".
         let short = e.kind() == io::ErrorKind::UnexpectedEof || msg.contains("entire block");
         let reason = if short {

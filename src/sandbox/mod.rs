@@ -8,7 +8,7 @@
 
 mod cgroup;
 pub(crate) mod commit;
-pub mod ns;
+pub(crate) mod ns;
 mod pty;
 
 pub use commit::CommitReport;

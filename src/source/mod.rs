@@ -12,5 +12,5 @@ pub mod tarball;
 
 pub use crate::layer::codec::{
     decoder, peek, sniff_codec, sniff_unsupported, tar_header_ok, BombGuard, Codec, CountingReader,
-    ExpansionLimits, BOMB_MARKER,
+    Expansion, ExpansionLimits,
 };

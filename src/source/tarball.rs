@@ -10,6 +10,8 @@ use crate::layer::{Entry, EntryKind, LayerError};
 pub(crate) struct ErrTap<'a, R: ?Sized> {
     pub(crate) inner: &'a mut R,
     pub(crate) err: Option<String>,
+    /// The expansion limit that first read broke, if that was the error.
+    pub(crate) bomb: Option<crate::layer::codec::Expansion>,
 }
 
 impl<R: Read + ?Sized> Read for ErrTap<'_, R> {
@@ -17,6 +19,7 @@ impl<R: Read + ?Sized> Read for ErrTap<'_, R> {
         self.inner.read(buf).inspect_err(|e| {
             if self.err.is_none() {
                 self.err = Some(e.to_string());
+                self.bomb = crate::layer::codec::Expansion::of(e).cloned();
             }
         })
     }
@@ -83,6 +86,7 @@ pub fn walk(r: impl Read, name: &str, f: &mut EntryFn<'_>) -> Result<(), LayerEr
         let mut tap = ErrTap {
             inner: &mut te,
             err: None,
+            bomb: None,
         };
         f(e, &mut tap, EntryPos { offset, absolute })?;
     }

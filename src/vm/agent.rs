@@ -20,7 +20,7 @@ pub const READY: &str = "kiln-agent: ready";
 pub const DONE: &str = "kiln-agent: done";
 
 /// Whether this process is the guest agent (PID 1 started as `/init`).
-pub fn is_agent() -> bool {
+pub(crate) fn is_agent() -> bool {
     // /proc is not mounted yet; the kernel hands `kiln_agent=1` from its
     // command line to init as an environment variable.
     std::process::id() == 1
@@ -43,7 +43,7 @@ fn power_off() -> ! {
 }
 
 /// Entry point of the agent. Never returns: the VM powers off.
-pub fn agent_main() -> ! {
+pub(crate) fn agent_main() -> ! {
     say(READY);
     let out = Path::new("/dev/vdb");
     // PID 1 must not unwind out: a panic becomes the reported error.

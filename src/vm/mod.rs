@@ -17,7 +17,7 @@
 //! killed, TCG is used from then on, and the verdict is kept in the store
 //! (`.kiln/vm-accel`). `KILN_VM_ACCEL=kvm|tcg` forces a choice.
 
-pub mod agent;
+pub(crate) mod agent;
 mod cpio;
 
 use std::fs;

@@ -103,7 +103,7 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 }
 
 /// Entry point of `kiln __sandbox-init`. Never returns.
-pub fn helper_main() -> ! {
+pub(crate) fn helper_main() -> ! {
     let json = std::env::var(CONFIG_ENV).or_die("read configuration");
     let cfg: InitConfig = serde_json::from_str(&json).or_die("parse configuration");
     let report = sys::take_fd(HELPER_REPORT_FD).or_die("take the report descriptor");

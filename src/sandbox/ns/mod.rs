@@ -41,10 +41,10 @@ use crate::spec::{Network, RunSpec, Userns};
 use crate::store::Store;
 use crate::userns::{remove_tree_mapped, run_task, IdMap, MapKind, Task};
 
-pub use init::helper_main;
+pub(crate) use init::helper_main;
 
 /// Name of the hidden subcommand the helper runs as.
-pub const HELPER_ARG: &str = "__sandbox-init";
+pub(crate) const HELPER_ARG: &str = "__sandbox-init";
 /// Written into the run's work directory when the root is a copy.
 const COPY_MARKER: &str = ".kiln-copy";
 /// Environment variable carrying the helper's configuration (JSON).
