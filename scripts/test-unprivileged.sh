@@ -25,6 +25,9 @@ trap 'rm -rf "$dest"' EXIT
 mkdir -p "$dest/bin" "$dest/repo"
 cargo build --release --quiet
 cp "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/kiln" "$dest/bin/kiln"
+# The example embedder (a program not named kiln) for tests/library.rs.
+cargo build --release --quiet --example embedder
+cp "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/examples/embedder" "$dest/bin/embedder"
 # Build only the named test binaries when some are named.
 only=()
 for want in "$@"; do only+=(--test "$want"); done
@@ -55,7 +58,7 @@ for u in kiln-sub kiln-nosub; do
     echo "== $(basename "$e") as $u ($(grep -c "^$u:" /etc/subuid || true) subuid range(s))"
     if ! (cd "$dest" && runuser -u "$u" -- env -i \
         HOME="$home" USER="$u" LOGNAME="$u" PATH=/usr/local/bin:/usr/bin:/bin TMPDIR=/tmp \
-        CI="${CI:-}" KILN_BIN="$dest/bin/kiln" KILN_TEST_DATA="$dest/repo" \
+        CI="${CI:-}" KILN_BIN="$dest/bin/kiln" KILN_EMBEDDER="$dest/bin/embedder" KILN_TEST_DATA="$dest/repo" \
         KILN_BUILDD_TAR="${KILN_BUILDD_TAR:-}" KILN_BUILDD_ISO="${KILN_BUILDD_ISO:-}" RUST_BACKTRACE=1 \
         "$exe" --test-threads=2); then
       failed+=("$(basename "$e") as $u")

@@ -23,6 +23,7 @@ use crate::userns::Task;
 /// userns task helper. Those never return. For any other start it returns
 /// at once (it reads only argv, the pid and one environment variable).
 pub fn dispatch() {
+    crate::sys::mark_dispatcher();
     if crate::vm::agent::is_agent() {
         crate::vm::agent::agent_main();
     }

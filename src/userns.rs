@@ -364,20 +364,9 @@ pub(crate) enum Task {
     Exec { argv: Vec<String> },
 }
 
-/// The helper binary: `explicit`, else this executable when it is `kiln`,
-/// else `$KILN_HELPER`, else `kiln` from PATH.
+/// The helper binary: see [`crate::sys::helper_exe`].
 pub(crate) fn helper_path(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if exe.file_name().is_some_and(|n| n == "kiln") {
-            return exe;
-        }
-    }
-    std::env::var_os("KILN_HELPER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("kiln"))
+    crate::sys::helper_exe(explicit)
 }
 
 /// Runs `task` in a helper inside `map`; returns what it printed.

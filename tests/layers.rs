@@ -547,6 +547,34 @@ fn src_follows_the_floors_of_architecture_md() {
     );
 }
 
+/// The README's Layout table puts every module on its floor too.
+#[test]
+fn the_readme_layout_matches_the_floors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = fs::read_to_string(root.join("ARCHITECTURE.md")).expect("read ARCHITECTURE.md");
+    let readme = fs::read_to_string(root.join("README.md")).expect("read README.md");
+    let at = readme
+        .find("## Layout")
+        .expect("README has a Layout section");
+    let section = &readme[at..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+    let mut rows: BTreeMap<String, u32> = BTreeMap::new();
+    for line in section.lines().filter(|l| l.starts_with("| ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let Ok(floor) = cells[1].parse::<u32>() else {
+            continue;
+        };
+        for m in cells[2].split(',') {
+            rows.insert(m.trim().trim_matches('`').to_string(), floor);
+        }
+    }
+    assert_eq!(
+        rows,
+        floors(&doc),
+        "README's Layout table against ARCHITECTURE.md"
+    );
+}
+
 #[test]
 fn the_table_of_architecture_md_names_every_module_of_the_floors() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -1,6 +1,11 @@
-//! The library used directly, as an embedder would: `Sandbox::run_with_events`.
+//! The library used directly, as an embedder would: `Sandbox::run_with_events`,
+//! typed errors, and a program not named kiln (examples/embedder.rs) that
+//! imports, runs and reads a file system in a VM with one entry point.
 
 mod common;
+
+use std::fs;
+use std::process::Command;
 
 use common::*;
 use kiln::sandbox::{RunEvent, Sandbox, Stream};
@@ -160,4 +165,130 @@ fn a_bomb_is_a_typed_error() {
         ),
         "{err:?}"
     );
+}
+
+/// The example embedder (examples/embedder.rs): a program not named kiln.
+fn embedder_bin() -> std::path::PathBuf {
+    std::env::var_os("KILN_EMBEDDER")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            let kiln = kiln_bin();
+            let dir = kiln.parent().expect("kiln's directory");
+            dir.join("examples/embedder")
+        })
+}
+
+/// An embedder's command in the test's store, with no KILN_HELPER and,
+/// first on PATH, a `kiln` that only leaves a mark: whatever kiln
+/// re-executes must be the embedder's own binary.
+fn embedder(k: &Kiln) -> Command {
+    let trap = k.dir.path().join("trap");
+    if !trap.exists() {
+        fs::create_dir_all(&trap).expect("mkdir trap");
+        let script = format!("#!/bin/sh\ntouch {}\nexit 99\n", mark(k).display());
+        fs::write(trap.join("kiln"), script).expect("write the trap");
+        sh(Command::new("chmod").arg("755").arg(trap.join("kiln")));
+    }
+    let mut c = Command::new(embedder_bin());
+    c.env("KILN_HOME", k.store())
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", trap.display()),
+        )
+        .env_remove("KILN_HELPER")
+        .env_remove("KILN_BIN")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// The file the trap `kiln` on the embedder's PATH touches.
+fn mark(k: &Kiln) -> std::path::PathBuf {
+    k.dir.path().join("kiln-on-path-was-run")
+}
+
+/// One entry point is all an embedder needs: `helper::dispatch()` makes
+/// its own binary the sandbox helper (forked, and exec'd as
+/// `__sandbox-init`) and the VM guest agent of `--via-vm`, with no kiln
+/// binary anywhere on its PATH.
+#[test]
+fn an_embedder_not_named_kiln_imports_runs_and_reads_in_a_vm() {
+    require("qemu-system-x86_64");
+    let bin = embedder_bin();
+    assert!(bin.is_file(), "no embedder at {}", bin.display());
+    assert_ne!(bin.file_name().and_then(|n| n.to_str()), Some("kiln"));
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    let out = embedder(&k)
+        .arg("import")
+        .arg(&tar)
+        .arg("bb")
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("sha256:"));
+
+    // Forked helper (a single-threaded embedder), then the exec'd one.
+    let out = embedder(&k)
+        .args(["run", "bb", "sh", "-c", "echo in-sandbox; exit 7"])
+        .output()
+        .expect("spawn");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-sandbox\n");
+    let out = embedder(&k)
+        .env("KILN_HELPER_EXEC", "1")
+        .args(["run", "bb", "echo", "exec'd helper"])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec'd helper\n");
+    assert!(!mark(&k).exists(), "kiln on PATH was run, not the embedder");
+
+    // --via-vm: the embedder is the guest's /init.
+    let src = k.dir.path().join("tree");
+    fs::create_dir_all(src.join("etc")).expect("mkdir");
+    fs::write(src.join("etc/motd"), "read in a vm\n").expect("write");
+    let img = k.dir.path().join("root.ext4");
+    sh(Command::new(tool("mke2fs"))
+        .args(["-q", "-t", "ext4", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .arg("16M"));
+    let out = embedder(&k)
+        .arg("import")
+        .arg(&img)
+        .arg("vm")
+        .arg("--via-vm")
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The tree read in the VM, checked through kiln's own unpack.
+    let dest = k.dir.path().join("unpacked");
+    let out = k.run(["unpack".as_ref(), "vm".as_ref(), dest.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(dest.join("etc/motd")).expect("the file read in the VM"),
+        "read in a vm\n"
+    );
+    assert!(!mark(&k).exists(), "kiln on PATH was run, not the embedder");
 }

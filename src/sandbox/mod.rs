@@ -159,9 +159,10 @@ impl Sandbox {
         }
     }
 
-    /// The `kiln` binary that sets the sandbox up (it re-executes itself as
-    /// `kiln __sandbox-init`). Default: this process's executable when it
-    /// is `kiln`, else `$KILN_HELPER`, else `kiln` on `PATH`.
+    /// The binary that sets the sandbox up (it is re-executed as
+    /// `BINARY __sandbox-init`). Default: this process's executable when it
+    /// is `kiln` or called [`crate::helper::dispatch`], else
+    /// `$KILN_HELPER`, else `kiln` on `PATH`.
     pub fn with_helper(mut self, path: PathBuf) -> Sandbox {
         self.helper = Some(path);
         self

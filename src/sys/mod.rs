@@ -640,6 +640,35 @@ pub fn blocked_of(signals: &[i32]) -> io::Result<Vec<i32>> {
 }
 
 /// `name` in PATH (or /usr/bin, /usr/sbin).
+/// Set by `helper::dispatch`: this program routes kiln's re-exec entry
+/// points, so its own binary can serve as the sandbox helper and the VM
+/// guest agent even when it is not named `kiln`.
+static DISPATCHES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that this program called `helper::dispatch`.
+pub(crate) fn mark_dispatcher() {
+    DISPATCHES.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The binary kiln re-executes for its entry points: `explicit`, else this
+/// executable when it is `kiln` or called `helper::dispatch`, else
+/// `$KILN_HELPER`, else `kiln` from PATH.
+pub(crate) fn helper_exe(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let dispatches = DISPATCHES.load(std::sync::atomic::Ordering::Relaxed);
+        if dispatches || exe.file_name().is_some_and(|n| n == "kiln") {
+            return exe;
+        }
+    }
+    if let Some(h) = std::env::var_os("KILN_HELPER") {
+        return h.into();
+    }
+    find_tool("kiln").unwrap_or_else(|| "kiln".into())
+}
+
 pub(crate) fn find_tool(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
     std::env::split_paths(&path)

@@ -192,14 +192,42 @@ pub const FILE_SYSTEMS: &[&str] = &[
     "vfat",
 ];
 
+/// Why `elf` cannot be the guest's /init: `None` for a statically linked
+/// ELF executable (no `PT_INTERP` program header).
+fn not_static(elf: &[u8]) -> Option<&'static str> {
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
+        return Some("is not a 64-bit ELF executable");
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap_or_default()) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    for i in 0..count {
+        let at = phoff.saturating_add(i.saturating_mul(size));
+        let Some(ty) = elf.get(at..at + 4) else {
+            return Some("has program headers past its end");
+        };
+        if ty == 3u32.to_le_bytes() {
+            return Some("is dynamically linked");
+        }
+    }
+    None
+}
+
 /// Writes the initramfs: kiln as /init, /dev/console, the modules for
 /// `fstype` and their order.
 fn write_initramfs(kernel: &Kernel, fstype: &str, out: &Path) -> Result<(), VmError> {
-    let me = std::env::current_exe().map_err(io_err(
-        "find kiln's own binary",
-        Path::new("/proc/self/exe"),
-    ))?;
-    let agent = fs::read(&me).map_err(io_err("read", &me))?;
+    // The guest agent is kiln's entry-point binary (this program when it
+    // is kiln or routes kiln's entry points, else the kiln it names): a
+    // program that does not would run its own main() as PID 1 and stay
+    // silent until the timeout.
+    let me = crate::sys::helper_exe(None);
+    let agent = fs::read(&me).map_err(io_err("read the guest agent", &me))?;
+    if let Some(why) = not_static(&agent) {
+        return Err(VmError::Agent(format!(
+            "start: the guest agent {} {why}; the initramfs has no dynamic loader: use a statically linked kiln (KILN_HELPER=PATH) or link this program with -C target-feature=+crt-static",
+            me.display()
+        )));
+    }
     let mut wanted: Vec<&str> = BASE_MODULES.to_vec();
     wanted.push(fstype);
     if matches!(fstype, "vfat" | "exfat" | "ntfs3") {
@@ -773,6 +801,21 @@ fn boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a static binary can be the guest's /init: kiln's own build
+    /// (static, see .cargo/config.toml) passes, a distribution's dynamic
+    /// /bin/ls and garbage do not.
+    #[test]
+    fn the_guest_agent_must_be_static() {
+        let me = fs::read("/proc/self/exe").unwrap();
+        assert_eq!(not_static(&me), None);
+        let ls = fs::read("/bin/ls").unwrap();
+        assert_eq!(not_static(&ls), Some("is dynamically linked"));
+        assert!(not_static(b"#!/bin/sh\n").is_some());
+        let mut cut = me[..64].to_vec();
+        cut[0x38] = 0xff; // many program headers, none present
+        assert!(not_static(&cut).is_some());
+    }
 
     #[test]
     fn console_lines_are_cut_and_split() {
