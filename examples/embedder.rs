@@ -6,13 +6,17 @@
 //!
 //! ```text
 //! embedder import SOURCE NAME [--via-vm]   prints the manifest digest
-//! embedder run NAME CMD...                 exits with the command's code
+//! embedder run NAME CMD...                 exits with the command's code;
+//!                                          warnings on stderr as they come
+//!                                          and in the result
 //! ```
 //!
 //! The store is the default one (`$KILN_HOME`, else `$XDG_DATA_HOME/kiln`,
 //! else `~/.local/share/kiln`). `tests/library.rs` drives it.
 
-use kiln::{ImportOptions, ImportSource, RunSpec, Sandbox, Store};
+use std::io::Write;
+
+use kiln::{ImportOptions, ImportSource, RunEvent, RunSpec, Sandbox, Store, Stream};
 
 fn main() {
     // kiln re-executes this binary for the sandbox's setup, for store work
@@ -43,9 +47,19 @@ fn real_main() -> Result<i32, Box<dyn std::error::Error>> {
         [cmd, name, argv @ ..] if cmd == "run" && !argv.is_empty() => {
             let mut spec = RunSpec::new(name);
             spec.argv = Some(argv.to_vec());
-            let result = Sandbox::new(store).run(&spec)?;
+            // The command's output and the run's warnings as they happen.
+            let result = Sandbox::new(store).run_with_events(&spec, &mut |e| match e {
+                RunEvent::Output { stream, data } => {
+                    let _ = match stream {
+                        Stream::Stdout => std::io::stdout().write_all(data),
+                        Stream::Stderr => std::io::stderr().write_all(data),
+                    };
+                }
+                RunEvent::Warning { message } => eprintln!("embedder: event: warning: {message}"),
+                _ => {}
+            })?;
             for w in &result.warnings {
-                eprintln!("embedder: warning: {w}");
+                eprintln!("embedder: result: warning: {w}");
             }
             Ok(result.exit_code)
         }

@@ -292,3 +292,50 @@ fn an_embedder_not_named_kiln_imports_runs_and_reads_in_a_vm() {
     );
     assert!(!mark(&k).exists(), "kiln on PATH was run, not the embedder");
 }
+
+/// The sandbox's own warnings (kernel overlayfs unavailable, so
+/// fuse-overlayfs serves, or a copy where this user may not use FUSE)
+/// reach the embedder as `RunEvent::Warning` while the run goes on and in
+/// `RunResult::warnings`, and never land in the command's stderr.
+#[test]
+fn the_sandboxs_warnings_reach_the_embedder_not_the_commands_stderr() {
+    require("fuse-overlayfs");
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    k.import(&tar, "bb", &[]);
+    let out = embedder(&k)
+        .env("KILN_NO_KERNEL_OVERLAY", "1")
+        .args(["run", "bb", "sh", "-c", "echo out; echo err >&2"])
+        .output()
+        .expect("spawn");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    let said = |how: &str| -> Vec<String> {
+        err.lines()
+            .filter_map(|l| l.strip_prefix(&format!("embedder: {how}: warning: ")))
+            .map(str::to_string)
+            .collect()
+    };
+    let (events, result) = (said("event"), said("result"));
+    assert_eq!(events, result, "{err}");
+    assert!(
+        events.first().is_some_and(
+            |w| w.contains("kernel overlayfs is unavailable here (KILN_NO_KERNEL_OVERLAY")
+        ),
+        "{err}"
+    );
+    assert!(
+        events
+            .last()
+            .is_some_and(|w| w.starts_with("using fuse-overlayfs instead")
+                || w.starts_with("copying the image for this run instead")),
+        "{err}"
+    );
+    // The command's stderr is its own: "err" and nothing of kiln's.
+    let own: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("embedder: "))
+        .collect();
+    assert_eq!(own, ["err"], "{err}");
+}

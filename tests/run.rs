@@ -1153,3 +1153,44 @@ fn an_image_whose_config_lies_about_its_layers_is_not_unpacked() {
         "a tree was cached under the lying key: {cached:?}"
     );
 }
+
+/// The fallback warnings of the root's mount are kiln's, said once on its
+/// stderr and recorded in `--json-status`, not written into the command's
+/// stderr from inside the sandbox.
+#[test]
+fn overlay_fallback_warnings_are_in_the_result() {
+    let k = with_busybox();
+    let status = k.dir.path().join("status.json");
+    let out = k
+        .cmd()
+        .env("KILN_NO_KERNEL_OVERLAY", "1")
+        .arg("run")
+        .arg("--json-status")
+        .arg(&status)
+        .args(["bb", "true"])
+        .output()
+        .expect("spawn kiln");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&status).expect("status")).expect("json");
+    let warnings: Vec<&str> = v["warnings"]
+        .as_array()
+        .expect("warnings")
+        .iter()
+        .filter_map(|w| w.as_str())
+        .collect();
+    assert!(
+        warnings
+            .first()
+            .is_some_and(|w| w.contains("kernel overlayfs is unavailable")),
+        "{v}"
+    );
+    for w in &warnings {
+        assert_eq!(
+            err.matches(&format!("kiln: warning: {w}")).count(),
+            1,
+            "{err}"
+        );
+    }
+}

@@ -132,6 +132,13 @@ pub enum RunEvent<'a> {
         /// The bytes, as read.
         data: &'a [u8],
     },
+    /// Something the run could not do as asked (for example kernel
+    /// overlayfs unavailable, so fuse-overlayfs serves instead). Every
+    /// warning is also in [`RunResult::warnings`].
+    Warning {
+        /// What happened, in a sentence.
+        message: &'a str,
+    },
 }
 
 /// Runs commands in images of a store.

@@ -501,18 +501,51 @@ pub fn make_readonly_recursive(path: &Path) -> io::Result<()> {
     )
 }
 
-/// Closes every descriptor from 3 up (`close_range(2)`): the sandbox's
-/// init keeps nothing kiln or its caller had open, so no descriptor of
-/// it leads outside the sandbox's root.
-pub fn close_from_3() -> io::Result<()> {
-    // SAFETY: close_range only closes descriptors; the callers (init,
-    // right after it starts) own every descriptor of their process and use
-    // none of them afterwards.
-    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
+/// Closes every descriptor from 3 up (`close_range(2)`) but `keep`: the
+/// sandbox's init keeps nothing kiln or its caller had open, so no
+/// descriptor of it leads outside the sandbox's root (`keep` is its
+/// warnings pipe to kiln, closed once the root is built).
+pub fn close_from_3_but(keep: Option<i32>) -> io::Result<()> {
+    let ranges: Vec<(u32, u32)> = match keep.and_then(|k| u32::try_from(k).ok()) {
+        Some(k) if k >= 3 => vec![(3, k - 1), (k + 1, u32::MAX)],
+        _ => vec![(3, u32::MAX)],
+    };
+    for (first, last) in ranges.into_iter().filter(|(f, l)| f <= l) {
+        // SAFETY: close_range only closes descriptors; the callers (init,
+        // right after it starts) own every descriptor of their process and
+        // use none of the closed ones afterwards.
+        let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
+}
+
+/// Writes all of `data` to descriptor number `fd`, one this process got by
+/// number (across a clone or an exec); EBADF if it is not open.
+pub fn write_raw_fd(fd: i32, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: write(2) reads `data.len()` bytes from a live slice; an
+        // fd that is not open fails with EBADF and touches nothing.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+/// Closes descriptor number `fd` (one this process got by number).
+pub fn close_raw_fd(fd: i32) {
+    // SAFETY: close(2) of a descriptor no Rust object owns (it came by
+    // number); a closed one fails with EBADF.
+    unsafe { libc::close(fd) };
 }
 
 /// The start and end addresses of this process's argument and

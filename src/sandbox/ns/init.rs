@@ -55,6 +55,8 @@ const WAITED: [i32; 5] = [
 /// init's pid (once init has acknowledged), and where init reads go.
 pub(crate) const HELPER_REPORT_FD: i32 = 3;
 pub(crate) const HELPER_GO_FD: i32 = 4;
+/// Where the exec'd helper finds the warnings pipe's write end.
+pub(crate) const HELPER_WARN_FD: i32 = 5;
 
 fn die(step: &str, e: impl std::fmt::Display) -> ! {
     eprintln!("kiln: sandbox: {step}: {e}");
@@ -84,6 +86,15 @@ pub(crate) fn read_byte(fd: &OwnedFd) -> io::Result<Option<u8>> {
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Hands a warning to kiln (a line on the warnings pipe, which becomes
+/// one of `RunResult::warnings`); without the pipe, says it on stderr.
+fn warn(cfg: &InitConfig, msg: &str) {
+    let line = format!("{}\n", msg.replace('\n', " "));
+    if cfg.warn_fd < 3 || sys::write_raw_fd(cfg.warn_fd, line.as_bytes()).is_err() {
+        eprintln!("kiln: warning: {msg}");
     }
 }
 
@@ -208,9 +219,14 @@ fn init_main(cfg: &InitConfig) -> ! {
     let _ = rustix::thread::set_name(c"kiln-init");
     // Nothing kiln or its caller had open stays: the root is built from
     // paths, and the cache and run-directory locks are kiln's to hold.
-    sys::close_from_3().or_die("close inherited descriptors");
+    sys::close_from_3_but((cfg.warn_fd >= 3).then_some(cfg.warn_fd))
+        .or_die("close inherited descriptors");
     let root = &cfg.merged;
     build_root(cfg);
+    // Warnings come only from building the root: kiln's end closes now.
+    if cfg.warn_fd >= 3 {
+        sys::close_raw_fd(cfg.warn_fd);
+    }
     // kiln's command line and environment (store paths, the CI job's
     // secrets) are what /proc/1/cmdline and /proc/1/environ would show.
     sys::scrub_process_strings("kiln-init").or_die("clear init's command line and environment");
@@ -370,7 +386,12 @@ fn build_root(cfg: &InitConfig) {
         let data = format!("lowerdir={lower},upperdir={upper},workdir={work},userxattr");
         use crate::spec::RootfsMode;
         let mut done = false;
-        if matches!(cfg.rootfs, RootfsMode::Auto | RootfsMode::Overlay) {
+        if cfg.rootfs == RootfsMode::Auto && cfg.no_kernel_overlay {
+            warn(
+                cfg,
+                "kernel overlayfs is unavailable here (KILN_NO_KERNEL_OVERLAY is set)",
+            );
+        } else if matches!(cfg.rootfs, RootfsMode::Auto | RootfsMode::Overlay) {
             match mnt(
                 "overlay",
                 root,
@@ -380,7 +401,7 @@ fn build_root(cfg: &InitConfig) {
             ) {
                 Ok(()) => done = true,
                 Err(e) if cfg.rootfs == RootfsMode::Overlay => die("mount overlayfs", e),
-                Err(e) => eprintln!("kiln: warning: kernel overlayfs is unavailable here ({e})"),
+                Err(e) => warn(cfg, &format!("kernel overlayfs is unavailable here ({e})")),
             }
         }
         if !done && matches!(cfg.rootfs, RootfsMode::Auto | RootfsMode::FuseOverlay) {
@@ -388,13 +409,11 @@ fn build_root(cfg: &InitConfig) {
                 Ok(()) => {
                     done = true;
                     if cfg.rootfs == RootfsMode::Auto {
-                        eprintln!(
-                            "kiln: warning: using fuse-overlayfs instead (slower file access)"
-                        );
+                        warn(cfg, "using fuse-overlayfs instead (slower file access)");
                     }
                 }
                 Err(e) if cfg.rootfs == RootfsMode::FuseOverlay => die("mount fuse-overlayfs", e),
-                Err(e) => eprintln!("kiln: warning: fuse-overlayfs is unavailable here ({e})"),
+                Err(e) => warn(cfg, &format!("fuse-overlayfs is unavailable here ({e})")),
             }
             if done {
                 sys::set_mount_attrs_recursive(root, nosuid_nodev)
@@ -405,8 +424,9 @@ fn build_root(cfg: &InitConfig) {
             // The last resort: a private copy of the image for this run.
             // Slow for big images, so say so.
             if cfg.rootfs != RootfsMode::Copy {
-                eprintln!(
-                    "kiln: warning: copying the image for this run instead (slow for large images)"
+                warn(
+                    cfg,
+                    "copying the image for this run instead (slow for large images)",
                 );
             }
             // Tell kiln (for --commit): the upper dir is a full copy, not a diff.

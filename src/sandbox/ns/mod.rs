@@ -99,6 +99,18 @@ pub(crate) struct InitConfig {
     /// (0: not checked).
     #[serde(default)]
     pub parent_pid: i32,
+    /// The descriptor number of the warnings pipe's write end in init
+    /// (-1: none, warnings go to stderr).
+    #[serde(default = "no_fd")]
+    pub warn_fd: i32,
+    /// `KILN_NO_KERNEL_OVERLAY` is set: `RootfsMode::Auto` treats kernel
+    /// overlayfs as unavailable (a host whose overlayfs misbehaves).
+    #[serde(default)]
+    pub no_kernel_overlay: bool,
+}
+
+fn no_fd() -> i32 {
+    -1
 }
 
 /// The image's command line, environment and working directory, with the
@@ -556,7 +568,14 @@ pub(crate) fn run(
         uid_ranges: ranges(&map.uids),
         gid_ranges: ranges(&map.gids),
         parent_pid: rustix::process::getpid().as_raw_nonzero().get(),
+        warn_fd: -1,
+        no_kernel_overlay: std::env::var_os("KILN_NO_KERNEL_OVERLAY")
+            .is_some_and(|v| !v.is_empty() && v != "0"),
     };
+    // Init's warnings (the overlay fallbacks) come back on a pipe and join
+    // the result's warnings.
+    let (warn_r, warn_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| RunError::host("pipe", e.into()))?;
     let pty = if spec.tty {
         Some(super::pty::Pty::open().map_err(|e| RunError::host("open a pseudo-terminal", e))?)
     } else {
@@ -581,8 +600,10 @@ pub(crate) fn run(
         && std::env::var_os("KILN_HELPER_EXEC").is_none()
         && crate::sys::single_threaded()
     {
+        cfg.warn_fd = std::os::fd::AsRawFd::as_raw_fd(&warn_w);
         Launch::Fork(Box::new(cfg), stdin_r)
     } else {
+        cfg.warn_fd = init::HELPER_WARN_FD;
         cfg.fuse_overlayfs = crate::sys::find_tool("fuse-overlayfs");
         let json = serde_json::to_string(&cfg)
             .map_err(|e| RunError::host("serialize sandbox config", io::Error::other(e)))?;
@@ -605,8 +626,10 @@ pub(crate) fn run(
         let (report_r, report_w) = pipe()?;
         let (go_r, go_w) = pipe()?;
         // The helper finds them as descriptors 3 and 4.
-        const _: () = assert!(init::HELPER_REPORT_FD == 3 && init::HELPER_GO_FD == 4);
-        crate::sys::pre_exec_pass_fds(&mut cmd, &[&report_w, &go_r])
+        const _: () = assert!(
+            init::HELPER_REPORT_FD == 3 && init::HELPER_GO_FD == 4 && init::HELPER_WARN_FD == 5
+        );
+        crate::sys::pre_exec_pass_fds(&mut cmd, &[&report_w, &go_r, &warn_w])
             .map_err(|e| RunError::host("pass pipes to the sandbox helper", e))?;
         Launch::Exec {
             cmd,
@@ -633,6 +656,12 @@ pub(crate) fn run(
         pty,
         cgroup: cgroup.as_ref(),
         input: stdin_w,
+        warnings: Warnings {
+            read: warn_r,
+            write: Some(warn_w),
+            lines: Vec::new(),
+            partial: Vec::new(),
+        },
     };
     let result = supervise(launch, spec, &map, relay, start, &img, events);
     if spec.forward_signals {
@@ -656,9 +685,10 @@ pub(crate) fn run(
         _ => return Ok(result),
     };
     if rundir.path.join("work").join(COPY_MARKER).exists() {
-        return Err(RunError::Unsupported(
-            "--commit needs overlayfs, and this run fell back to a copy of the image (see the warning above): nothing was committed".into(),
-        ));
+        return Err(RunError::Unsupported(format!(
+            "commit needs overlayfs, and this run fell back to a copy of the image ({}): nothing was committed",
+            result.warnings.join("; ")
+        )));
     }
     let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
     let mut mount_points: Vec<String> = spec.volumes.iter().map(|v| v.target.clone()).collect();
@@ -743,6 +773,7 @@ struct Relay<'a> {
     sigfd: Option<&'a std::os::fd::OwnedFd>,
     pty: Option<super::pty::Pty>,
     cgroup: Option<&'a super::cgroup::RunCgroup>,
+    warnings: Warnings,
     /// The write end of the command's stdin pipe (`-i` without `-t` from
     /// a terminal: the command never holds the caller's terminal).
     input: Option<std::os::fd::OwnedFd>,
@@ -767,6 +798,43 @@ impl Drop for ReapGuard {
             while let Err(rustix::io::Errno::INTR) =
                 rustix::process::waitpid(Some(self.pid), WaitOptions::empty())
             {}
+        }
+    }
+}
+
+/// Init's warnings pipe, read while the sandbox runs.
+struct Warnings {
+    read: std::os::fd::OwnedFd,
+    /// kiln's copy of the write end, dropped once the helper has its own.
+    write: Option<std::os::fd::OwnedFd>,
+    lines: Vec<String>,
+    partial: Vec<u8>,
+}
+
+impl Warnings {
+    /// Takes the complete lines that are there (the pipe is non-blocking);
+    /// each is passed on as a [`super::RunEvent::Warning`] too.
+    fn drain(&mut self, events: &mut Option<&mut dyn FnMut(super::RunEvent<'_>)>) {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rustix::io::read(&self.read, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break,
+            }
+            // A flood of warnings is not something init sends; bound it.
+            if self.partial.len() > 1 << 16 {
+                break;
+            }
+        }
+        while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=nl).collect();
+            let text = String::from_utf8_lossy(&line[..nl]).into_owned();
+            if let Some(ev) = events.as_mut() {
+                ev(super::RunEvent::Warning { message: &text });
+            }
+            self.lines.push(text);
         }
     }
 }
@@ -896,6 +964,7 @@ fn supervise(
         pty,
         cgroup,
         input,
+        mut warnings,
     } = relay;
     // Output pipes (only when the caller takes events and there is no pty).
     let mut outs: Vec<(std::os::fd::OwnedFd, super::Stream)> = Vec::new();
@@ -950,6 +1019,15 @@ fn supervise(
         rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)
             .map_err(|e| RunError::host("fcntl", e.into()))?;
     }
+    // The helper has its copy of the warnings pipe: kiln keeps only the
+    // read end.
+    warnings.write = None;
+    rustix::fs::fcntl_setfl(
+        &warnings.read,
+        rustix::fs::fcntl_getfl(&warnings.read).map_err(|e| RunError::host("fcntl", e.into()))?
+            | rustix::fs::OFlags::NONBLOCK,
+    )
+    .map_err(|e| RunError::host("fcntl", e.into()))?;
     if let Some(ev) = events.as_mut() {
         ev(super::RunEvent::Started { pid: raw as u32 });
     }
@@ -1078,6 +1156,11 @@ fn supervise(
         for (fd, _) in &outs {
             fds.push(rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
         }
+        let warn_slot = fds.len();
+        fds.push(rustix::event::PollFd::new(
+            &warnings.read,
+            rustix::event::PollFlags::IN,
+        ));
         let stdin = io::stdin();
         // Input waits in `pending` until the pty takes it, so a command
         // that does not read never blocks kiln (or its --timeout).
@@ -1118,7 +1201,11 @@ fn supervise(
                 .get(pty_slot)
                 .is_some_and(|f| f.revents().contains(rustix::event::PollFlags::OUT));
         let input_ready = input.is_some() && !pending.is_empty() && ready(input_slot);
+        let warn_ready = ready(warn_slot);
         drop(fds);
+        if warn_ready {
+            warnings.drain(&mut events);
+        }
         if input_ready {
             if let Some(w) = &input {
                 match rustix::io::write(w, &pending) {
@@ -1197,6 +1284,7 @@ fn supervise(
             while pump(fd, *stream, &mut **ev) {}
         }
     }
+    warnings.drain(&mut events);
     let status = loop {
         match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
             Ok(Some((_, st))) if st.exited() || st.signaled() => break st,
@@ -1225,6 +1313,6 @@ fn supervise(
         duration: start.elapsed(),
         image_digest: img.descriptor.digest().to_string(),
         committed: None,
-        warnings: Vec::new(),
+        warnings: warnings.lines,
     })
 }
