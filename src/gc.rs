@@ -24,7 +24,7 @@ impl Store {
         let mut report = self.gc_blobs()?;
         report.rootfs_removed = self.gc_rootfs()?;
         report.runs_removed =
-            crate::sandbox::ns::reap_dead_runs(&self.root().join(".kiln/runs"), None, true);
+            crate::sandbox::reap_dead_runs(&self.root().join(".kiln/runs"), None, true);
         Ok(report)
     }
 }

@@ -387,13 +387,6 @@ pub struct RunSpec {
     pub read_only: bool,
     /// Bind mounts. Default none.
     pub volumes: Vec<Volume>,
-    /// Install the default seccomp filter (kexec, modules, bpf,
-    /// perf_event_open, keyrings, userfaultfd, clock and swap changes,
-    /// reboot, mount, nested user namespaces... fail with EPERM). Default true.
-    pub seccomp: bool,
-    /// Allow nested user namespaces (unshare, setns, clone(CLONE_NEWUSER)).
-    /// Default false.
-    pub allow_userns: bool,
     /// Pass the caller's stdin to the command. Default false (/dev/null).
     pub stdin: bool,
     /// Give the command a pseudo-terminal as stdin, stdout and stderr (its
@@ -410,8 +403,6 @@ pub struct RunSpec {
     pub source_date_epoch: Option<i64>,
     /// How the user namespace is mapped. Default [`Userns::Auto`].
     pub userns: Userns,
-    /// How the run's writable root is made. Default [`RootfsMode::Auto`].
-    pub rootfs: RootfsMode,
     /// Where the run's writes to its root go. Default [`Upper::Auto`].
     pub upper: Upper,
     /// Capabilities the command keeps (numbers, see [`capability`]).
@@ -438,6 +429,85 @@ pub struct RunSpec {
     /// Forward SIGINT/SIGTERM/SIGHUP/SIGQUIT received by the calling thread
     /// to the command (blocks them in the caller during the run). Default false.
     pub forward_signals: bool,
+    /// What runs the command, with that backend's own options. Default
+    /// [`Backend::Namespace`] with [`NsOptions::default`].
+    pub backend: Backend,
+}
+
+/// What runs the command. Every [`RunSpec`] field applies to each backend;
+/// what only one backend knows is in its options.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum Backend {
+    /// Linux namespaces on the host's kernel (`sandbox/ns`): user, mount,
+    /// pid, ipc, uts, cgroup and network namespaces, an overlay root,
+    /// capabilities dropped, no_new_privs, seccomp.
+    Namespace(NsOptions),
+}
+
+impl Default for Backend {
+    fn default() -> Backend {
+        Backend::Namespace(NsOptions::default())
+    }
+}
+
+impl Backend {
+    /// The namespace backend's options, if that is the backend.
+    pub fn ns(&self) -> Option<&NsOptions> {
+        match self {
+            Backend::Namespace(o) => Some(o),
+        }
+    }
+
+    /// The namespace backend's options, to change them (it is the only
+    /// backend until the VM one comes).
+    pub fn ns_mut(&mut self) -> &mut NsOptions {
+        match self {
+            Backend::Namespace(o) => o,
+        }
+    }
+}
+
+/// Options of the namespace backend.
+///
+/// ```
+/// let mut spec = kiln::RunSpec::new("busybox");
+/// spec.backend.ns_mut().rootfs = kiln::spec::RootfsMode::FuseOverlay;
+/// assert!(spec.backend.ns().is_some_and(|o| o.seccomp));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NsOptions {
+    /// How the run's writable root is made. Default [`RootfsMode::Auto`].
+    pub rootfs: RootfsMode,
+    /// Install the default seccomp filter (kexec, modules, bpf,
+    /// perf_event_open, keyrings, userfaultfd, clock and swap changes,
+    /// reboot, mount, nested user namespaces... fail with EPERM). Default true.
+    pub seccomp: bool,
+    /// Allow nested user namespaces (unshare, setns, clone(CLONE_NEWUSER)).
+    /// Default false.
+    pub allow_userns: bool,
+}
+
+impl Default for NsOptions {
+    fn default() -> NsOptions {
+        NsOptions {
+            rootfs: RootfsMode::Auto,
+            seccomp: true,
+            allow_userns: false,
+        }
+    }
+}
+
+/// A [`RunSpec`] that [`RunSpec::validate`] accepted: what the backends
+/// take, so a spec is checked once, before anything starts.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidSpec<'a>(&'a RunSpec);
+
+impl std::ops::Deref for ValidSpec<'_> {
+    type Target = RunSpec;
+    fn deref(&self) -> &RunSpec {
+        self.0
+    }
 }
 
 impl RunSpec {
@@ -457,14 +527,11 @@ impl RunSpec {
             require_limits: false,
             read_only: false,
             volumes: Vec::new(),
-            seccomp: true,
-            allow_userns: false,
             stdin: false,
             tty: false,
             commit: None,
             source_date_epoch: None,
             userns: Userns::Auto,
-            rootfs: RootfsMode::Auto,
             upper: Upper::Auto,
             cap_add: Vec::new(),
             ulimits: Vec::new(),
@@ -474,6 +541,7 @@ impl RunSpec {
             shm_size: None,
             upper_size: None,
             forward_signals: false,
+            backend: Backend::default(),
         }
     }
 
@@ -511,7 +579,7 @@ impl RunSpec {
     }
 
     /// Checks every field once, before anything starts.
-    pub fn validate(&self) -> Result<(), SpecError> {
+    pub fn validate(&self) -> Result<ValidSpec<'_>, SpecError> {
         let bad = |field, m: String| Err(SpecError::invalid(field, m));
         if let Some(a) = &self.argv {
             if a.is_empty() {
@@ -566,7 +634,8 @@ impl RunSpec {
                 why,
             })
         };
-        if self.commit.is_some() && self.rootfs == RootfsMode::Copy {
+        let ns_rootfs = self.backend.ns().map(|o| o.rootfs);
+        if self.commit.is_some() && ns_rootfs == Some(RootfsMode::Copy) {
             return conflict(
                 "an overlay",
                 "rootfs",
@@ -642,7 +711,7 @@ impl RunSpec {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout", "must be positive".into());
         }
-        Ok(())
+        Ok(ValidSpec(self))
     }
 }
 

@@ -273,8 +273,9 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
                 .map_err(|e| anyhow::anyhow!(spec_words(&e)))?,
         );
     }
-    spec.seccomp = a.seccomp == "default";
-    spec.allow_userns = a.allow_userns;
+    let ns = spec.backend.ns_mut();
+    ns.seccomp = a.seccomp == "default";
+    ns.allow_userns = a.allow_userns;
     spec.stdin = a.interactive;
     spec.tty = a.tty;
     for c in &a.cap_add {
@@ -296,7 +297,7 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
         "self" => kiln::spec::Userns::SelfOnly,
         _ => kiln::spec::Userns::Auto,
     };
-    spec.rootfs = match (a.rootfs_copy, a.rootfs.as_str()) {
+    spec.backend.ns_mut().rootfs = match (a.rootfs_copy, a.rootfs.as_str()) {
         (true, _) | (_, "copy") => kiln::spec::RootfsMode::Copy,
         (_, "overlay") => kiln::spec::RootfsMode::Overlay,
         (_, "fuse-overlay") => kiln::spec::RootfsMode::FuseOverlay,

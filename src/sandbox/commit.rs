@@ -13,22 +13,14 @@ use std::path::Path;
 
 use oci_spec::image::{HistoryBuilder, ImageConfiguration};
 
+use super::outcome::{CommitReport, RunError, RunResult};
+use super::prepare::Prepared;
 use crate::import::{rfc3339, ImportError, ImportOptions, LayerBuilder};
 use crate::layer::{Entry, EntryKind, LayerError};
+use crate::spec::RunSpec;
 use crate::store::{ImageName, Store};
+use crate::userns::{run_task, MapKind, Task};
 
-/// What a commit produced.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct CommitReport {
-    /// The new image's name.
-    pub name: String,
-    /// Its manifest digest.
-    pub manifest_digest: String,
-    /// The new layer's digest.
-    pub layer_digest: String,
-    /// Entries in the new layer (whiteouts included).
-    pub entries: u64,
-}
 
 fn is_overlay_xattr(k: &str) -> bool {
     k.starts_with("user.overlay.")
@@ -202,4 +194,80 @@ pub(crate) fn commit(
         layer_digest: info.digest,
         entries,
     })
+}
+
+/// After a run: with `spec.commit` and exit code 0, the run's upper layer
+/// becomes a new image (made inside the caller's subid mapping when its
+/// files belong to subordinate ids). A failed commit keeps the run
+/// directory and says where.
+pub(crate) fn finish(
+    store: &Store,
+    helper: Option<&Path>,
+    spec: &RunSpec,
+    p: &mut Prepared,
+    mut result: RunResult,
+) -> Result<RunResult, RunError> {
+    // A successful run with --commit: its upper layer becomes a new image.
+    let (name, rundir) = match (&spec.commit, result.exit_code, p.rundir.as_mut()) {
+        (Some(name), 0, Some(d)) => (name, d),
+        (Some(_), 0, None) => {
+            return Err(RunError::Unsupported(
+                "commit needs the upper layer on disk".into(),
+            ))
+        }
+        _ => return Ok(result),
+    };
+    let created_by = format!("kiln run {}", cfg_argv_display(&spec.argv));
+    let mut mount_points: Vec<String> = spec.volumes.iter().map(|v| v.target.clone()).collect();
+    mount_points.push(p.workdir.clone());
+    let upper = rundir.path.join("upper");
+    let committed = if p.map.kind == MapKind::Subids {
+        // The upper dir holds files of subordinate ids the caller cannot
+        // read: commit from inside the same mapping.
+        let task = Task::Commit {
+            store: store.root().to_path_buf(),
+            manifest: p.img.descriptor.digest().to_string(),
+            upper,
+            name: name.clone(),
+            created_by,
+            epoch: spec.source_date_epoch,
+            mount_points,
+        };
+        run_task(helper, &p.map, &task)
+            .map_err(|e| format!("commit inside the subid mapping: {e}"))
+            .and_then(|out| {
+                serde_json::from_str(&out)
+                    .map_err(|e| format!("commit inside the subid mapping: {e}"))
+            })
+    } else {
+        commit(
+            store,
+            &p.img,
+            &upper,
+            name,
+            &created_by,
+            spec.source_date_epoch,
+            &mount_points,
+        )
+        .map_err(|e| e.to_string())
+    };
+    match committed {
+        Ok(c) => result.committed = Some(c),
+        Err(reason) => {
+            // The command succeeded: its changes are not thrown away.
+            return Err(match rundir.keep() {
+                Ok(kept) => RunError::CommitKept { reason, kept },
+                Err(e) => {
+                    RunError::host(format!("run --commit: {reason}; keep the run directory"), e)
+                }
+            });
+        }
+    }
+    Ok(result)
+}
+
+fn cfg_argv_display(argv: &Option<Vec<String>>) -> String {
+    argv.as_ref()
+        .map(|a| a.join(" "))
+        .unwrap_or_else(|| "(image command)".into())
 }

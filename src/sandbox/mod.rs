@@ -1,145 +1,32 @@
 //! Running commands inside an image.
 //!
-//! [`Sandbox::run`] takes a validated [`RunSpec`](crate::spec::RunSpec) and
-//! runs it in the namespace backend ([`ns`]): a user namespace (the caller
-//! maps to root), private mount, pid, ipc, uts, cgroup and (by default)
-//! network namespaces, an overlay over the image's cached root file system,
-//! and kiln's own init as PID 1. The VM backend is planned.
+//! [`Sandbox::run`] checks a [`RunSpec`](crate::spec::RunSpec) once
+//! (`validate` gives a `ValidSpec`), prepares what every backend needs
+//! (`prepare.rs`: the image, its process parameters, the id map, the
+//! leased root file system, the run directory, the cgroup), hands the run
+//! to the spec's [`Backend`], and ends it the same way for all
+//! (`outcome.rs`; `commit.rs` for `--commit`). The namespace backend
+//! (`ns/`) runs the command in a user namespace (the caller maps to root),
+//! private mount, pid, ipc, uts, cgroup and (by default) network
+//! namespaces, over an overlay of the cached tree, with kiln's own init as
+//! PID 1. The VM backend plugs in beside it.
 
 mod cgroup;
 pub(crate) mod commit;
 pub(crate) mod ns;
+mod outcome;
+mod prepare;
 mod pty;
 
-pub use commit::CommitReport;
+pub use outcome::{CommitReport, RunError, RunEvent, RunResult, Stream};
+pub(crate) use prepare::reap_dead_runs;
 
+use std::io;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::Instant;
 
-use crate::spec::{RunSpec, SpecError};
-use crate::store::{Store, StoreError};
-use crate::unpack::UnpackError;
-
-/// Errors that stop a run before or around the command (exit code 125).
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The spec is invalid.
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    /// The image could not be resolved.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The image could not be unpacked.
-    #[error(transparent)]
-    Unpack(#[from] UnpackError),
-    /// The run's changes could not be committed.
-    #[error("run --commit: {0}")]
-    Commit(#[from] crate::import::ImportError),
-    /// The command succeeded but its changes could not be committed; they
-    /// are kept in `kept` (the run's upper directory) until `kiln gc`.
-    #[error("run --commit: {reason}; the command's changes are kept in {} until `kiln gc`", kept.display())]
-    CommitKept {
-        /// Why the commit failed.
-        reason: String,
-        /// The upper directory holding the changes.
-        kept: PathBuf,
-    },
-    /// A host-side step failed.
-    #[error("run: {step}: {source}")]
-    Host {
-        /// What kiln was doing.
-        step: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The host cannot run sandboxes, with the reason and the fix.
-    #[error("run: {0}")]
-    Unsupported(String),
-}
-
-impl RunError {
-    /// Which stage of the run failed: `spec`, `image`, `unpack`, `commit`,
-    /// `host` or `unsupported` (as `kiln run --json-status` records it).
-    pub fn stage(&self) -> &'static str {
-        match self {
-            RunError::Spec(_) => "spec",
-            RunError::Store(_) => "image",
-            RunError::Unpack(_) => "unpack",
-            RunError::Commit(_) | RunError::CommitKept { .. } => "commit",
-            RunError::Host { .. } => "host",
-            RunError::Unsupported(_) => "unsupported",
-        }
-    }
-
-    pub(crate) fn host(step: impl Into<String>, source: std::io::Error) -> RunError {
-        RunError::Host {
-            step: step.into(),
-            source,
-        }
-    }
-}
-
-/// The outcome of a run.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunResult {
-    /// The exit code, container convention: the command's own code; 124 on
-    /// timeout; 125 if kiln failed inside the sandbox; 126 not executable;
-    /// 127 not found; 128+N killed by signal N.
-    pub exit_code: i32,
-    /// The signal that killed the command, if any.
-    pub signal: Option<i32>,
-    /// Whether the timeout fired.
-    pub timed_out: bool,
-    /// Wall time of the run (serialized as `duration_ms`).
-    #[serde(rename = "duration_ms", serialize_with = "as_millis")]
-    pub duration: Duration,
-    /// The manifest digest of the image that ran.
-    pub image_digest: String,
-    /// The image `--commit` made (only after exit code 0).
-    pub committed: Option<CommitReport>,
-    /// Things the caller asked for that this host could not do (for example
-    /// cgroup limits without a delegated cgroup).
-    pub warnings: Vec<String>,
-}
-
-fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis().try_into().unwrap_or(u64::MAX))
-}
-
-/// Which output stream a chunk came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    /// The command's stdout.
-    Stdout,
-    /// The command's stderr (and kiln's own messages from inside the sandbox).
-    Stderr,
-}
-
-/// What [`Sandbox::run_with_events`] reports while a run goes on.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum RunEvent<'a> {
-    /// The sandbox helper started (its host pid).
-    Started {
-        /// Host pid of the helper process.
-        pid: u32,
-    },
-    /// A chunk of output.
-    Output {
-        /// Which stream.
-        stream: Stream,
-        /// The bytes, as read.
-        data: &'a [u8],
-    },
-    /// Something the run could not do as asked (for example kernel
-    /// overlayfs unavailable, so fuse-overlayfs serves instead). Every
-    /// warning is also in [`RunResult::warnings`].
-    Warning {
-        /// What happened, in a sentence.
-        message: &'a str,
-    },
-}
+use crate::spec::{Backend, RunSpec};
+use crate::store::Store;
 
 /// Runs commands in images of a store.
 ///
@@ -177,8 +64,7 @@ impl Sandbox {
 
     /// Runs `spec` to completion. Output goes to the caller's stdout/stderr.
     pub fn run(&self, spec: &RunSpec) -> Result<RunResult, RunError> {
-        spec.validate()?;
-        ns::run(&self.store, self.helper.as_deref(), spec, None)
+        self.run_inner(spec, None)
     }
 
     /// Runs `spec`, handing the command's output and the run's state to
@@ -204,7 +90,48 @@ impl Sandbox {
         spec: &RunSpec,
         on_event: &mut dyn FnMut(RunEvent<'_>),
     ) -> Result<RunResult, RunError> {
-        spec.validate()?;
-        ns::run(&self.store, self.helper.as_deref(), spec, Some(on_event))
+        self.run_inner(spec, Some(on_event))
+    }
+
+    fn run_inner(
+        &self,
+        spec: &RunSpec,
+        events: Option<&mut dyn FnMut(RunEvent<'_>)>,
+    ) -> Result<RunResult, RunError> {
+        let start = Instant::now();
+        let spec = spec.validate()?;
+        let helper = self.helper.as_deref();
+        // Without -t, the command never holds the caller's terminal as its
+        // stdout or stderr (where tcsetattr would reconfigure it): its
+        // output comes as events that go to kiln's own stdout and stderr.
+        let mut to_caller = |e: RunEvent<'_>| {
+            // Flushed at once: a progress line without a newline shows now.
+            if let RunEvent::Output { stream, data } = e {
+                let _ = match stream {
+                    Stream::Stdout => {
+                        let mut out = io::stdout().lock();
+                        io::Write::write_all(&mut out, data)
+                            .and_then(|()| io::Write::flush(&mut out))
+                    }
+                    Stream::Stderr => io::Write::write_all(&mut io::stderr().lock(), data),
+                };
+            }
+        };
+        let events: Option<&mut dyn FnMut(RunEvent<'_>)> = match events {
+            None if !spec.tty
+                && (rustix::termios::isatty(io::stdout())
+                    || rustix::termios::isatty(io::stderr())) =>
+            {
+                Some(&mut to_caller)
+            }
+            Some(e) => Some(e),
+            None => None,
+        };
+        let mut prepared = prepare::prepare(&self.store, helper, &spec)?;
+        let mut result = match &spec.backend {
+            Backend::Namespace(ns) => ns::run(&prepared, ns, helper, &spec, start, events)?,
+        };
+        result.warnings.append(&mut prepared.warnings);
+        commit::finish(&self.store, helper, &spec, &mut prepared, result)
     }
 }
