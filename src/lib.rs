@@ -63,6 +63,7 @@ mod sys;
 pub mod unpack;
 pub mod userns;
 pub mod vm;
+pub mod words;
 
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
 pub use layer::codec::{Expansion, ExpansionLimits};

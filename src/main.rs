@@ -9,6 +9,8 @@ fn main() {
     // kiln re-executes itself for the sandbox helper, store tasks in the
     // caller's id mapping, and the VM guest agent: those never return here.
     kiln::helper::dispatch();
+    // Messages name this CLI's flags (`--image`), not the library's options.
+    kiln::words::use_cli_flags();
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

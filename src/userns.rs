@@ -168,9 +168,9 @@ impl IdMap {
             return IdMap::identity();
         }
         let why_not = if keep_id {
-            "--userns keep-id maps only the caller".to_string()
+            format!("{} maps only the caller", crate::words::Opt::UsernsKeepId)
         } else if caller_only {
-            "--userns self maps only the caller".to_string()
+            format!("{} maps only the caller", crate::words::Opt::UsernsSelf)
         } else {
             match Self::subid_ranges(uid) {
                 Ok((u, g)) => return IdMap::subids(uid, gid, u, g),

@@ -339,3 +339,18 @@ fn the_sandboxs_warnings_reach_the_embedder_not_the_commands_stderr() {
         .collect();
     assert_eq!(own, ["err"], "{err}");
 }
+
+/// The library's messages name its own options, not the CLI's flags: the
+/// way out of an unknown disk format is `ChainOptions::via_vm`.
+#[test]
+fn library_messages_name_library_options() {
+    let k = Kiln::new();
+    let zeros = k.dir.path().join("zeros.img");
+    fs::write(&zeros, vec![0u8; 1 << 20]).expect("write");
+    let err = kiln::disk::chain::Chain::open(&zeros, &Default::default())
+        .map(|_| ())
+        .expect_err("zeros are no disk image");
+    let text = err.to_string();
+    assert!(text.contains("`ChainOptions::via_vm`"), "{text}");
+    assert!(!text.contains("--"), "{text}");
+}

@@ -302,22 +302,11 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let report = result.map_err(import_words)?;
+    let report = result?;
     if a.format == Format::Json {
         print_json(&report)?;
     } else {
         println!("{} {}", report.name, report.manifest_digest);
     }
     Ok(0)
-}
-
-/// An import error in the CLI's words: a tripped expansion limit names the
-/// flags that raise it.
-fn import_words(e: kiln::ImportError) -> anyhow::Error {
-    match &e {
-        kiln::ImportError::Layer(kiln::layer::LayerError::Bomb { path, exceeded }) => anyhow::anyhow!(
-            "import: {path}: {exceeded} (raise the limits with --max-size/--max-ratio if this input is genuine)"
-        ),
-        _ => e.into(),
-    }
 }

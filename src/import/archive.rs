@@ -169,9 +169,10 @@ fn import_docker(
                 return Err(bad(
                     display,
                     format!(
-                        "the archive holds {} images ({}): pick one with --image",
+                        "the archive holds {} images ({}): pick one with {}",
                         entries.len(),
-                        all_tags()
+                        all_tags(),
+                        crate::words::Opt::Image
                     ),
                 ))
             }
@@ -336,9 +337,10 @@ fn import_oci(
                 return Err(bad(
                     display,
                     format!(
-                        "the layout holds {} images ({}): pick one with --image",
+                        "the layout holds {} images ({}): pick one with {}",
                         many.len(),
-                        all()
+                        all(),
+                        crate::words::Opt::Image
                     ),
                 ))
             }

@@ -655,8 +655,10 @@ impl Store {
             emit(
                 &opts.progress,
                 Event::Warning(format!(
-                    "every file of {display} is owned by you (uid {}): in the image they belong to that uid, and root in the sandbox cannot write /etc; pass --map-caller to give them to root (or --owner 0:0)",
-                    rustix::process::getuid().as_raw()
+                    "every file of {display} is owned by you (uid {}): in the image they belong to that uid, and root in the sandbox cannot write /etc; use {} to give them to root (or {})",
+                    rustix::process::getuid().as_raw(),
+                    crate::words::Opt::MapCaller,
+                    crate::words::Opt::OwnerRoot
                 )),
             );
         }

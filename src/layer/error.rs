@@ -41,7 +41,10 @@ pub enum LayerError {
         reason: PathError,
     },
     /// The compressed input expands far beyond its size.
-    #[error("import: {path}: {exceeded} (raise the expansion limits if this input is genuine)")]
+    #[error(
+        "import: {path}: {exceeded} (raise the limits with {} if this input is genuine)",
+        crate::words::Opt::MaxSizeRatio
+    )]
     Bomb {
         /// The input.
         path: String,

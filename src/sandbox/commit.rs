@@ -21,7 +21,6 @@ use crate::spec::RunSpec;
 use crate::store::{ImageName, Store};
 use crate::userns::{run_task, MapKind, Task};
 
-
 fn is_overlay_xattr(k: &str) -> bool {
     k.starts_with("user.overlay.")
         || k.starts_with("trusted.overlay.")
@@ -258,7 +257,7 @@ pub(crate) fn finish(
             return Err(match rundir.keep() {
                 Ok(kept) => RunError::CommitKept { reason, kept },
                 Err(e) => {
-                    RunError::host(format!("run --commit: {reason}; keep the run directory"), e)
+                    RunError::host(format!("run: commit: {reason}; keep the run directory"), e)
                 }
             });
         }

@@ -11,6 +11,7 @@ use super::outcome::RunError;
 use crate::spec::{RunSpec, Userns, ValidSpec};
 use crate::store::Store;
 use crate::userns::{remove_tree_mapped, IdMap};
+use crate::words::Opt;
 
 /// A run made ready for a backend. Its parts are held for the run's
 /// lifetime: dropping it removes the run directory (unless kept), then
@@ -92,7 +93,8 @@ pub(crate) fn prepare(
     };
     if !map.maps_uid(user.0) || !map.maps_gid(user.1) {
         return Err(RunError::Unsupported(format!(
-            "--user {}:{} is not mapped in the sandbox's user namespace: {}",
+            "{} {}:{} is not mapped in the sandbox's user namespace: {}",
+            Opt::User,
             user.0,
             user.1,
             map.no_subids_reason.clone().unwrap_or_else(|| {
@@ -161,11 +163,13 @@ pub(crate) fn prepare(
             }
             Err(reason) if spec.require_limits => {
                 return Err(RunError::Unsupported(format!(
-                    "--memory/--pids-limit cannot be enforced here (--require-limits): {reason}"
+                    "{} cannot be enforced here ({}): {reason}",
+                    Opt::Limits,
+                    Opt::RequireLimits
                 )));
             }
             Err(reason) => {
-                warnings.push(format!("--memory/--pids-limit ignored: {reason}"));
+                warnings.push(format!("{} ignored: {reason}", Opt::Limits));
                 None
             }
         }
@@ -285,8 +289,9 @@ fn lookup_user(root: &Path, spec: &str) -> Result<(u32, u32), RunError> {
         None => (spec, None),
     };
     let field = |file: &str, name: &str, col: usize| -> Result<Option<u32>, RunError> {
-        let text = read_in_root(root, file)
-            .map_err(|e| RunError::host(format!("--user {spec}: read the image's /{file}"), e))?;
+        let text = read_in_root(root, file).map_err(|e| {
+            RunError::host(format!("{} {spec}: read the image's /{file}", Opt::User), e)
+        })?;
         Ok(text
             .lines()
             .map(|l| l.split(':').collect::<Vec<_>>())
@@ -302,7 +307,8 @@ fn lookup_user(root: &Path, spec: &str) -> Result<(u32, u32), RunError> {
                 (Some(u), Some(g)) => (u, g),
                 _ => {
                     return Err(RunError::Unsupported(format!(
-                        "--user {spec}: no user {user:?} in the image's /etc/passwd"
+                        "{} {spec}: no user {user:?} in the image's /etc/passwd",
+                        Opt::User
                     )))
                 }
             }
@@ -313,7 +319,8 @@ fn lookup_user(root: &Path, spec: &str) -> Result<(u32, u32), RunError> {
             Ok(n) => n,
             Err(_) => field("etc/group", g, 2)?.ok_or_else(|| {
                 RunError::Unsupported(format!(
-                    "--user {spec}: no group {g:?} in the image's /etc/group"
+                    "{} {spec}: no group {g:?} in the image's /etc/group",
+                    Opt::User
                 ))
             })?,
         };

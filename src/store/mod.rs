@@ -74,7 +74,10 @@ pub enum StoreError {
         reason: String,
     },
     /// No store location could be derived from the environment.
-    #[error("store: no store path: set KILN_HOME, XDG_DATA_HOME or HOME, or pass --store")]
+    #[error(
+        "store: no store path: set KILN_HOME, XDG_DATA_HOME or HOME, or use {}",
+        crate::words::Opt::Store
+    )]
     NoDefaultPath,
     /// The store belongs to another user, another user can change it, or
     /// one of its directories is a symlink.
@@ -270,7 +273,7 @@ fn check_dir(path: &Path, trust_owner: bool, private: bool) -> Result<(), StoreE
         return Err(untrusted("is not a directory".into()));
     }
     let me = rustix::process::geteuid().as_raw();
-    let hint = "kiln uses only stores no other user can change (pass --trust-store, or set KILN_TRUST_STORE=1, to use it anyway if you trust them)";
+    let hint = format!("kiln uses only stores no other user can change (use {}, or set KILN_TRUST_STORE=1, to use it anyway if you trust them)", crate::words::Opt::TrustStore);
     if meta.uid() != me && !trust_owner {
         let owner =
             crate::sys::user_name(meta.uid()).unwrap_or_else(|| format!("uid {}", meta.uid()));

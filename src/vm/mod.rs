@@ -488,9 +488,10 @@ pub fn export_tree(
         .ok_or_else(|| VmError::NoQemu("qemu-system-x86_64".into()))?;
     if fs.size() > opts.max_bytes {
         return Err(VmError::Agent(format!(
-            "be given the file system: it is {} bytes, over the limit of {} (--max-size)",
+            "be given the file system: it is {} bytes, over the limit of {} ({})",
             fs.size(),
-            opts.max_bytes
+            opts.max_bytes,
+            crate::words::Opt::MaxSize
         )));
     }
     fs::create_dir_all(&opts.work).map_err(io_err("create", &opts.work))?;

@@ -117,6 +117,9 @@ fn pipe() -> (OwnedFd, OwnedFd) {
 pub(crate) fn helper_main() -> ! {
     let json = std::env::var(CONFIG_ENV).or_die("read configuration");
     let cfg: InitConfig = serde_json::from_str(&json).or_die("parse configuration");
+    if cfg.cli_flags {
+        crate::words::use_cli_flags();
+    }
     let report = sys::take_fd(HELPER_REPORT_FD).or_die("take the report descriptor");
     let go = sys::take_fd(HELPER_GO_FD).or_die("take the go descriptor");
     helper_run(&cfg, report, go)
@@ -362,7 +365,10 @@ fn build_root(cfg: &InitConfig) {
         ) {
             die(
                 "use the run's tmpfs",
-                format!("it takes no user.* xattrs on this kernel ({e}; Linux >= 6.6 needed): use --upper disk"),
+                format!(
+                    "it takes no user.* xattrs on this kernel ({e}; Linux >= 6.6 needed): use {}",
+                    crate::words::Opt::UpperDisk
+                ),
             );
         }
         for d in [&cfg.upper, &cfg.work, &cfg.merged] {
@@ -809,11 +815,15 @@ fn exec_command(cfg: &InitConfig) -> ! {
         format!("{what} {id} is not mapped in the sandbox's user namespace (an unprivileged run maps only root)")
     };
     match rustix::thread::set_thread_res_gid(g, g, g) {
-        Err(rustix::io::Errno::INVAL) => die("--user", unmapped("gid", gid)),
+        Err(rustix::io::Errno::INVAL) => {
+            die(&crate::words::Opt::User.to_string(), unmapped("gid", gid))
+        }
         r => r.or_die(&format!("setresgid {gid}")),
     }
     match rustix::thread::set_thread_res_uid(u, u, u) {
-        Err(rustix::io::Errno::INVAL) => die("--user", unmapped("uid", uid)),
+        Err(rustix::io::Errno::INVAL) => {
+            die(&crate::words::Opt::User.to_string(), unmapped("uid", uid))
+        }
         r => r.or_die(&format!("setresuid {uid}")),
     }
     rustix::thread::clear_ambient_capability_set().or_die("clear ambient capabilities");

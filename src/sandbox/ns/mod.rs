@@ -107,6 +107,10 @@ pub(crate) struct InitConfig {
     /// overlayfs as unavailable (a host whose overlayfs misbehaves).
     #[serde(default)]
     pub no_kernel_overlay: bool,
+    /// Messages name the CLI's flags (see [`crate::words`]): an exec'd
+    /// helper does not inherit the setting.
+    #[serde(default)]
+    pub cli_flags: bool,
 }
 
 fn no_fd() -> i32 {
@@ -187,6 +191,7 @@ pub(crate) fn run(
         warn_fd: -1,
         no_kernel_overlay: std::env::var_os("KILN_NO_KERNEL_OVERLAY")
             .is_some_and(|v| !v.is_empty() && v != "0"),
+        cli_flags: crate::words::cli_flags(),
     };
     // Init's warnings (the overlay fallbacks) come back on a pipe and join
     // the result's warnings.

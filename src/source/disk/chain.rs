@@ -54,7 +54,7 @@ pub enum DiskError {
     /// The file system is one kiln reads only in a VM (xfs, btrfs, ...):
     /// import it with [`ChainOptions::via_vm`]. `steps` is the chain down to
     /// it, its last step the file system (with [`Step::needs`] set).
-    #[error("the file system{} is {fstype}, which kiln cannot read in userspace (it reads ext2/3/4): import it with --via-vm, which mounts it inside a throwaway VM", where_.as_deref().map(|w| format!(" in {w}")).unwrap_or_default())]
+    #[error("the file system{} is {fstype}, which kiln cannot read in userspace (it reads ext2/3/4): import it with {}, which mounts it inside a throwaway VM", where_.as_deref().map(|w| format!(" in {w}")).unwrap_or_default(), crate::words::Opt::ViaVm)]
     NeedsVm {
         /// The `mount` type of the file system.
         fstype: &'static str,
@@ -433,15 +433,19 @@ fn open_iso(
     steps.push(Step::new("iso9660", iso.describe(), size));
     let node = match &opts.path {
         Some(p) => iso.lookup(p)?.ok_or_else(|| {
-            DiskError::Unsupported(format!("--path {p}: no such file or folder in the ISO"))
+            DiskError::Unsupported(format!(
+                "{} {p}: no such file or folder in the ISO",
+                crate::words::Opt::Path
+            ))
         })?,
         None => match find_chunk_dir(&iso, iso.root(), 0)? {
             Some(n) => n,
             None if looks_like_root(&iso, iso.root())? => iso.root().clone(),
             None => {
-                return Err(DiskError::Unsupported(
-                    "the ISO holds no folder of disk chunks and no root file system (etc/, usr/); pick a file or folder with --path".into(),
-                ))
+                return Err(DiskError::Unsupported(format!(
+                    "the ISO holds no folder of disk chunks and no root file system (etc/, usr/); pick a file or folder with {}",
+                    crate::words::Opt::Path
+                )))
             }
         },
     };
@@ -534,7 +538,8 @@ fn open_disk(
     let chosen = match opts.partition {
         Some(n) => parts.iter().find(|p| p.number == n).ok_or_else(|| {
             DiskError::Unsupported(format!(
-                "--partition {n}: no such partition ({})",
+                "{} {n}: no such partition ({})",
+                crate::words::Opt::Partition,
                 table.describe()
             ))
         })?,
@@ -575,20 +580,22 @@ fn open_disk(
             }
             found.ok_or_else(|| {
                 DiskError::Unsupported(format!(
-                    "no partition holds an ext2/3/4 Linux root ({}); pick one with --partition",
-                    table.describe()
+                    "no partition holds an ext2/3/4 Linux root ({}); pick one with {}",
+                    table.describe(),
+                    crate::words::Opt::Partition
                 ))
             })?
         }
     };
-    steps.push(partition_step(
-        chosen,
-        match (opts.partition, opts.via_vm) {
-            (Some(_), _) => "",
-            (None, false) => " (has a Linux root)",
-            (None, true) => " (the likeliest root: pick another with --partition)",
-        },
-    ));
+    let why = match (opts.partition, opts.via_vm) {
+        (Some(_), _) => String::new(),
+        (None, false) => " (has a Linux root)".into(),
+        (None, true) => format!(
+            " (the likeliest root: pick another with {})",
+            crate::words::Opt::Partition
+        ),
+    };
+    steps.push(partition_step(chosen, &why));
     let slice: Arc<dyn ReadAt> = Arc::new(chosen.open(&disk)?);
     open_fs(slice, opts, steps)
 }
@@ -632,7 +639,7 @@ fn needs_vm(src: &dyn ReadAt, where_: Option<String>, steps: &mut Vec<Step>) -> 
         ));
     };
     steps.push(Step {
-        needs: Some("--via-vm".into()),
+        needs: Some(crate::words::Opt::ViaVm.to_string()),
         ..Step::new(
             fstype,
             format!("{fstype} {}", human(src.size())),
@@ -720,8 +727,9 @@ fn open_fs(
         Err(ExtError::NotExt { found }) => Err(DiskError::Unsupported(match mount_type(found) {
             Some(_) => return Err(needs_vm(&*src, None, steps)),
             None if found == "no recognizable file system" => format!(
-                "{} is not a disk image, partition table or file system kiln knows at offset 0 (it reads ISO 9660, XVA, chunk folders, VHD, qcow2, raw disks with MBR/GPT, and ext2/3/4; --via-vm for what Linux mounts)",
-                human(size)
+                "{} is not a disk image, partition table or file system kiln knows at offset 0 (it reads ISO 9660, XVA, chunk folders, VHD, qcow2, raw disks with MBR/GPT, and ext2/3/4; {} for what Linux mounts)",
+                human(size),
+                crate::words::Opt::ViaVm
             ),
             None => format!("the file system is {found}, which kiln cannot read (it reads ext2/3/4)"),
         })),

@@ -171,7 +171,10 @@ pub enum Qcow2Error {
         sub: u32,
     },
     /// The image has a backing file and none was supplied.
-    #[error("qcow2: the image has a backing file {name:?}: open it with Qcow2::open_with_backing (kiln: --backing)")]
+    #[error(
+        "qcow2: the image has a backing file {name:?}: open it with Qcow2::open_with_backing ({})",
+        crate::words::Opt::Backing
+    )]
     BackingRequired {
         /// The backing file name from the header.
         name: String,
