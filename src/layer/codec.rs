@@ -79,29 +79,54 @@ pub fn tar_header_ok(head: &[u8]) -> bool {
         return false;
     }
     let h = &head[..512];
-    let stored = parse_octal(&h[148..156]);
-    let mut sum: u64 = 0;
-    for (i, b) in h.iter().enumerate() {
-        sum += if (148..156).contains(&i) {
-            u64::from(b' ')
-        } else {
-            u64::from(*b)
-        };
-    }
-    stored == Some(sum) && h.iter().any(|b| *b != 0)
+    h.iter().any(|b| *b != 0) && tar_checksum_ok(h)
 }
 
-pub(crate) fn parse_octal(field: &[u8]) -> Option<u64> {
-    let s: Vec<u8> = field
+/// Whether a 512-byte tar header's checksum field matches its bytes (the
+/// field itself counted as spaces).
+pub(crate) fn tar_checksum_ok(h: &[u8]) -> bool {
+    let sum: u64 = h
         .iter()
-        .copied()
-        .skip_while(|b| *b == b' ')
-        .take_while(|b| (b'0'..=b'7').contains(b))
-        .collect();
-    if s.is_empty() {
+        .take(512)
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u64::from(b)
+            }
+        })
+        .sum();
+    h.len() >= 512 && tar_number(&h[148..156]) == Some(sum)
+}
+
+/// A tar header's number field: octal digits after optional spaces, ended
+/// by NUL, space or the field's end (empty is 0), or GNU base-256 (first
+/// byte's high bit set) for sizes of 8 GiB and more. `None` for garbage.
+///
+/// The one parser of tar numbers for kiln's own header reading (archive
+/// indexes, XVA members, sniffing); entries themselves go through the
+/// `tar` crate.
+pub(crate) fn tar_number(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|&b| b & 0x80 != 0) {
+        let mut v: u64 = u64::from(field[0] & 0x7f);
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let start = field.iter().take_while(|&&b| b == b' ').count();
+    let digits = field[start..]
+        .iter()
+        .take_while(|b| (b'0'..=b'7').contains(*b))
+        .count();
+    let (num, rest) = field[start..].split_at(digits);
+    if !rest.iter().all(|&b| b == 0 || b == b' ') {
         return None;
     }
-    u64::from_str_radix(std::str::from_utf8(&s).ok()?, 8).ok()
+    num.iter().try_fold(0u64, |v, &d| {
+        v.checked_mul(8)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Wraps `r` in the decoder for `codec` (multi-member/multi-frame aware).
@@ -338,5 +363,14 @@ mod tests {
         let mut h = vec![0u8; 512];
         h[..4].copy_from_slice(b"file");
         assert!(!tar_header_ok(&h));
+        assert_eq!(tar_number(b"0000644\0"), Some(0o644));
+        assert_eq!(tar_number(b"  1750 \0"), Some(0o1750));
+        assert_eq!(tar_number(b"\0\0\0\0"), Some(0));
+        assert_eq!(tar_number(b"12x4\0"), None);
+        assert_eq!(
+            tar_number(&[0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0]),
+            Some(2 << 32)
+        );
+        assert_eq!(tar_number(&[0xff; 12]), None, "base-256 past u64");
     }
 }

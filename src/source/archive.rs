@@ -35,7 +35,7 @@ pub fn looks_like_archive(head: &[u8]) -> bool {
         if h.iter().all(|b| *b == 0) || !super::tar_header_ok(h) {
             break;
         }
-        let size = crate::layer::codec::parse_octal(&h[124..136]).unwrap_or(0);
+        let size = crate::layer::codec::tar_number(&h[124..136]).unwrap_or(0);
         let typeflag = h[156];
         let mut name: Vec<u8> = h[..100].iter().copied().take_while(|b| *b != 0).collect();
         if &h[257..262] == b"ustar" && h[345] != 0 {

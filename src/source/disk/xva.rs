@@ -491,23 +491,6 @@ impl fmt::Debug for Xva {
     }
 }
 
-fn octal(field: &[u8]) -> Option<u64> {
-    if field.first().is_some_and(|&b| b & 0x80 != 0) {
-        // GNU base-256 for sizes >= 8 GiB.
-        let mut v: u64 = u64::from(field[0] & 0x7f);
-        for &b in &field[1..] {
-            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
-        }
-        return Some(v);
-    }
-    let s = std::str::from_utf8(field).ok()?;
-    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
-    if s.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(s, 8).ok()
-}
-
 fn cstr(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
@@ -568,21 +551,11 @@ impl Xva {
                 offset: off,
                 why: why.to_string(),
             };
-            let sum: u64 = hdr
-                .iter()
-                .enumerate()
-                .map(|(i, &b)| {
-                    if (148..156).contains(&i) {
-                        32
-                    } else {
-                        u64::from(b)
-                    }
-                })
-                .sum();
-            if octal(&hdr[148..156]) != Some(sum) {
+            if !crate::layer::codec::tar_checksum_ok(&hdr) {
                 return Err(bad("header checksum mismatch (not a tar, or corrupt)"));
             }
-            let len = octal(&hdr[124..136]).ok_or_else(|| bad("bad size field"))?;
+            let len = crate::layer::codec::tar_number(&hdr[124..136])
+                .ok_or_else(|| bad("bad size field"))?;
             let data = off + 512;
             let next = len
                 .checked_add(511)
