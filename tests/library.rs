@@ -354,3 +354,37 @@ fn library_messages_name_library_options() {
     assert!(text.contains("`ChainOptions::via_vm`"), "{text}");
     assert!(!text.contains("--"), "{text}");
 }
+
+/// Disk errors pass through typed: a qcow2 overlay imported without its
+/// backing file is `ImportError::Disk` holding the qcow2 reader's own
+/// `BackingRequired`, naming the backing file.
+#[test]
+fn disk_errors_pass_through_typed() {
+    use kiln::disk::chain::{DiskError, ReaderError};
+    use kiln::disk::qcow2::Qcow2Error;
+    use kiln::{ImportError, ImportOptions, ImportSource};
+    require("qemu-img");
+    let k = Kiln::new();
+    let base = k.dir.path().join("base.qcow2");
+    let top = k.dir.path().join("top.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M"));
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&top));
+    let store = kiln::Store::open(k.store()).expect("open store");
+    let err = store
+        .import(ImportSource::Path(top), &ImportOptions::new("top"))
+        .expect_err("no backing file given");
+    match &err {
+        ImportError::Disk {
+            source: DiskError::Reader(ReaderError::Qcow2(Qcow2Error::BackingRequired { name })),
+            ..
+        } => assert!(name.ends_with("base.qcow2"), "{name}"),
+        other => panic!("expected the qcow2 reader's BackingRequired, got {other:?}"),
+    }
+    assert!(!err.to_string().contains("--"), "{err}");
+}

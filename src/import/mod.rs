@@ -37,14 +37,24 @@ pub enum ImportError {
     /// Reading the input or writing the layer failed.
     #[error(transparent)]
     Layer(#[from] LayerError),
-    /// A disk image, ISO or chunk stream could not be read (the reason
+    /// A disk image, ISO or chunk stream could not be read (the error
     /// names the reader and the offset).
-    #[error("import: {path}: {reason}")]
+    #[error("import: {path}: {source}")]
     Disk {
         /// The input.
         path: String,
         /// What went wrong, where.
-        reason: String,
+        #[source]
+        source: crate::source::disk::chain::DiskError,
+    },
+    /// The VM that reads a file system (`ChainOptions::via_vm`) failed.
+    #[error("import: {path}: {source}")]
+    Vm {
+        /// The input.
+        path: String,
+        /// What went wrong.
+        #[source]
+        source: crate::vm::VmError,
     },
     /// A store operation failed.
     #[error(transparent)]
@@ -694,9 +704,13 @@ impl Store {
                 let dir = tempfile::Builder::new()
                     .prefix("vm-")
                     .tempdir_in(&tmp)
-                    .map_err(|e| ImportError::Disk {
+                    .map_err(|e| ImportError::Vm {
                         path: display.to_string(),
-                        reason: format!("vm: create a work directory in {}: {e}", tmp.display()),
+                        source: crate::vm::VmError::Io {
+                            step: "create a work directory",
+                            path: tmp.display().to_string(),
+                            source: e,
+                        },
                     })?;
                 vm.work = dir.path().to_path_buf();
                 _vm_work = Some(dir);
@@ -709,7 +723,7 @@ impl Store {
         }
         let disk_err = |e: crate::source::disk::chain::DiskError| ImportError::Disk {
             path: display.to_string(),
-            reason: e.to_string(),
+            source: e,
         };
         let chain = crate::source::disk::chain::Chain::open(path, &copts).map_err(disk_err)?;
         let total = (chain.outer_size > 0).then_some(chain.outer_size);

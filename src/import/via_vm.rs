@@ -23,18 +23,21 @@ where
     E: From<ImportError>,
     F: FnMut(Entry, &mut dyn Read) -> Result<(), E>,
 {
-    let disk = |reason: String| {
-        E::from(ImportError::Disk {
+    let vm_err = |source: crate::vm::VmError| {
+        E::from(ImportError::Vm {
             path: display.to_string(),
-            reason,
+            source,
         })
     };
-    let kernel = crate::vm::Kernel::find().map_err(|e| disk(e.to_string()))?;
-    let mut out =
-        crate::vm::export_tree(&kernel, src, fstype, vm, note).map_err(|e| disk(e.to_string()))?;
-    let reader = out
-        .reader()
-        .map_err(|e| disk(format!("vm: read the guest's tar: {e}")))?;
+    let kernel = crate::vm::Kernel::find().map_err(vm_err)?;
+    let mut out = crate::vm::export_tree(&kernel, src, fstype, vm, note).map_err(vm_err)?;
+    let reader = out.reader().map_err(|e| {
+        vm_err(crate::vm::VmError::Io {
+            step: "read the guest's tar",
+            path: "the VM's output disk".into(),
+            source: e,
+        })
+    })?;
     let mut caller: Option<E> = None;
     let walked = crate::source::tarball::walk(reader, "the guest's tar", &mut |e, d, _| {
         // As with the ext reader: lost+found is housekeeping.
@@ -52,5 +55,5 @@ where
     if let Some(err) = caller {
         return Err(err);
     }
-    walked.map_err(|e| disk(format!("vm: {e}")))
+    walked.map_err(|e| E::from(ImportError::Layer(e)))
 }

@@ -46,8 +46,8 @@ pub enum DiskError {
         source: io::Error,
     },
     /// A reader failed (its message names the reader and the offset).
-    #[error("{0}")]
-    Reader(String),
+    #[error(transparent)]
+    Reader(ReaderError),
     /// The chain has no file system kiln can read, or a choice is needed.
     #[error("{0}")]
     Unsupported(String),
@@ -65,11 +65,39 @@ pub enum DiskError {
     },
 }
 
+/// The error of one reader of the chain, as that reader gives it (its
+/// message names the reader and the offset), for an embedder to match.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReaderError {
+    /// ISO 9660.
+    #[error(transparent)]
+    Iso(#[from] super::iso9660::IsoError),
+    /// A stream of compressed chunks.
+    #[error(transparent)]
+    Chunks(#[from] super::chunks::ChunkError),
+    /// An XVA (Xen) archive.
+    #[error(transparent)]
+    Xva(#[from] super::xva::XvaError),
+    /// A VHD.
+    #[error(transparent)]
+    Vhd(#[from] super::vhd::VhdError),
+    /// A qcow2 image.
+    #[error(transparent)]
+    Qcow2(#[from] super::qcow2::Qcow2Error),
+    /// An MBR or GPT partition table.
+    #[error(transparent)]
+    Part(#[from] super::part::PartError),
+    /// An ext2/3/4 file system.
+    #[error(transparent)]
+    Ext(#[from] ExtError),
+}
+
 macro_rules! reader_errors {
     ($($t:ty),*) => {$(
         impl From<$t> for DiskError {
             fn from(e: $t) -> Self {
-                DiskError::Reader(e.to_string())
+                DiskError::Reader(ReaderError::from(e))
             }
         }
     )*};
