@@ -26,6 +26,8 @@ if cargo tree --no-default-features -e normal --prefix none | grep -E '^(clap|an
   echo "the library without the cli feature still pulls the crates above" >&2
   exit 1
 fi
+echo "== cargo doc (broken links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --lib --quiet
 echo "== debug profile: unit tests and the CLI tests"
 cargo test --lib --bins --test cli
 echo "== build"

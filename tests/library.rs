@@ -218,18 +218,15 @@ fn an_embedder_not_named_kiln_imports_runs_and_reads_in_a_vm() {
     assert_ne!(bin.file_name().and_then(|n| n.to_str()), Some("kiln"));
     let k = Kiln::new();
     let tar = busybox_tar(k.dir.path());
-    let out = embedder(&k)
-        .arg("import")
-        .arg(&tar)
-        .arg("bb")
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("sha256:"));
+    // Runs the embedder, which must succeed; its stdout.
+    let ok = |c: &mut Command| -> String {
+        let out = c.output().expect("spawn the embedder");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let digest = ok(embedder(&k).arg("import").arg(&tar).arg("bb"));
+    assert!(digest.starts_with("sha256:"), "{digest}");
 
     // Forked helper (a single-threaded embedder), then the exec'd one.
     let out = embedder(&k)
@@ -243,17 +240,11 @@ fn an_embedder_not_named_kiln_imports_runs_and_reads_in_a_vm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "in-sandbox\n");
-    let out = embedder(&k)
-        .env("KILN_HELPER_EXEC", "1")
-        .args(["run", "bb", "echo", "exec'd helper"])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec'd helper\n");
+    let said =
+        ok(embedder(&k)
+            .env("KILN_HELPER_EXEC", "1")
+            .args(["run", "bb", "echo", "exec'd helper"]));
+    assert_eq!(said, "exec'd helper\n");
     assert!(!mark(&k).exists(), "kiln on PATH was run, not the embedder");
 
     // --via-vm: the embedder is the guest's /init.
@@ -266,18 +257,11 @@ fn an_embedder_not_named_kiln_imports_runs_and_reads_in_a_vm() {
         .arg(&src)
         .arg(&img)
         .arg("16M"));
-    let out = embedder(&k)
+    ok(embedder(&k)
         .arg("import")
         .arg(&img)
         .arg("vm")
-        .arg("--via-vm")
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg("--via-vm"));
     // The tree read in the VM, checked through kiln's own unpack.
     let dest = k.dir.path().join("unpacked");
     let out = k.run(["unpack".as_ref(), "vm".as_ref(), dest.as_os_str()]);

@@ -1,6 +1,6 @@
 //! Running commands inside an image.
 //!
-//! [`Sandbox::run`] checks a [`RunSpec`](crate::spec::RunSpec) once
+//! [`Sandbox::run`] checks a [`RunSpec`] once
 //! (`validate` gives a `ValidSpec`), prepares what every backend needs
 //! (`prepare.rs`: the image, its process parameters, the id map, the
 //! leased root file system, the run directory, the cgroup), hands the run

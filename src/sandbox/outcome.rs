@@ -104,7 +104,7 @@ pub enum Stream {
     Stderr,
 }
 
-/// What [`Sandbox::run_with_events`] reports while a run goes on.
+/// What [`Sandbox::run_with_events`](super::Sandbox::run_with_events) reports while a run goes on.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum RunEvent<'a> {

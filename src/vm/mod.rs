@@ -5,7 +5,7 @@
 //! A VM boots the host distribution's kernel directly (`-kernel`, no
 //! bootloader, no disk image of its own) with an initramfs that kiln builds
 //! on the fly: `/init` is kiln itself (a static binary), acting as the guest
-//! agent ([`agent`]), plus the few kernel modules it needs (virtio, the
+//! agent (`agent.rs`), plus the few kernel modules it needs (virtio, the
 //! file system). The file system to read is a read-only virtio disk; the
 //! agent mounts it inside the guest and writes a tar of it to a second
 //! virtio disk, which kiln then reads as it reads any tar. Nothing is
