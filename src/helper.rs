@@ -87,17 +87,7 @@ fn run_task(task: Task) -> Result<String, String> {
             dest,
             record,
         } => {
-            // kiln checked the store before it started this task; inside
-            // the mapping its owner shows as root, or as nobody for a
-            // store the caller chose to trust.
-            let trusted = crate::StoreOptions {
-                trust_owner: true,
-                ..Default::default()
-            };
-            let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
-            let img = store
-                .image_of_manifest(&manifest)
-                .map_err(|e| e.to_string())?;
+            let (store, img) = open_trusted(&store, &manifest)?;
             store
                 .unpack_layers(&img, &dest, false)
                 .map_err(|e| e.to_string())?;
@@ -114,19 +104,7 @@ fn run_task(task: Task) -> Result<String, String> {
             epoch,
             mount_points,
         } => {
-            // kiln checked the store before it started this task; inside
-            // the mapping its owner shows as root, or as nobody for a
-            // store the caller chose to trust.
-            let trusted = crate::StoreOptions {
-                trust_owner: true,
-                ..Default::default()
-            };
-            let store = crate::Store::open_with(&store, &trusted).map_err(|e| e.to_string())?;
-            // By manifest, not by tag: the tag may be gone (the run pinned
-            // the image, so its blobs are not).
-            let img = store
-                .image_of_manifest(&manifest)
-                .map_err(|e| e.to_string())?;
+            let (store, img) = open_trusted(&store, &manifest)?;
             let report = crate::sandbox::commit::commit(
                 &store,
                 &img,
@@ -140,4 +118,24 @@ fn run_task(task: Task) -> Result<String, String> {
             serde_json::to_string(&report).map_err(|e| e.to_string())
         }
     }
+}
+
+/// The store a task works in and its image, by manifest digest (not by
+/// tag: the tag may be gone, and the run pinned the image, so its blobs
+/// are not). kiln checked the store before it started the task; inside the
+/// mapping its owner shows as root, or as nobody for a store the caller
+/// chose to trust, so it is opened trusted.
+fn open_trusted(
+    store: &std::path::Path,
+    manifest: &str,
+) -> Result<(crate::Store, crate::store::Image), String> {
+    let trusted = crate::StoreOptions {
+        trust_owner: true,
+        ..Default::default()
+    };
+    let store = crate::Store::open_with(store, &trusted).map_err(|e| e.to_string())?;
+    let img = store
+        .image_of_manifest(manifest)
+        .map_err(|e| e.to_string())?;
+    Ok((store, img))
 }

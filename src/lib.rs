@@ -43,8 +43,8 @@
 //! ```
 //!
 //! The library never prints: long operations report through a
-//! [`progress::ProgressFn`] callback and `tracing`; a run's output and
-//! state through [`RunEvent`]s.
+//! callback (`Store::import_with_events`, `Sandbox::run_with_events`:
+//! one style, `&mut dyn FnMut(EVENT)`) and `tracing`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -67,7 +67,7 @@ pub mod words;
 
 pub use import::{Compression, ImportError, ImportOptions, ImportReport, ImportSource};
 pub use layer::codec::{Expansion, ExpansionLimits};
-pub use progress::{Event, ProgressFn};
+pub use progress::Event;
 pub use sandbox::{RunError, RunEvent, RunResult, Sandbox, Stream};
 /// The disk-image readers (ISO 9660, chunks, XVA, VHD, qcow2, MBR/GPT,
 /// ext2/3/4) and their chain, which live in [`source::disk`].

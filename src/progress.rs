@@ -1,6 +1,6 @@
 //! Progress and events: the library reports, the caller decides what to show.
 
-use std::sync::Arc;
+use std::cell::RefCell;
 
 /// Something that happened during a long operation.
 #[derive(Debug, Clone)]
@@ -36,16 +36,36 @@ pub enum Event {
     },
 }
 
-/// A progress callback. It is called from the importing thread only.
-pub type ProgressFn = Arc<dyn Fn(&Event) + Send + Sync>;
+/// Where a long operation's events go: the caller's callback (the one
+/// style of the library: `Store::import_with_events` and
+/// `Sandbox::run_with_events` both take `&mut dyn FnMut(EVENT)`), or
+/// nowhere. Called from the operation's own thread only.
+pub(crate) struct Events<'a>(Option<RefCell<&'a mut dyn FnMut(Event)>>);
 
-pub(crate) fn emit(cb: &Option<ProgressFn>, e: Event) {
-    // Every import step is also a debug event (kiln -vv, KILN_LOG=debug).
-    if !matches!(e, Event::Progress { .. }) {
-        tracing::debug!("import: {e:?}");
+impl<'a> Events<'a> {
+    /// Events nobody takes (they are still debug traces).
+    pub(crate) fn none() -> Events<'a> {
+        Events(None)
     }
-    if let Some(cb) = cb {
-        cb(&e);
+
+    /// Events for `f`.
+    pub(crate) fn to(f: &'a mut dyn FnMut(Event)) -> Events<'a> {
+        Events(Some(RefCell::new(f)))
+    }
+
+    /// Hands `e` to the caller; every step but byte counts is also a debug
+    /// event (kiln -vv, KILN_LOG=debug).
+    pub(crate) fn emit(&self, e: Event) {
+        if !matches!(e, Event::Progress { .. }) {
+            tracing::debug!("import: {e:?}");
+        }
+        if let Some(f) = &self.0 {
+            // An event handler that starts another import on this thread
+            // would find the cell taken: its events are dropped, not a panic.
+            if let Ok(mut f) = f.try_borrow_mut() {
+                f(e);
+            }
+        }
     }
 }
 

@@ -247,23 +247,8 @@ fn probe_shows_the_chain_down_to_a_file_system_that_needs_a_vm() {
     // The same file system in the second partition of a GPT disk, after an
     // EFI System partition.
     let disk = k.dir.path().join("disk.raw");
-    fs::File::create(&disk)
-        .and_then(|f| f.set_len(400 << 20))
-        .expect("disk file");
     let table = "label: gpt\nstart=2048, size=20480, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\nstart=22528, size=409600, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n";
-    let mut sf = Command::new(tool("sfdisk"))
-        .arg("-q")
-        .arg(&disk)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("sfdisk");
-    std::io::Write::write_all(&mut sf.stdin.take().expect("stdin"), table.as_bytes())
-        .expect("table");
-    assert!(sf.wait().expect("sfdisk").success());
-    sh(Command::new("dd")
-        .arg(format!("if={bare}"))
-        .arg(format!("of={}", disk.display()))
-        .args(["bs=512", "seek=22528", "conv=notrunc,sparse", "status=none"]));
+    gpt_disk(&disk, 400 << 20, table, &fs_img);
     let d = disk.to_str().expect("utf-8");
     let text = k.ok(["probe", d]);
     assert!(

@@ -262,23 +262,8 @@ fn btrfs_and_xfs_import_only_through_a_vm_with_their_trees() {
         .arg(&proto)
         .arg(&xfs));
     let raw = k.dir.path().join("disk.raw");
-    fs::File::create(&raw)
-        .and_then(|f| f.set_len(400 << 20))
-        .expect("disk file");
     let table = "label: gpt\nstart=2048, size=20480, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\nstart=22528, size=655360, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n";
-    let mut sf = Command::new(tool("sfdisk"))
-        .arg("-q")
-        .arg(&raw)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("sfdisk");
-    std::io::Write::write_all(&mut sf.stdin.take().expect("stdin"), table.as_bytes())
-        .expect("table");
-    assert!(sf.wait().expect("sfdisk").success());
-    run(Command::new("dd")
-        .arg(format!("if={}", xfs.display()))
-        .arg(format!("of={}", raw.display()))
-        .args(["bs=512", "seek=22528", "conv=notrunc,sparse", "status=none"]));
+    gpt_disk(&raw, 400 << 20, table, &xfs);
     let qcow = k.dir.path().join("disk.qcow2");
     run(Command::new("qemu-img")
         .args(["convert", "-O", "qcow2"])

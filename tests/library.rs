@@ -372,3 +372,39 @@ fn disk_errors_pass_through_typed() {
     }
     assert!(!err.to_string().contains("--"), "{err}");
 }
+
+/// Import reports through the same callback style as a run: what the
+/// source is, bytes read, the layer written, in that order.
+#[test]
+fn import_with_events_reports_the_steps() {
+    use kiln::{Event, ImportOptions, ImportSource};
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    let store = kiln::Store::open(k.store()).expect("open store");
+    let mut seen = Vec::new();
+    let report = store
+        .import_with_events(
+            ImportSource::Path(tar.clone()),
+            &ImportOptions::new("bb"),
+            &mut |e| {
+                seen.push(match e {
+                    Event::Detected { .. } => "detected",
+                    Event::Progress { .. } => "progress",
+                    Event::LayerWritten { .. } => "layer",
+                    _ => "other",
+                })
+            },
+        )
+        .expect("import");
+    let first = |what| seen.iter().position(|s| *s == what);
+    assert!(
+        first("detected") < first("layer") && first("detected").is_some(),
+        "{seen:?}"
+    );
+    assert!(first("layer").is_some(), "{seen:?}");
+    // The same import without events gives the same image.
+    let again = store
+        .import(ImportSource::Path(tar), &ImportOptions::new("bb2"))
+        .expect("import");
+    assert_eq!(again.manifest_digest, report.manifest_digest);
+}

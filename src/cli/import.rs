@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -265,40 +264,33 @@ pub fn run(cli: &Cli, a: &ImportArgs) -> Result<i32> {
         );
         b
     });
-    if let Some(b) = &bar {
-        let b = b.clone();
-        opts.progress = Some(Arc::new(move |e: &Event| match e {
-            Event::Detected { kind, total } => {
-                b.set_message(format!("importing {kind}"));
-                if let Some(t) = total {
-                    b.set_length(*t);
-                    b.set_style(
-                        ProgressStyle::with_template(
-                            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                    );
-                }
+    let mut on_event = |e: Event| match (&bar, e) {
+        (Some(b), Event::Detected { kind, total }) => {
+            b.set_message(format!("importing {kind}"));
+            if let Some(t) = total {
+                b.set_length(t);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
             }
-            Event::Progress { done, .. } => b.set_position(*done),
-            Event::DiskChain(c) | Event::Step(c) => b.println(format!("kiln: {c}")),
-            Event::Warning(w) => b.println(format!("warning: {w}")),
-            _ => {}
-        }));
-    } else {
-        opts.progress = Some(Arc::new(|e: &Event| match e {
-            Event::Warning(w) => eprintln!("kiln: warning: {w}"),
-            Event::DiskChain(c) | Event::Step(c) => eprintln!("kiln: {c}"),
-            _ => {}
-        }));
-    }
+        }
+        (Some(b), Event::Progress { done, .. }) => b.set_position(done),
+        (Some(b), Event::DiskChain(c) | Event::Step(c)) => b.println(format!("kiln: {c}")),
+        (Some(b), Event::Warning(w)) => b.println(format!("warning: {w}")),
+        (None, Event::Warning(w)) => eprintln!("kiln: warning: {w}"),
+        (None, Event::DiskChain(c) | Event::Step(c)) => eprintln!("kiln: {c}"),
+        _ => {}
+    };
     let source = if a.source.as_os_str() == "-" {
         ImportSource::Reader(Box::new(std::io::stdin()))
     } else {
         ImportSource::Path(a.source.clone())
     };
-    let result = store.import(source, &opts);
+    let result = store.import_with_events(source, &opts, &mut on_event);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

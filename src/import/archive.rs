@@ -16,10 +16,10 @@ use std::sync::Arc;
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 use serde::Deserialize;
 
-use super::{build_config, ImportError, ImportOptions, ImportReport, LayerInfo, LayerSink};
+use super::{build_config, ImportError, ImportOptions, ImportReport, Job, LayerInfo, LayerSink};
 use crate::digest;
 use crate::layer::LayerError;
-use crate::progress::{emit, Event};
+use crate::progress::Event;
 use crate::source::{self, archive::FileSet};
 use crate::store::{ImageName, Store, REF_NAME_ANNOTATION};
 
@@ -94,7 +94,7 @@ pub(crate) fn import_archive(
     set: &FileSet,
     display: &str,
     name: &ImageName,
-    opts: &ImportOptions,
+    opts: &Job<'_>,
 ) -> Result<ImportReport, ImportError> {
     if set.exists("manifest.json") {
         import_docker(store, set, display, name, opts)
@@ -139,7 +139,7 @@ fn import_docker(
     set: &FileSet,
     display: &str,
     name: &ImageName,
-    opts: &ImportOptions,
+    opts: &Job<'_>,
 ) -> Result<ImportReport, ImportError> {
     let (entries, _): (Vec<DockerEntry>, _) = read_json(set, "manifest.json", display)?;
     let all_tags = || {
@@ -210,13 +210,10 @@ fn import_docker(
             ),
         ));
     }
-    emit(
-        &opts.progress,
-        Event::Detected {
-            kind: "docker-archive".into(),
-            total: None,
-        },
-    );
+    opts.emit(Event::Detected {
+        kind: "docker-archive".into(),
+        total: None,
+    });
     let mut layers = Vec::new();
     for (i, member) in entry.layers.iter().enumerate() {
         // The sink hashes the uncompressed stream once: that is the diff_id.
@@ -232,13 +229,10 @@ fn import_docker(
                 ),
             ));
         }
-        emit(
-            &opts.progress,
-            Event::LayerWritten {
-                digest: info.digest.clone(),
-                size: info.size,
-            },
-        );
+        opts.emit(Event::LayerWritten {
+            digest: info.digest.clone(),
+            size: info.size,
+        });
         layers.push(info);
     }
     let config_out = if opts.has_metadata() {
@@ -303,7 +297,7 @@ fn import_oci(
     set: &FileSet,
     display: &str,
     name: &ImageName,
-    opts: &ImportOptions,
+    opts: &Job<'_>,
 ) -> Result<ImportReport, ImportError> {
     let (index, _): (ImageIndex, _) = read_json(set, "index.json", display)?;
     let all = || {
@@ -372,13 +366,10 @@ fn import_oci(
             .cloned()
             .ok_or_else(|| bad(display, format!("no manifest for {os}/{arch} in {member}")))?;
     }
-    emit(
-        &opts.progress,
-        Event::Detected {
-            kind: "OCI image".into(),
-            total: None,
-        },
-    );
+    opts.emit(Event::Detected {
+        kind: "OCI image".into(),
+        total: None,
+    });
     let member = blob_member(&desc);
     let (manifest, manifest_bytes): (ImageManifest, _) = read_json(set, &member, display)?;
     if digest::of_bytes(&manifest_bytes) != *desc.digest() {
@@ -428,13 +419,10 @@ fn import_oci(
     let mut layers = Vec::new();
     for l in manifest.layers() {
         copy_blob(store, set, l, display)?;
-        emit(
-            &opts.progress,
-            Event::LayerWritten {
-                digest: l.digest().to_string(),
-                size: l.size(),
-            },
-        );
+        opts.emit(Event::LayerWritten {
+            digest: l.digest().to_string(),
+            size: l.size(),
+        });
         layers.push(LayerInfo {
             digest: l.digest().to_string(),
             diff_id: String::new(),

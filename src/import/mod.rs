@@ -27,7 +27,7 @@ pub use crate::layer::{
 };
 
 use crate::digest::HashWriter;
-use crate::progress::{emit, Event, ProgressFn};
+use crate::progress::{Event, Events};
 use crate::source::{self, archive::FileSet, ExpansionLimits};
 use crate::store::{canonical_json, ImageName, Store, StoreError};
 
@@ -122,8 +122,27 @@ pub struct ImportOptions {
     /// How the owners of root file-system entries are rewritten. Default
     /// [`Owners::Keep`].
     pub owners: Owners,
-    /// Progress callback. Default none.
-    pub progress: Option<ProgressFn>,
+}
+
+/// One import: its options and where its events go (it derefs to the
+/// [`ImportOptions`]).
+pub(crate) struct Job<'a> {
+    opts: &'a ImportOptions,
+    events: Events<'a>,
+}
+
+impl std::ops::Deref for Job<'_> {
+    type Target = ImportOptions;
+    fn deref(&self) -> &ImportOptions {
+        self.opts
+    }
+}
+
+impl Job<'_> {
+    /// Hands an event to the caller (see [`Store::import_with_events`]).
+    pub(crate) fn emit(&self, e: Event) {
+        self.events.emit(e);
+    }
 }
 
 /// How an import rewrites the owners of root file-system entries
@@ -181,7 +200,6 @@ impl ImportOptions {
             disk: crate::source::disk::chain::ChainOptions::default(),
             vm: crate::vm::VmOptions::default(),
             owners: Owners::Keep,
-            progress: None,
         }
     }
 
@@ -440,6 +458,56 @@ impl Store {
         source: ImportSource,
         opts: &ImportOptions,
     ) -> Result<ImportReport, ImportError> {
+        self.import_job(
+            source,
+            &Job {
+                opts,
+                events: Events::none(),
+            },
+        )
+    }
+
+    /// [`Store::import`], handing what happens to `on_event` as it
+    /// happens: what the source was detected as, bytes read, a disk
+    /// image's chain, slow steps, warnings, each layer written (the same
+    /// style as `Sandbox::run_with_events`).
+    ///
+    /// ```no_run
+    /// use kiln::{Event, ImportOptions, ImportSource, Store};
+    /// let store = Store::open("/tmp/kiln-store")?;
+    /// let mut warnings = Vec::new();
+    /// let report = store.import_with_events(
+    ///     ImportSource::Path("rootfs.tar".into()),
+    ///     &ImportOptions::new("toolchain"),
+    ///     &mut |e| {
+    ///         if let Event::Warning(w) = e {
+    ///             warnings.push(w);
+    ///         }
+    ///     },
+    /// )?;
+    /// println!("{} ({} warnings)", report.name, warnings.len());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn import_with_events(
+        &self,
+        source: ImportSource,
+        opts: &ImportOptions,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<ImportReport, ImportError> {
+        self.import_job(
+            source,
+            &Job {
+                opts,
+                events: Events::to(on_event),
+            },
+        )
+    }
+
+    fn import_job(
+        &self,
+        source: ImportSource,
+        opts: &Job<'_>,
+    ) -> Result<ImportReport, ImportError> {
         let name = ImageName::parse(&opts.tag)?;
         let _writer = self.writer_lock()?;
         let counter = Arc::new(AtomicU64::new(0));
@@ -479,7 +547,6 @@ impl Store {
             }
             ImportSource::Reader(r) => ("-".to_string(), r, None, None),
         };
-        let progress = opts.progress.clone();
         let counted = source::CountingReader::new(raw, Arc::clone(&counter));
         let (head, r) = source::peek(counted, 64 << 10)
             .map_err(|e| LayerError::from_read(&display, "read", 0, &e))?;
@@ -537,13 +604,10 @@ impl Store {
         }
         let ctext = codec.map(|c| format!(" ({c})")).unwrap_or_default();
         if source::archive::looks_like_archive(&dhead) {
-            emit(
-                &progress,
-                Event::Detected {
-                    kind: format!("image archive{ctext}"),
-                    total,
-                },
-            );
+            opts.emit(Event::Detected {
+                kind: format!("image archive{ctext}"),
+                total,
+            });
             let spooled;
             let set = match (&path, codec) {
                 (Some(p), None) => FileSet::index_tar(p, &display)?,
@@ -562,13 +626,10 @@ impl Store {
                 }
             };
             let report = archive::import_archive(self, &set, &display, &name, opts)?;
-            emit(
-                &progress,
-                Event::Progress {
-                    done: counter.load(Ordering::Relaxed),
-                    total,
-                },
-            );
+            opts.emit(Event::Progress {
+                done: counter.load(Ordering::Relaxed),
+                total,
+            });
             return Ok(report);
         }
         if !source::tar_header_ok(&dhead) {
@@ -588,13 +649,10 @@ impl Store {
             }
             .into());
         }
-        emit(
-            &progress,
-            Event::Detected {
-                kind: format!("tarball{ctext}"),
-                total,
-            },
-        );
+        opts.emit(Event::Detected {
+            kind: format!("tarball{ctext}"),
+            total,
+        });
         // The history names the source kind but not its compression: the same
         // tree gives the same image whether it came gzip'd or plain.
         let kind = "tarball".to_string();
@@ -610,21 +668,16 @@ impl Store {
             let done = counter.load(Ordering::Relaxed);
             if done - last >= 4 << 20 {
                 last = done;
-                emit(&progress, Event::Progress { done, total });
+                opts.emit(Event::Progress { done, total });
             }
             Ok(())
         })?;
-        emit(
-            &progress,
-            Event::Progress {
-                done: counter.load(Ordering::Relaxed),
-                total,
-            },
-        );
+        opts.emit(Event::Progress {
+            done: counter.load(Ordering::Relaxed),
+            total,
+        });
         if let (n @ 1.., Some(first)) = absolute {
-            emit(
-                &progress,
-                Event::Warning(format!("{display}: {n} entries had absolute paths (first: {first}); stored relative to the image root")),
+            opts.emit(Event::Warning(format!("{display}: {n} entries had absolute paths (first: {first}); stored relative to the image root")),
             );
         }
         self.finish_rootfs(layer, &name, opts, &kind)
@@ -635,26 +688,20 @@ impl Store {
         dir: &std::path::Path,
         display: &str,
         name: &ImageName,
-        opts: &ImportOptions,
+        opts: &Job<'_>,
     ) -> Result<ImportReport, ImportError> {
         if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
-            emit(
-                &opts.progress,
-                Event::Detected {
-                    kind: "OCI layout directory".into(),
-                    total: None,
-                },
-            );
+            opts.emit(Event::Detected {
+                kind: "OCI layout directory".into(),
+                total: None,
+            });
             let set = FileSet::Dir(dir.to_path_buf());
             return archive::import_archive(self, &set, display, name, opts);
         }
-        emit(
-            &opts.progress,
-            Event::Detected {
-                kind: "directory".into(),
-                total: None,
-            },
-        );
+        opts.emit(Event::Detected {
+            kind: "directory".into(),
+            total: None,
+        });
         let mut layer = LayerBuilder::new(self, opts, display)?;
         let mut count = 0u64;
         let skipped = source::dir::walk(dir, &mut |e, data| {
@@ -662,9 +709,7 @@ impl Store {
             layer.add(e, data, 0)
         })?;
         if opts.owners == Owners::Keep && layer.added > 0 && layer.callers == layer.added {
-            emit(
-                &opts.progress,
-                Event::Warning(format!(
+            opts.emit(Event::Warning(format!(
                     "every file of {display} is owned by you (uid {}): in the image they belong to that uid, and root in the sandbox cannot write /etc; use {} to give them to root (or {})",
                     rustix::process::getuid().as_raw(),
                     crate::words::Opt::MapCaller,
@@ -673,12 +718,9 @@ impl Store {
             );
         }
         if skipped > 0 {
-            emit(
-                &opts.progress,
-                Event::Warning(format!(
-                    "skipped {skipped} socket(s): sockets cannot be stored in a layer"
-                )),
-            );
+            opts.emit(Event::Warning(format!(
+                "skipped {skipped} socket(s): sockets cannot be stored in a layer"
+            )));
         }
         self.finish_rootfs(layer, name, opts, "directory")
     }
@@ -690,7 +732,7 @@ impl Store {
         path: &std::path::Path,
         display: &str,
         name: &ImageName,
-        opts: &ImportOptions,
+        opts: &Job<'_>,
     ) -> Result<ImportReport, ImportError> {
         let mut copts = opts.disk.clone();
         copts.max_stream.get_or_insert(opts.limits.max_bytes);
@@ -727,14 +769,11 @@ impl Store {
         };
         let chain = crate::source::disk::chain::Chain::open(path, &copts).map_err(disk_err)?;
         let total = (chain.outer_size > 0).then_some(chain.outer_size);
-        emit(&opts.progress, Event::DiskChain(chain.to_string()));
-        emit(
-            &opts.progress,
-            Event::Detected {
-                kind: chain.to_string(),
-                total,
-            },
-        );
+        opts.emit(Event::DiskChain(chain.to_string()));
+        opts.emit(Event::Detected {
+            kind: chain.to_string(),
+            total,
+        });
         let mut layer = LayerBuilder::new(self, opts, display)?;
         let mut n = 0u64;
         /// The walk fails in a reader or in the layer writer.
@@ -752,18 +791,14 @@ impl Store {
                 Fail::Import(e)
             }
         }
-        let progress = opts.progress.clone();
-        let mut note = |n: &str| emit(&progress, Event::Step(n.to_string()));
+        let mut note = |n: &str| opts.emit(Event::Step(n.to_string()));
         let add = |e: Entry, data: &mut dyn Read| -> Result<(), Fail> {
             n += 1;
             if n.is_multiple_of(256) {
-                emit(
-                    &opts.progress,
-                    Event::Progress {
-                        done: chain.bytes_read().min(chain.outer_size),
-                        total,
-                    },
-                );
+                opts.emit(Event::Progress {
+                    done: chain.bytes_read().min(chain.outer_size),
+                    total,
+                });
             }
             layer.add(e, data, 0).map_err(|e| Fail::Import(e.into()))
         };
@@ -777,13 +812,10 @@ impl Store {
             Err(Fail::Import(e)) => return Err(e),
         }
         if chain.sockets_skipped() > 0 {
-            emit(
-                &opts.progress,
-                Event::Warning(format!(
-                    "skipped {} socket(s): sockets cannot be stored in a layer",
-                    chain.sockets_skipped()
-                )),
-            );
+            opts.emit(Event::Warning(format!(
+                "skipped {} socket(s): sockets cannot be stored in a layer",
+                chain.sockets_skipped()
+            )));
         }
         let kind = chain
             .steps
@@ -798,17 +830,14 @@ impl Store {
         &self,
         layer: LayerBuilder,
         name: &ImageName,
-        opts: &ImportOptions,
+        opts: &Job<'_>,
         kind: &str,
     ) -> Result<ImportReport, ImportError> {
         let (info, entries) = layer.finish()?;
-        emit(
-            &opts.progress,
-            Event::LayerWritten {
-                digest: info.digest.clone(),
-                size: info.size,
-            },
-        );
+        opts.emit(Event::LayerWritten {
+            digest: info.digest.clone(),
+            size: info.size,
+        });
         let config = build_config(
             opts,
             None,

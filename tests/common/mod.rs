@@ -987,6 +987,28 @@ pub fn tool(prog: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("{prog} is not installed: run scripts/setup.sh"))
 }
 
+/// A sparse raw disk of `size` bytes with a GPT made by sfdisk from
+/// `table` (sfdisk's script format), and `fs` copied in at sector 22528
+/// (where the tests' tables start their second partition).
+pub fn gpt_disk(path: &Path, size: u64, table: &str, fs: &Path) {
+    fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .expect("disk file");
+    let mut sf = Command::new(tool("sfdisk"))
+        .arg("-q")
+        .arg(path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("sfdisk");
+    std::io::Write::write_all(&mut sf.stdin.take().expect("stdin"), table.as_bytes())
+        .expect("table");
+    assert!(sf.wait().expect("sfdisk").success());
+    sh(Command::new("dd")
+        .arg(format!("if={}", fs.display()))
+        .arg(format!("of={}", path.display()))
+        .args(["bs=512", "seek=22528", "conv=notrunc,sparse", "status=none"]));
+}
+
 /// The host's attached loop devices (their backing files) and its mount
 /// table, to show that an import attached and mounted nothing.
 pub fn loop_state() -> (Vec<String>, String) {
