@@ -72,5 +72,5 @@ pub use sandbox::{RunError, RunEvent, RunResult, Sandbox, Stream};
 /// The disk-image readers (ISO 9660, chunks, XVA, VHD, qcow2, MBR/GPT,
 /// ext2/3/4) and their chain, which live in [`source::disk`].
 pub use source::disk;
-pub use spec::{RunSpec, SpecError};
+pub use spec::{Backend, NsOptions, RunSpec, SpecError, ValidSpec};
 pub use store::{ExportFormat, Store, StoreError, StoreOptions};
