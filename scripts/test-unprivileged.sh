@@ -45,7 +45,7 @@ if [ $# -gt 0 ]; then
   exes=("${keep[@]}")
 fi
 for e in "${exes[@]}"; do cp "$e" "$dest/bin/"; done
-cp -r images scripts "$dest/repo/"
+cp -r images scripts src ARCHITECTURE.md README.md "$dest/repo/"
 mkdir -p "$dest/repo/tests"
 cp -r tests/bad-images "$dest/repo/tests/"
 chmod -R a+rX "$dest"
