@@ -285,8 +285,8 @@ impl std::str::FromStr for Ulimit {
 }
 
 /// Errors of an invalid run spec. Each names the [`RunSpec`] field at
-/// fault by its Rust name, so a front end can say it in its own words (the
-/// `kiln` CLI names its flag instead).
+/// fault by its Rust name, for matching; the message names it as
+/// [`crate::words::field`] does (the `kiln` CLI's flag there).
 ///
 /// ```
 /// use kiln::spec::{RunSpec, SpecError};
@@ -301,7 +301,7 @@ impl std::str::FromStr for Ulimit {
 #[non_exhaustive]
 pub enum SpecError {
     /// A field's value is invalid.
-    #[error("run: {field}: {reason}")]
+    #[error("run: {}", invalid_text(field, reason))]
     Invalid {
         /// The [`RunSpec`] field (`env`, `volumes`, `cap_add`, ...).
         field: &'static str,
@@ -309,7 +309,7 @@ pub enum SpecError {
         reason: String,
     },
     /// `field` needs what another field's value rules out.
-    #[error("run: {field} needs {needs} (not {other}{}): {why}", other_value.map(|v| format!(" = {v}")).unwrap_or_default())]
+    #[error("run: {} needs {needs} (not {}): {why}", crate::words::field(field), crate::words::field_value(other, *other_value))]
     Conflict {
         /// The field that cannot be honoured (`commit`).
         field: &'static str,
@@ -324,7 +324,7 @@ pub enum SpecError {
     },
     /// A `ulimits` hard limit is above the calling process's, which only
     /// `CAP_SYS_RESOURCE` on the host could raise.
-    #[error("run: ulimits: {name}={soft}:{hard}: the hard limit is above the current hard limit {current} (raising it needs CAP_SYS_RESOURCE on the host)")]
+    #[error("run: {} {name}={soft}:{hard}: the hard limit is above the current hard limit {current} (raising it needs CAP_SYS_RESOURCE on the host)", crate::words::field("ulimits"))]
     UlimitAboveHard {
         /// The limit's name (`nofile`).
         name: String,
@@ -335,6 +335,16 @@ pub enum SpecError {
         /// The current hard limit.
         current: u64,
     },
+}
+
+/// An invalid field's message: the field (as [`crate::words::field`]
+/// names it), then what is wrong; a missing command says only that.
+fn invalid_text(field: &str, reason: &str) -> String {
+    if field == "argv" {
+        reason.to_string()
+    } else {
+        format!("{}: {reason}", crate::words::field(field))
+    }
 }
 
 impl SpecError {

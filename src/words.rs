@@ -71,6 +71,38 @@ pub enum Opt {
     Commit,
 }
 
+/// How messages name a [`RunSpec`](crate::spec::RunSpec) field: by its
+/// Rust name for the library, by the flag that sets it for the CLI
+/// (`volumes` is `--volume`, `cap_add` is `--cap-add`).
+///
+/// ```
+/// assert_eq!(kiln::words::field("cap_add"), "cap_add");
+/// kiln::words::use_cli_flags();
+/// assert_eq!(kiln::words::field("cap_add"), "--cap-add");
+/// assert_eq!(kiln::words::field("volumes"), "--volume");
+/// ```
+pub fn field(name: &str) -> String {
+    if !cli_flags() {
+        return name.to_string();
+    }
+    match name {
+        "argv" => "the command".into(),
+        "volumes" => "--volume".into(),
+        "ulimits" => "--ulimit".into(),
+        f => format!("--{}", f.replace('_', "-")),
+    }
+}
+
+/// A field set to a value: `rootfs = copy`, or for the CLI `--rootfs copy`
+/// (a flag without a value is just the flag).
+pub fn field_value(name: &str, value: Option<&str>) -> String {
+    match (value, cli_flags()) {
+        (None, _) => field(name),
+        (Some(v), true) => format!("{} {v}", field(name)),
+        (Some(v), false) => format!("{name} = {v}"),
+    }
+}
+
 impl Opt {
     /// The library's name and the CLI's flag.
     fn names(self) -> (&'static str, &'static str) {

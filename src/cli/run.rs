@@ -184,7 +184,7 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
                 "error": crate::error_chain(e),
                 "stage": e
                     .downcast_ref::<kiln::sandbox::RunError>()
-                    .or_else(|| e.downcast_ref::<InFlags>().map(|f| &f.error))
+                    .or_else(|| e.downcast_ref::<Hinted>().map(|h| &h.error))
                     .map_or("setup", |r| r.stage()),
             }),
         };
@@ -268,10 +268,7 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
     spec.require_limits = a.require_limits;
     spec.read_only = a.read_only;
     for v in &a.volume {
-        spec.volumes.push(
-            v.parse::<Volume>()
-                .map_err(|e| anyhow::anyhow!(spec_words(&e)))?,
-        );
+        spec.volumes.push(v.parse::<Volume>()?);
     }
     let ns = spec.backend.ns_mut();
     ns.seccomp = a.seccomp == "default";
@@ -285,8 +282,7 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
         spec.cap_add.push(n);
     }
     for u in &a.ulimit {
-        spec.ulimits
-            .push(u.parse().map_err(|e| anyhow::anyhow!(spec_words(&e)))?);
+        spec.ulimits.push(u.parse()?);
     }
     spec.memory = a.memory;
     spec.tmpfs_size = a.tmpfs_size;
@@ -326,77 +322,35 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
     }
     Sandbox::new(store)
         .run(&spec)
-        .map_err(|e| in_flags(e, &spec.image))
+        .map_err(|e| hinted(e, &spec.image))
 }
 
-/// A library error said in the CLI's words: [`RunSpec`] fields become
-/// the flags that set them. It keeps the error for its stage.
+/// A run error with the CLI's way out added (a missing command: name one
+/// after the image). It keeps the error for its stage.
 #[derive(Debug)]
-pub struct InFlags {
-    text: String,
+pub struct Hinted {
+    hint: String,
     /// The library's error.
     pub error: kiln::sandbox::RunError,
 }
 
-impl std::fmt::Display for InFlags {
+impl std::fmt::Display for Hinted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.text)
+        write!(f, "{}: {}", self.error, self.hint)
     }
 }
 
-impl std::error::Error for InFlags {}
+impl std::error::Error for Hinted {}
 
-fn in_flags(e: kiln::sandbox::RunError, image: &str) -> anyhow::Error {
+fn hinted(e: kiln::sandbox::RunError, image: &str) -> anyhow::Error {
     match &e {
-        kiln::sandbox::RunError::Spec(s) => {
-            let mut text = spec_words(s);
-            if matches!(s, SpecError::Invalid { field: "argv", reason } if reason.starts_with("no command"))
-            {
-                text.push_str(&format!(
-                    ": name one after the image, e.g. kiln run {image} -- sh"
-                ));
-            }
-            anyhow::Error::new(InFlags { text, error: e })
+        kiln::sandbox::RunError::Spec(SpecError::Invalid {
+            field: "argv",
+            reason,
+        }) if reason.starts_with("no command") => {
+            let hint = format!("name one after the image, e.g. kiln run {image} -- sh");
+            anyhow::Error::new(Hinted { hint, error: e })
         }
         _ => e.into(),
-    }
-}
-
-/// The flag of `kiln run` that sets a [`RunSpec`] field.
-fn flag(field: &str) -> String {
-    match field {
-        "argv" => "the command".into(),
-        "volumes" => "--volume".into(),
-        "ulimits" => "--ulimit".into(),
-        f => format!("--{}", f.replace('_', "-")),
-    }
-}
-
-/// A spec error naming flags instead of fields.
-pub fn spec_words(e: &SpecError) -> String {
-    match e {
-        SpecError::Invalid { field: "argv", reason } => reason.clone(),
-        SpecError::Invalid { field, reason } => format!("{}: {reason}", flag(field)),
-        SpecError::Conflict {
-            field,
-            needs,
-            other,
-            other_value,
-            why,
-        } => format!(
-            "{} needs {needs} (not {}{}): {why}",
-            flag(field),
-            flag(other),
-            other_value.map(|v| format!(" {v}")).unwrap_or_default()
-        ),
-        SpecError::UlimitAboveHard {
-            name,
-            soft,
-            hard,
-            current,
-        } => format!(
-            "--ulimit {name}={soft}:{hard}: the hard limit is above the current hard limit {current} (raising it needs CAP_SYS_RESOURCE on the host)"
-        ),
-        other => other.to_string(),
     }
 }
