@@ -278,7 +278,7 @@ pub(crate) fn run(
         cgroup: p.cgroup.as_ref(),
         input: stdin_w,
         warnings: Warnings {
-            read: warn_r,
+            read: Some(warn_r),
             write: Some(warn_w),
             lines: Vec::new(),
             partial: Vec::new(),
@@ -366,7 +366,9 @@ impl Drop for ReapGuard {
 
 /// Init's warnings pipe, read while the sandbox runs.
 struct Warnings {
-    read: std::os::fd::OwnedFd,
+    /// The read end, until end of file (init closes its end once the root
+    /// is built; a closed pipe must leave the poll set, or it spins).
+    read: Option<std::os::fd::OwnedFd>,
     /// kiln's copy of the write end, dropped once the helper has its own.
     write: Option<std::os::fd::OwnedFd>,
     lines: Vec<String>,
@@ -378,12 +380,13 @@ impl Warnings {
     /// each is passed on as a [`super::RunEvent::Warning`] too.
     fn drain(&mut self, events: &mut Option<&mut dyn FnMut(super::RunEvent<'_>)>) {
         let mut buf = [0u8; 4096];
-        loop {
-            match rustix::io::read(&self.read, &mut buf) {
-                Ok(0) => break,
+        while let Some(fd) = &self.read {
+            match rustix::io::read(fd, &mut buf) {
+                Ok(0) => self.read = None,
                 Ok(n) => self.partial.extend_from_slice(&buf[..n]),
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => break,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(_) => self.read = None,
             }
             // A flood of warnings is not something init sends; bound it.
             if self.partial.len() > 1 << 16 {
@@ -584,12 +587,11 @@ fn supervise(
     // The helper has its copy of the warnings pipe: kiln keeps only the
     // read end.
     warnings.write = None;
-    rustix::fs::fcntl_setfl(
-        &warnings.read,
-        rustix::fs::fcntl_getfl(&warnings.read).map_err(|e| RunError::host("fcntl", e.into()))?
-            | rustix::fs::OFlags::NONBLOCK,
-    )
-    .map_err(|e| RunError::host("fcntl", e.into()))?;
+    if let Some(r) = &warnings.read {
+        let fl = rustix::fs::fcntl_getfl(r).map_err(|e| RunError::host("fcntl", e.into()))?;
+        rustix::fs::fcntl_setfl(r, fl | rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| RunError::host("fcntl", e.into()))?;
+    }
     if let Some(ev) = events.as_mut() {
         ev(super::RunEvent::Started { pid: raw as u32 });
     }
@@ -719,10 +721,9 @@ fn supervise(
             fds.push(rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN));
         }
         let warn_slot = fds.len();
-        fds.push(rustix::event::PollFd::new(
-            &warnings.read,
-            rustix::event::PollFlags::IN,
-        ));
+        if let Some(r) = &warnings.read {
+            fds.push(rustix::event::PollFd::new(r, rustix::event::PollFlags::IN));
+        }
         let stdin = io::stdin();
         // Input waits in `pending` until the pty takes it, so a command
         // that does not read never blocks kiln (or its --timeout).
@@ -763,7 +764,7 @@ fn supervise(
                 .get(pty_slot)
                 .is_some_and(|f| f.revents().contains(rustix::event::PollFlags::OUT));
         let input_ready = input.is_some() && !pending.is_empty() && ready(input_slot);
-        let warn_ready = ready(warn_slot);
+        let warn_ready = warnings.read.is_some() && ready(warn_slot);
         drop(fds);
         if warn_ready {
             warnings.drain(&mut events);
