@@ -58,12 +58,14 @@ fn task_main() -> ! {
 /// Does `task`; returns what it prints for the parent.
 fn run_task(task: Task) -> Result<String, String> {
     match task {
-        Task::Exec { argv } => {
+        Task::Exec { argv, cwd } => {
             use std::os::unix::process::CommandExt;
-            let e = Command::new(&argv[0])
-                .args(&argv[1..])
-                .env_remove(crate::userns::TASK_ENV)
-                .exec();
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]).env_remove(crate::userns::TASK_ENV);
+            if let Some(d) = cwd {
+                cmd.current_dir(d);
+            }
+            let e = cmd.exec();
             eprintln!("kiln unshare: {}: {e}", argv[0]);
             std::process::exit(if e.kind() == io::ErrorKind::NotFound {
                 127

@@ -453,6 +453,11 @@ pub enum Backend {
     /// pid, ipc, uts, cgroup and network namespaces, an overlay root,
     /// capabilities dropped, no_new_privs, seccomp.
     Namespace(NsOptions),
+    /// A throwaway QEMU VM (`sandbox/vm`): a kernel of its own, the image's
+    /// tree as its root under an overlay in guest memory, kiln's guest
+    /// agent as PID 1. For what the host kernel must not do for a build:
+    /// loop devices, partitions, mounts, kernel modules.
+    Vm(VmRunOptions),
 }
 
 impl Default for Backend {
@@ -466,14 +471,59 @@ impl Backend {
     pub fn ns(&self) -> Option<&NsOptions> {
         match self {
             Backend::Namespace(o) => Some(o),
+            Backend::Vm(_) => None,
         }
     }
 
-    /// The namespace backend's options, to change them (it is the only
-    /// backend until the VM one comes).
-    pub fn ns_mut(&mut self) -> &mut NsOptions {
+    /// The namespace backend's options, to change them, if that is the
+    /// backend.
+    pub fn ns_mut(&mut self) -> Option<&mut NsOptions> {
         match self {
-            Backend::Namespace(o) => o,
+            Backend::Namespace(o) => Some(o),
+            Backend::Vm(_) => None,
+        }
+    }
+
+    /// The VM backend's options, if that is the backend.
+    pub fn vm(&self) -> Option<&VmRunOptions> {
+        match self {
+            Backend::Vm(o) => Some(o),
+            Backend::Namespace(_) => None,
+        }
+    }
+}
+
+/// Options of the VM backend.
+///
+/// ```
+/// let mut spec = kiln::RunSpec::new("busybox");
+/// spec.backend = kiln::Backend::Vm(kiln::spec::VmRunOptions::default());
+/// assert_eq!(spec.backend.vm().map(|o| o.cpus), Some(1));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmRunOptions {
+    /// The kernel to boot. Default: the host's newest `/boot/vmlinuz-*`
+    /// with its `/lib/modules` (`KILN_VM_KERNEL` overrides).
+    pub kernel: Option<PathBuf>,
+    /// Words added to the kernel command line. Default none.
+    pub kernel_cmdline: Vec<String>,
+    /// Guest memory in MiB. Default 1024.
+    pub memory_mib: u32,
+    /// Virtual CPUs. Default 1.
+    pub cpus: u32,
+    /// The accelerator; `None` chooses: KVM when a probe shows it really
+    /// works on this host, else TCG. Default `None`.
+    pub accel: Option<crate::vm::Accel>,
+}
+
+impl Default for VmRunOptions {
+    fn default() -> VmRunOptions {
+        VmRunOptions {
+            kernel: None,
+            kernel_cmdline: Vec::new(),
+            memory_mib: 1024,
+            cpus: 1,
+            accel: None,
         }
     }
 }
@@ -482,7 +532,9 @@ impl Backend {
 ///
 /// ```
 /// let mut spec = kiln::RunSpec::new("busybox");
-/// spec.backend.ns_mut().rootfs = kiln::spec::RootfsMode::FuseOverlay;
+/// if let Some(ns) = spec.backend.ns_mut() {
+///     ns.rootfs = kiln::spec::RootfsMode::FuseOverlay;
+/// }
 /// assert!(spec.backend.ns().is_some_and(|o| o.seccomp));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -721,7 +773,72 @@ impl RunSpec {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return bad("timeout", "must be positive".into());
         }
+        if let Backend::Vm(vm) = &self.backend {
+            self.validate_vm(vm)?;
+        }
         Ok(ValidSpec(self))
+    }
+}
+
+impl RunSpec {
+    /// What the VM backend does not do (yet, or at all), each a clear error
+    /// naming the option.
+    fn validate_vm(&self, vm: &VmRunOptions) -> Result<(), SpecError> {
+        let no = |field: &'static str, why: &str| {
+            Err(SpecError::invalid(
+                field,
+                format!("is not supported with the VM backend: {why}"),
+            ))
+        };
+        if vm.memory_mib < 128 {
+            return Err(SpecError::invalid(
+                "vm.memory_mib",
+                format!(
+                    "{} MiB is too little for a guest (at least 128)",
+                    vm.memory_mib
+                ),
+            ));
+        }
+        if vm.cpus == 0 || vm.cpus > 64 {
+            return Err(SpecError::invalid(
+                "vm.cpus",
+                format!("{} virtual CPUs: give 1 to 64", vm.cpus),
+            ));
+        }
+        if !self.volumes.is_empty() {
+            return no("volumes", "binds into a VM are not there yet");
+        }
+        if self.tty {
+            return no("tty", "a pseudo-terminal in the guest is not there yet");
+        }
+        if self.network == Network::Host {
+            return no("network", "the guest has no network yet");
+        }
+        if self.commit.is_some() {
+            return no("commit", "committing a VM run's changes is not there yet");
+        }
+        if self.upper == Upper::Disk {
+            return no("upper", "the guest's writes stay in guest memory");
+        }
+        if self.memory.is_some() {
+            return no("memory", "the guest's memory is vm.memory_mib");
+        }
+        if self.pids_limit.is_some() {
+            return no("pids_limit", "limits in the guest are not there yet");
+        }
+        if !self.cap_add.is_empty() {
+            return no(
+                "cap_add",
+                "the command runs as root of its own kernel with every capability",
+            );
+        }
+        if !self.ulimits.is_empty() {
+            return no("ulimits", "limits in the guest are not there yet");
+        }
+        if self.userns == Userns::KeepId {
+            return no("userns", "the guest has its own users");
+        }
+        Ok(())
     }
 }
 

@@ -360,8 +360,13 @@ pub(crate) enum Task {
     },
     /// Remove a tree.
     Remove { path: PathBuf },
-    /// Run a host command (`kiln unshare`).
-    Exec { argv: Vec<String> },
+    /// Run a host command (`kiln unshare`; QEMU for a VM run), in `cwd`
+    /// when given.
+    Exec {
+        argv: Vec<String>,
+        #[serde(default)]
+        cwd: Option<PathBuf>,
+    },
 }
 
 /// The helper binary: see [`crate::sys::helper_exe`].
@@ -403,11 +408,29 @@ pub fn unshare(argv: &[String]) -> io::Result<i32> {
         &map,
         &Task::Exec {
             argv: argv.to_vec(),
+            cwd: None,
         },
         false,
     )?;
     let st = child.wait()?;
     Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+}
+
+/// Starts `argv` on the host inside `map` (as root there), in `cwd`, with
+/// no environment, stdin from /dev/null and stdout and stderr piped; it
+/// gets SIGKILL when the calling thread ends. For QEMU: a guest that takes
+/// QEMU over holds only what the caller's mapping holds.
+pub(crate) fn spawn_mapped(
+    helper: Option<&Path>,
+    map: &IdMap,
+    argv: Vec<String>,
+    cwd: &Path,
+) -> io::Result<std::process::Child> {
+    let task = Task::Exec {
+        argv,
+        cwd: Some(cwd.to_path_buf()),
+    };
+    start_task(helper, map, &task, true)
 }
 
 /// Starts the task helper, maps its user namespace and lets it go.

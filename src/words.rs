@@ -89,6 +89,8 @@ pub fn field(name: &str) -> String {
         "argv" => "the command".into(),
         "volumes" => "--volume".into(),
         "ulimits" => "--ulimit".into(),
+        "vm.memory_mib" => "--memory".into(),
+        "vm.cpus" => "--cpus".into(),
         f => format!("--{}", f.replace('_', "-")),
     }
 }

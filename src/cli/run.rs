@@ -111,6 +111,25 @@ pub struct RunArgs {
     /// cannot be enforced on this host.
     #[arg(long)]
     pub require_limits: bool,
+    /// Run the command in a throwaway QEMU VM with a kernel of its own
+    /// (loop devices, partitions, mounts, modules), KVM when it really
+    /// works, else TCG. --memory is then the guest's memory.
+    #[arg(long)]
+    pub vm: bool,
+    /// With --vm: the kernel to boot [default: the host's newest
+    /// /boot/vmlinuz-* with its /lib/modules].
+    #[arg(long, value_name = "FILE", requires = "vm")]
+    pub kernel: Option<PathBuf>,
+    /// With --vm: words added to the guest kernel's command line.
+    #[arg(long, value_name = "ARGS", requires = "vm", allow_hyphen_values = true)]
+    pub kernel_cmdline: Option<String>,
+    /// With --vm: virtual CPUs.
+    #[arg(long, value_name = "N", requires = "vm", default_value_t = 1)]
+    pub cpus: u32,
+    /// With --vm: the accelerator, auto (KVM after a probe shows it works,
+    /// else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"], requires = "vm")]
+    pub accel: String,
     /// Write the run's result as JSON to FILE (also when kiln fails: exit
     /// code 125, the error and the stage; the path is checked first).
     #[arg(long, value_name = "FILE")]
@@ -270,9 +289,41 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
     for v in &a.volume {
         spec.volumes.push(v.parse::<Volume>()?);
     }
-    let ns = spec.backend.ns_mut();
-    ns.seccomp = a.seccomp == "default";
-    ns.allow_userns = a.allow_userns;
+    if a.vm {
+        for (given, flag) in [
+            (a.seccomp != "default", "--seccomp"),
+            (a.allow_userns, "--allow-userns"),
+            (a.rootfs != "auto" || a.rootfs_copy, "--rootfs"),
+        ] {
+            if given {
+                bail!(
+                    "{flag} is an option of the namespace backend; a --vm run has its own kernel"
+                );
+            }
+        }
+        let memory_mib = match a.memory {
+            Some(m) => u32::try_from(m >> 20).unwrap_or(u32::MAX),
+            None => kiln::spec::VmRunOptions::default().memory_mib,
+        };
+        spec.backend = kiln::Backend::Vm(kiln::spec::VmRunOptions {
+            kernel: a.kernel.clone(),
+            kernel_cmdline: a
+                .kernel_cmdline
+                .iter()
+                .flat_map(|c| c.split_whitespace().map(str::to_string))
+                .collect(),
+            memory_mib,
+            cpus: a.cpus,
+            accel: match a.accel.as_str() {
+                "kvm" => Some(kiln::vm::Accel::Kvm),
+                "tcg" => Some(kiln::vm::Accel::Tcg),
+                _ => None,
+            },
+        });
+    } else if let Some(ns) = spec.backend.ns_mut() {
+        ns.seccomp = a.seccomp == "default";
+        ns.allow_userns = a.allow_userns;
+    }
     spec.stdin = a.interactive;
     spec.tty = a.tty;
     for c in &a.cap_add {
@@ -284,7 +335,9 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
     for u in &a.ulimit {
         spec.ulimits.push(u.parse()?);
     }
-    spec.memory = a.memory;
+    if !a.vm {
+        spec.memory = a.memory;
+    }
     spec.tmpfs_size = a.tmpfs_size;
     spec.shm_size = a.shm_size;
     spec.upper_size = a.upper_size;
@@ -293,12 +346,14 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
         "self" => kiln::spec::Userns::SelfOnly,
         _ => kiln::spec::Userns::Auto,
     };
-    spec.backend.ns_mut().rootfs = match (a.rootfs_copy, a.rootfs.as_str()) {
-        (true, _) | (_, "copy") => kiln::spec::RootfsMode::Copy,
-        (_, "overlay") => kiln::spec::RootfsMode::Overlay,
-        (_, "fuse-overlay") => kiln::spec::RootfsMode::FuseOverlay,
-        _ => kiln::spec::RootfsMode::Auto,
-    };
+    if let Some(ns) = spec.backend.ns_mut() {
+        ns.rootfs = match (a.rootfs_copy, a.rootfs.as_str()) {
+            (true, _) | (_, "copy") => kiln::spec::RootfsMode::Copy,
+            (_, "overlay") => kiln::spec::RootfsMode::Overlay,
+            (_, "fuse-overlay") => kiln::spec::RootfsMode::FuseOverlay,
+            _ => kiln::spec::RootfsMode::Auto,
+        };
+    }
     spec.upper = match a.upper.as_str() {
         "memory" => kiln::spec::Upper::Memory,
         "disk" => kiln::spec::Upper::Disk,

@@ -757,6 +757,9 @@ impl Store {
                 vm.work = dir.path().to_path_buf();
                 _vm_work = Some(dir);
             }
+            if vm.cache.as_os_str().is_empty() {
+                vm.cache = self.root().join(".kiln/vm");
+            }
             if vm.accel_state.as_os_str().is_empty() {
                 vm.accel_state = crate::vm::default_accel_state()
                     .unwrap_or_else(|| self.root().join(".kiln/vm-accel"));

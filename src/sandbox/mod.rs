@@ -9,7 +9,8 @@
 //! (`ns/`) runs the command in a user namespace (the caller maps to root),
 //! private mount, pid, ipc, uts, cgroup and (by default) network
 //! namespaces, over an overlay of the cached tree, with kiln's own init as
-//! PID 1. The VM backend plugs in beside it.
+//! PID 1. The VM backend (`vm.rs`) runs it in a throwaway QEMU VM with a
+//! kernel of its own.
 
 mod cgroup;
 pub(crate) mod commit;
@@ -17,6 +18,7 @@ pub(crate) mod ns;
 mod outcome;
 mod prepare;
 mod pty;
+mod vm;
 
 pub use outcome::{CommitReport, RunError, RunEvent, RunResult, Stream};
 pub(crate) use prepare::reap_dead_runs;
@@ -130,6 +132,7 @@ impl Sandbox {
         let mut prepared = prepare::prepare(&self.store, helper, &spec)?;
         let mut result = match &spec.backend {
             Backend::Namespace(ns) => ns::run(&prepared, ns, helper, &spec, start, events)?,
+            Backend::Vm(vm) => vm::run(&prepared, vm, helper, &spec, start, events)?,
         };
         result.warnings.append(&mut prepared.warnings);
         commit::finish(&self.store, helper, &spec, &mut prepared, result)

@@ -44,11 +44,15 @@ pub enum RunError {
     /// The host cannot run sandboxes, with the reason and the fix.
     #[error("run: {0}")]
     Unsupported(String),
+    /// The VM backend's machine could not start or ended without the
+    /// command's status (a guest kernel panic says so, with the console).
+    #[error("run: {0}")]
+    Vm(#[from] crate::vm::VmError),
 }
 
 impl RunError {
     /// Which stage of the run failed: `spec`, `image`, `unpack`, `commit`,
-    /// `host` or `unsupported` (as `kiln run --json-status` records it).
+    /// `host`, `unsupported` or `vm` (as `kiln run --json-status` records it).
     pub fn stage(&self) -> &'static str {
         match self {
             RunError::Spec(_) => "spec",
@@ -57,6 +61,7 @@ impl RunError {
             RunError::Commit(_) | RunError::CommitKept { .. } => "commit",
             RunError::Host { .. } => "host",
             RunError::Unsupported(_) => "unsupported",
+            RunError::Vm(_) => "vm",
         }
     }
 

@@ -55,7 +55,9 @@ pub(crate) fn prepare(
     // image: the writer lock (shared) from resolving it to writing the pin,
     // so a gc either runs before (and the image is gone) or sees the pin.
     // An in-memory run needs only its leased tree, not the image's blobs.
-    let in_memory = spec.upper_in_memory();
+    // A VM run always has a run directory: its channel's socket is there
+    // (the guest's writes stay in guest memory).
+    let in_memory = spec.upper_in_memory() && spec.backend.vm().is_none();
     let writing = if in_memory {
         None
     } else {

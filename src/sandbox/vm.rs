@@ -1,0 +1,625 @@
+//! The VM backend (`kiln run --vm`): the command runs in a throwaway QEMU
+//! VM with a kernel of its own, so loop devices, partitions, mounts and
+//! kernel modules are the guest's, never the host's.
+//!
+//! QEMU boots the kernel directly (PVH when the kernel has the entry note,
+//! see `vm::kernel`) with kiln's initramfs, whose `/init` is kiln's guest
+//! agent (`vm::agent::run`). The image's cached tree reaches the guest
+//! read-only over 9p; the agent puts an overlay on it whose upper layer is
+//! guest memory. QEMU runs inside the caller's user namespace mapping (as
+//! the sandbox's root there), so the tree's files, owned by the caller's
+//! subordinate ids on the host, are read with the image's owners, and a
+//! guest that takes QEMU over holds only what the caller holds, behind
+//! QEMU's own seccomp filter. Everything goes through one channel
+//! (`vm::channel`), a virtio-serial port on a socket in the run directory:
+//! the job, stdin, signals one way; stdout, stderr and the exit status the
+//! other, in order. QEMU dies with kiln (PDEATHSIG); the run directory goes
+//! with the run, or with the next run or `kiln gc` after a SIGKILL.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::process::Pid;
+
+use super::prepare::Prepared;
+use super::{RunError, RunEvent, RunResult, Stream};
+use crate::spec::{ValidSpec, VmRunOptions};
+use crate::vm::channel::{write_frame, Frames, Job, Kind, PORT};
+use crate::vm::qemu::{printable, qemu_path, Machine};
+use crate::vm::{accel, Accel, Kernel, VmError};
+
+/// The modules a run's guest loads: virtio, the console port, 9p, overlay.
+const RUN_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+];
+
+/// How long a KVM guest has to speak before KVM is judged broken.
+const KVM_PROBE: Duration = Duration::from_secs(5);
+
+/// Console lines kept for an error.
+const CONSOLE_TAIL: usize = 30;
+
+/// Runs the prepared command in a VM.
+pub(crate) fn run(
+    p: &Prepared,
+    o: &VmRunOptions,
+    helper: Option<&Path>,
+    spec: &ValidSpec<'_>,
+    start: Instant,
+    mut events: Option<&mut dyn FnMut(RunEvent<'_>)>,
+) -> Result<RunResult, RunError> {
+    let rundir = p
+        .rundir
+        .as_ref()
+        .map(|d| d.path.clone())
+        .ok_or_else(|| RunError::Unsupported("a VM run needs a run directory".into()))?;
+    let cache = p.runs.parent().unwrap_or(&p.runs).join("vm");
+    let kernel = match &o.kernel {
+        Some(k) => Kernel::from_file(k),
+        None => Kernel::find(),
+    }
+    .map_err(RunError::Vm)?;
+    let initrd =
+        crate::vm::initramfs::cached(&kernel, RUN_MODULES, &cache).map_err(RunError::Vm)?;
+    let boot = kernel.boot_file(&cache).map_err(RunError::Vm)?;
+    let qemu = crate::vm::qemu::find_qemu().map_err(RunError::Vm)?;
+    let state = crate::vm::default_accel_state().unwrap_or_else(|| cache.join("accel"));
+    let (mut accel, decided) = match o.accel {
+        Some(a) => (a, true),
+        None => accel::choose_accel(&state),
+    };
+    let (tmp_size, shm_size, upper_size) = spec.tmpfs_sizes();
+    let job = Job {
+        argv: p.argv.clone(),
+        env: p.env.clone(),
+        workdir: p.workdir.clone(),
+        uid: p.user.0,
+        gid: p.user.1,
+        hostname: spec.hostname.clone(),
+        read_only: spec.read_only,
+        stdin: spec.stdin,
+        upper_size,
+        tmp_size,
+        shm_size,
+    };
+    let mut warnings = Vec::new();
+    // Forwarded signals come through a signalfd, as in the namespace
+    // backend; the caller's mask is restored afterwards.
+    let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    let already_blocked = crate::sys::blocked_of(&sigs).unwrap_or_default();
+    let sigfd = if spec.forward_signals {
+        crate::sys::sigmask(&sigs, true).map_err(|e| RunError::host("block signals", e))?;
+        Some(crate::sys::signalfd(&sigs).map_err(|e| RunError::host("signalfd", e))?)
+    } else {
+        None
+    };
+    let append = std::iter::once("kiln_job=run".to_string())
+        .chain(o.kernel_cmdline.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let result = loop {
+        let probe = (accel == Accel::Kvm && !decided).then_some(KVM_PROBE);
+        let vm = Vm {
+            qemu: &qemu,
+            machine: Machine {
+                kernel: &boot,
+                initrd: &initrd,
+                append: &append,
+                accel,
+                memory_mib: o.memory_mib,
+                cpus: o.cpus,
+            },
+            rootfs: &p.rootfs.path,
+            rundir: &rundir,
+        };
+        match attempt(
+            &vm,
+            p,
+            helper,
+            spec,
+            &job,
+            probe,
+            sigfd.as_ref(),
+            &mut events,
+        ) {
+            Err(Attempt::Silent(why)) if accel == Accel::Kvm => {
+                let message =
+                    format!("kvm does not really work here ({why}); using tcg from now on");
+                if let Some(ev) = events.as_mut() {
+                    ev(RunEvent::Warning { message: &message });
+                }
+                warnings.push(message);
+                accel::keep_verdict(&state, Accel::Tcg);
+                accel = Accel::Tcg;
+            }
+            Err(Attempt::Silent(why)) => {
+                break Err(RunError::Vm(VmError::Failed {
+                    accel: accel.name(),
+                    why,
+                    console: String::new(),
+                }))
+            }
+            Err(Attempt::Failed(e)) => break Err(e),
+            Ok(end) => {
+                if accel == Accel::Kvm && !decided {
+                    accel::keep_verdict(&state, Accel::Kvm);
+                }
+                break Ok(end);
+            }
+        }
+    };
+    if spec.forward_signals {
+        let ours: Vec<i32> = sigs
+            .iter()
+            .copied()
+            .filter(|s| !already_blocked.contains(s))
+            .collect();
+        let _ = crate::sys::sigmask(&ours, false);
+    }
+    let end = result?;
+    let (mut exit_code, mut signal) = (end.exit_code, None);
+    if (129..=192).contains(&exit_code) {
+        signal = Some(exit_code - 128);
+    }
+    if end.timed_out {
+        exit_code = 124;
+        signal = Some(if end.killed {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        });
+    }
+    Ok(RunResult {
+        exit_code,
+        signal,
+        timed_out: end.timed_out,
+        duration: start.elapsed(),
+        image_digest: p.img.descriptor.digest().to_string(),
+        committed: None,
+        warnings,
+    })
+}
+
+/// One VM to start.
+struct Vm<'a> {
+    qemu: &'a Path,
+    machine: Machine<'a>,
+    rootfs: &'a Path,
+    rundir: &'a Path,
+}
+
+/// How one boot ended.
+struct End {
+    exit_code: i32,
+    timed_out: bool,
+    killed: bool,
+}
+
+enum Attempt {
+    /// While probing KVM: the guest never spoke; why.
+    Silent(String),
+    Failed(RunError),
+}
+
+impl From<RunError> for Attempt {
+    fn from(e: RunError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
+/// QEMU's command line for a run.
+fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
+    let cmd = vm.machine.command(vm.qemu);
+    let mut argv: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let root = vm.rootfs.to_str().ok_or_else(|| {
+        RunError::Unsupported(format!(
+            "the image's tree {} is not a UTF-8 path, which QEMU cannot be given",
+            vm.rootfs.display()
+        ))
+    })?;
+    argv.extend([
+        "-fsdev".to_string(),
+        format!(
+            "local,id=root,path={},security_model=none,readonly=on",
+            qemu_path(Path::new(root))
+        ),
+        "-device".into(),
+        "virtio-9p-pci,fsdev=root,mount_tag=kiln.root".into(),
+        "-device".into(),
+        "virtio-serial-pci,id=ser".into(),
+        // Relative to QEMU's working directory, the run directory: a
+        // socket path has at most 107 bytes.
+        "-chardev".into(),
+        "socket,id=ctl,path=ctl.sock".into(),
+        "-device".into(),
+        format!("virtserialport,bus=ser.0,chardev=ctl,name={PORT}"),
+    ]);
+    Ok(argv)
+}
+
+fn nonblocking(fd: &impl std::os::fd::AsFd) -> Result<(), RunError> {
+    let fl = rustix::fs::fcntl_getfl(fd).map_err(|e| RunError::host("fcntl", e.into()))?;
+    rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)
+        .map_err(|e| RunError::host("fcntl", e.into()))
+}
+
+/// The guest console's last lines, and whether the agent spoke.
+#[derive(Default)]
+struct Console {
+    partial: Vec<u8>,
+    lines: std::collections::VecDeque<String>,
+    heard: bool,
+    panicked: bool,
+}
+
+impl Console {
+    fn push(&mut self, data: &[u8]) {
+        self.partial.extend_from_slice(data);
+        while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=nl).collect();
+            let mut text = String::from_utf8_lossy(&line[..nl])
+                .trim_end_matches('\r')
+                .to_string();
+            text.truncate(crate::vm::qemu::MAX_LINE);
+            self.heard |= text.contains(crate::vm::agent::READY);
+            self.panicked |= text.contains("Kernel panic");
+            self.lines.push_back(text);
+            if self.lines.len() > CONSOLE_TAIL {
+                self.lines.pop_front();
+            }
+        }
+        if self.partial.len() > crate::vm::qemu::MAX_LINE {
+            self.partial.clear();
+        }
+    }
+
+    fn tail(&self, qemu_err: &[u8]) -> String {
+        let mut t = self.lines.iter().cloned().collect::<Vec<_>>().join("\n");
+        let err = String::from_utf8_lossy(qemu_err);
+        if !err.trim().is_empty() {
+            t.push_str("\nqemu: ");
+            t.push_str(err.trim());
+        }
+        printable(&t)
+    }
+}
+
+/// Kills and reaps QEMU when an attempt ends, however it ends.
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots the VM once and runs the job to its end.
+#[allow(clippy::too_many_arguments)]
+fn attempt(
+    vm: &Vm<'_>,
+    p: &Prepared,
+    helper: Option<&Path>,
+    spec: &ValidSpec<'_>,
+    job: &Job,
+    probe: Option<Duration>,
+    sigfd: Option<&OwnedFd>,
+    events: &mut Option<&mut dyn FnMut(RunEvent<'_>)>,
+) -> Result<End, Attempt> {
+    let sock = vm.rundir.join("ctl.sock");
+    let _ = fs::remove_file(&sock);
+    // Bound through the directory's descriptor: the run directory's full
+    // path may be longer than a socket address holds.
+    let dir = fs::File::open(vm.rundir)
+        .map_err(|e| RunError::host(format!("open {}", vm.rundir.display()), e))?;
+    let listener = UnixListener::bind(PathBuf::from(format!(
+        "/proc/self/fd/{}/ctl.sock",
+        dir.as_raw_fd()
+    )))
+    .map_err(|e| RunError::host(format!("listen on {}", sock.display()), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| RunError::host("listen", e))?;
+    let argv = qemu_argv(vm)?;
+    tracing::debug!("vm run: {argv:?}");
+    let mut child = crate::userns::spawn_mapped(helper, &p.map, argv, vm.rundir).map_err(|e| {
+        RunError::Vm(VmError::Io {
+            step: "start",
+            path: vm.qemu.display().to_string(),
+            source: e,
+        })
+    })?;
+    let console_fd: Option<OwnedFd> = child.stdout.take().map(OwnedFd::from);
+    let qemu_err_fd: Option<OwnedFd> = child.stderr.take().map(OwnedFd::from);
+    let qemu = Qemu(child);
+    let pid =
+        Pid::from_raw(qemu.0.id() as i32).ok_or_else(|| RunError::Unsupported("bad pid".into()))?;
+    if let Some(ev) = events.as_mut() {
+        ev(RunEvent::Started { pid: qemu.0.id() });
+    }
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(|e| RunError::host("pidfd_open", e.into()))?;
+    let (mut console_fd, mut qemu_err_fd) = (console_fd, qemu_err_fd);
+    for fd in console_fd.iter().chain(qemu_err_fd.iter()) {
+        nonblocking(fd)?;
+    }
+    let mut console = Console::default();
+    let mut qemu_err: Vec<u8> = Vec::new();
+    let mut stream: Option<UnixStream> = None;
+    let mut frames = Frames::default();
+    let stdin = io::stdin();
+    let mut stdin_open = spec.stdin;
+    let booted = Instant::now();
+    let deadline = spec.timeout.map(|t| booted + t);
+    let (mut timed_out, mut killed) = (false, false);
+    let mut kill_at: Option<Instant> = None;
+    let mut exit_code: Option<i32> = None;
+    let mut agent_error: Option<String> = None;
+    let mut buf = vec![0u8; 65536];
+    let send = |s: &mut Option<UnixStream>, kind: Kind, data: &[u8]| {
+        if let Some(s) = s.as_mut() {
+            let _ = write_frame(s, kind, data).and_then(|()| s.flush());
+        }
+    };
+    let out = |stream: Stream, data: &[u8], events: &mut Option<&mut dyn FnMut(RunEvent<'_>)>| {
+        match events.as_mut() {
+            Some(ev) => ev(RunEvent::Output { stream, data }),
+            None => {
+                let _ = match stream {
+                    Stream::Stdout => {
+                        let mut o = io::stdout().lock();
+                        o.write_all(data).and_then(|()| o.flush())
+                    }
+                    Stream::Stderr => io::stderr().lock().write_all(data),
+                };
+            }
+        }
+    };
+    let mut qemu_gone = false;
+    while exit_code.is_none() && agent_error.is_none() && !qemu_gone {
+        let now = Instant::now();
+        if let (Some(p), false) = (probe, console.heard) {
+            if now.duration_since(booted) > p {
+                return Err(Attempt::Silent(format!("the guest said nothing for {p:?}")));
+            }
+        }
+        if !timed_out && deadline.is_some_and(|d| now >= d) {
+            timed_out = true;
+            send(&mut stream, Kind::Signal, &libc::SIGTERM.to_le_bytes());
+            kill_at = Some(now + spec.timeout_grace);
+        }
+        if kill_at.is_some_and(|k| now >= k) {
+            killed = true;
+            break;
+        }
+        let wake = [
+            deadline.filter(|_| !timed_out),
+            kill_at,
+            probe.map(|p| booted + p),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let mut fds: Vec<PollFd<'_>> = vec![PollFd::new(&pidfd, PollFlags::IN)];
+        let slot = |fds: &Vec<PollFd<'_>>| fds.len();
+        let listen_slot = slot(&fds);
+        if stream.is_none() {
+            fds.push(PollFd::new(&listener, PollFlags::IN));
+        }
+        let stream_slot = slot(&fds);
+        if let Some(s) = &stream {
+            fds.push(PollFd::new(s, PollFlags::IN));
+        }
+        let console_slot = slot(&fds);
+        if let Some(c) = &console_fd {
+            fds.push(PollFd::new(c, PollFlags::IN));
+        }
+        let err_slot = slot(&fds);
+        if let Some(e) = &qemu_err_fd {
+            fds.push(PollFd::new(e, PollFlags::IN));
+        }
+        let sig_slot = slot(&fds);
+        if let Some(s) = sigfd {
+            fds.push(PollFd::new(s, PollFlags::IN));
+        }
+        let stdin_slot = slot(&fds);
+        let take_stdin = stdin_open && stream.is_some();
+        if take_stdin {
+            fds.push(PollFd::new(&stdin, PollFlags::IN));
+        }
+        let ts = wake.map(|w| {
+            let t = w.saturating_duration_since(now);
+            rustix::event::Timespec {
+                tv_sec: t.as_secs() as i64,
+                tv_nsec: i64::from(t.subsec_nanos()),
+            }
+        });
+        match rustix::event::poll(&mut fds, ts.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(RunError::host("poll", e.into()).into()),
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        let has = |i: usize, present: bool| present && ready.get(i).copied().unwrap_or(false);
+        let (listen_r, stream_r, console_r, err_r, sig_r, stdin_r) = (
+            has(listen_slot, stream.is_none()),
+            has(stream_slot, stream.is_some()),
+            has(console_slot, console_fd.is_some()),
+            has(err_slot, qemu_err_fd.is_some()),
+            has(sig_slot, sigfd.is_some()),
+            has(stdin_slot, take_stdin),
+        );
+        let exited = ready[0];
+        drop(fds);
+        if listen_r {
+            if let Ok((s, _)) = listener.accept() {
+                let mut s = s;
+                let json = serde_json::to_vec(job)
+                    .map_err(|e| RunError::host("write the job", io::Error::other(e)))?;
+                write_frame(&mut s, Kind::Job, &json)
+                    .map_err(|e| RunError::host("send the job to the guest", e))?;
+                stream = Some(s);
+            }
+        }
+        if console_r {
+            if let Some(c) = &console_fd {
+                match rustix::io::read(c, &mut buf) {
+                    Ok(0) => console_fd = None,
+                    Ok(n) => console.push(&buf[..n]),
+                    Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                    Err(_) => console_fd = None,
+                }
+            }
+        }
+        if err_r {
+            if let Some(e) = &qemu_err_fd {
+                match rustix::io::read(e, &mut buf) {
+                    Ok(0) => qemu_err_fd = None,
+                    Ok(n) if qemu_err.len() < 1 << 16 => qemu_err.extend_from_slice(&buf[..n]),
+                    Ok(_) | Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                    Err(_) => qemu_err_fd = None,
+                }
+            }
+        }
+        if stream_r {
+            let n = match stream.as_ref().map(|s| rustix::io::read(s, &mut buf)) {
+                Some(Ok(n)) => n,
+                Some(Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN)) => continue,
+                _ => 0,
+            };
+            if n == 0 {
+                // QEMU closed the socket: it is ending.
+                stream = None;
+                qemu_gone = true;
+            }
+            frames.push(&buf[..n]);
+            loop {
+                let frame = frames.next().map_err(|e| {
+                    RunError::Vm(VmError::Agent(format!("speak kiln's protocol: {e}")))
+                })?;
+                let Some((kind, data)) = frame else { break };
+                match kind {
+                    Kind::Stdout => out(Stream::Stdout, &data, events),
+                    Kind::Stderr => out(Stream::Stderr, &data, events),
+                    Kind::Exit => {
+                        exit_code = Some(
+                            data.get(..4)
+                                .and_then(|b| b.try_into().ok())
+                                .map(i32::from_le_bytes)
+                                .unwrap_or(125),
+                        );
+                        break;
+                    }
+                    Kind::Error => {
+                        agent_error = Some(String::from_utf8_lossy(&data).into_owned());
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if sig_r {
+            if let Some(s) = sigfd {
+                while let Some(sig) = crate::sys::read_signalfd(s) {
+                    if stream.is_some() {
+                        send(&mut stream, Kind::Signal, &sig.to_le_bytes());
+                    } else {
+                        // Before the command started: nothing to pass it to.
+                        return Ok(End {
+                            exit_code: 128 + sig,
+                            timed_out: false,
+                            killed: false,
+                        });
+                    }
+                }
+            }
+        }
+        if stdin_r {
+            match rustix::io::read(&stdin, &mut buf) {
+                Ok(0) | Err(_) => {
+                    stdin_open = false;
+                    send(&mut stream, Kind::StdinEof, b"");
+                }
+                Ok(n) => send(&mut stream, Kind::Stdin, &buf[..n]),
+            }
+        }
+        if exited {
+            qemu_gone = true;
+        }
+    }
+    // The guest syncs and powers off after its last frame; a guest that
+    // does not is stopped.
+    let stop_by = Instant::now() + Duration::from_secs(3);
+    let mut qemu = qemu;
+    while Instant::now() < stop_by && !killed {
+        if let Ok(Some(_)) = qemu.0.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(code) = exit_code {
+        return Ok(End {
+            exit_code: code,
+            timed_out,
+            killed,
+        });
+    }
+    if timed_out {
+        return Ok(End {
+            exit_code: 124,
+            timed_out,
+            killed: true,
+        });
+    }
+    if let Some(e) = agent_error {
+        return Err(RunError::Vm(VmError::Agent(e)).into());
+    }
+    // Read what is left of the console and QEMU's error.
+    let _ = qemu.0.kill();
+    let status = qemu.0.wait();
+    for (fd, into) in [(console_fd.take(), true), (qemu_err_fd.take(), false)] {
+        if let Some(fd) = fd {
+            while let Ok(n) = rustix::io::read(&fd, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if into {
+                    console.push(&buf[..n]);
+                } else if qemu_err.len() < 1 << 16 {
+                    qemu_err.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+    }
+    let err_text = String::from_utf8_lossy(&qemu_err).to_ascii_lowercase();
+    if probe.is_some() && !console.heard && err_text.contains("kvm") {
+        return Err(Attempt::Silent(format!(
+            "qemu exited before the guest spoke: {}",
+            printable(err_text.lines().last().unwrap_or("").trim())
+        )));
+    }
+    Err(RunError::Vm(VmError::Failed {
+        accel: vm.machine.accel.name(),
+        why: if console.panicked {
+            "the guest kernel panicked".into()
+        } else {
+            match status {
+                Ok(s) => format!("qemu exited ({s}) before the command's exit status came"),
+                Err(e) => format!("wait for qemu: {e}"),
+            }
+        },
+        console: console.tail(&qemu_err),
+    })
+    .into())
+}

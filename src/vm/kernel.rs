@@ -1,0 +1,390 @@
+//! The kernel a VM boots: where it is found (the caller's file, the image's
+//! own `/boot`, the host's), its module tree, and the uncompressed
+//! `vmlinux` kiln boots through the PVH entry point when the kernel has one
+//! (under TCG the guest decompressing a bzImage is most of its boot time).
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use super::{io_err, VmError};
+
+/// A kernel to boot and the modules directory that belongs to it.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// The `vmlinuz` file.
+    pub image: PathBuf,
+    /// `/lib/modules/RELEASE` (it may not exist: a kernel with its drivers
+    /// built in needs none).
+    pub modules: PathBuf,
+}
+
+impl Kernel {
+    /// `KILN_VM_KERNEL`, else the newest `/boot/vmlinuz-*` of the host
+    /// that has a modules directory.
+    pub fn find() -> Result<Kernel, VmError> {
+        if let Some(k) = std::env::var_os("KILN_VM_KERNEL") {
+            let image = PathBuf::from(k);
+            let release = image
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    VmError::NoKernel(format!(
+                        "KILN_VM_KERNEL={} is not named vmlinuz-RELEASE",
+                        image.display()
+                    ))
+                })?;
+            return Ok(Kernel {
+                image,
+                modules: Path::new("/lib/modules").join(release),
+            });
+        }
+        Kernel::newest_in(Path::new("/"))?
+            .ok_or_else(|| VmError::NoKernel("no /boot/vmlinuz-* with /lib/modules".into()))
+    }
+
+    /// The newest `ROOT/boot/vmlinuz-*` that has `ROOT/lib/modules/RELEASE`
+    /// (`None` when there is none), checked to be readable: Ubuntu ships
+    /// `/boot/vmlinuz-*` mode 0600, which is worth saying clearly.
+    pub fn newest_in(root: &Path) -> Result<Option<Kernel>, VmError> {
+        let boot = root.join("boot");
+        let Ok(list) = fs::read_dir(&boot) else {
+            return Ok(None);
+        };
+        let mut found: Vec<(PathBuf, PathBuf)> = list
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let release = name.strip_prefix("vmlinuz-")?;
+                let modules = root.join("lib/modules").join(release);
+                modules
+                    .join("modules.dep")
+                    .exists()
+                    .then(|| (e.path(), modules))
+            })
+            .collect();
+        // By release, numerically: 6.1.0-56 is newer than 6.1.0-9.
+        found.sort_by_key(|(image, _)| release_key(image));
+        let Some((image, modules)) = found.pop() else {
+            return Ok(None);
+        };
+        if let Err(e) = fs::File::open(&image) {
+            return Err(VmError::NoKernel(format!(
+                "{}: {e}{}",
+                image.display(),
+                if e.kind() == io::ErrorKind::PermissionDenied {
+                    " (the distribution keeps its kernels readable by root only: copy one somewhere readable and pass it with --kernel, or make it readable)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(Some(Kernel { image, modules }))
+    }
+
+    /// A kernel file the caller names; its modules are looked for under
+    /// `/lib/modules/RELEASE`, the release read from the bzImage header.
+    pub fn from_file(image: &Path) -> Result<Kernel, VmError> {
+        let head = read_head(image, 64 << 10)
+            .map_err(|e| VmError::NoKernel(format!("{}: {e}", image.display())))?;
+        // No release, no module tree: the kernel must have what it needs
+        // built in.
+        let modules = bzimage_release(&head)
+            .map(|r| Path::new("/lib/modules").join(r))
+            .unwrap_or_default();
+        Ok(Kernel {
+            image: image.to_path_buf(),
+            modules,
+        })
+    }
+
+    /// The file to hand QEMU's `-kernel`: the uncompressed `vmlinux` when
+    /// the kernel can boot through PVH (extracted once into `cache`, named
+    /// by the bzImage's digest), else the kernel file itself.
+    pub fn boot_file(&self, cache: &Path) -> Result<PathBuf, VmError> {
+        let raw = fs::read(&self.image).map_err(io_err("read the kernel", &self.image))?;
+        let digest = crate::digest::of_bytes(&raw);
+        let hex = digest.to_string();
+        let hex = hex.strip_prefix("sha256:").unwrap_or(&hex);
+        let elf = cache.join(format!("vmlinux-{hex}"));
+        let none = cache.join(format!("vmlinux-{hex}.none"));
+        if elf.exists() {
+            return Ok(elf);
+        }
+        if none.exists() {
+            return Ok(self.image.clone());
+        }
+        fs::create_dir_all(cache).map_err(io_err("create", cache))?;
+        let keep = |path: &Path, data: &[u8]| -> Result<(), VmError> {
+            let tmp = tempfile::NamedTempFile::new_in(cache).map_err(io_err("create", cache))?;
+            fs::write(tmp.path(), data).map_err(io_err("write", tmp.path()))?;
+            tmp.persist(path)
+                .map_err(|e| VmError::Io {
+                    step: "write",
+                    path: path.display().to_string(),
+                    source: e.error,
+                })
+                .map(|_| ())
+        };
+        match vmlinux_of(&raw) {
+            Some(vmlinux) if has_pvh_note(&vmlinux) => {
+                keep(&elf, &vmlinux)?;
+                Ok(elf)
+            }
+            _ => {
+                keep(&none, b"")?;
+                Ok(self.image.clone())
+            }
+        }
+    }
+
+    /// The module files (relative to `modules`) needed for `names`, each
+    /// after its dependencies; none when the kernel has no module tree.
+    pub(crate) fn modules_for(&self, names: &[&str]) -> Result<Vec<String>, VmError> {
+        let dep_path = self.modules.join("modules.dep");
+        let text = match fs::read_to_string(&dep_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.modules.exists() => {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(io_err("read", &dep_path)(e)),
+        };
+        let deps: std::collections::HashMap<&str, Vec<&str>> = text
+            .lines()
+            .filter_map(|l| {
+                let (m, d) = l.split_once(':')?;
+                Some((m.trim(), d.split_whitespace().collect()))
+            })
+            .collect();
+        let by_name = |n: &str| {
+            deps.keys()
+                .find(|k| {
+                    let base = k.rsplit('/').next().unwrap_or(k);
+                    let stem = base.split(".ko").next().unwrap_or(base);
+                    stem.replace('-', "_") == n.replace('-', "_")
+                })
+                .copied()
+        };
+        fn visit<'a>(
+            m: &'a str,
+            deps: &std::collections::HashMap<&'a str, Vec<&'a str>>,
+            out: &mut Vec<String>,
+        ) {
+            if out.iter().any(|o| o == m) {
+                return;
+            }
+            for d in deps.get(m).into_iter().flatten() {
+                visit(d, deps, out);
+            }
+            out.push(m.to_string());
+        }
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(m) = by_name(n) {
+                visit(m, &deps, &mut out);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn read_head(path: &Path, n: u64) -> io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    fs::File::open(path)?.take(n).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// A sort key for `vmlinuz-RELEASE`: the release's numbers in order.
+fn release_key(image: &Path) -> Vec<u64> {
+    image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().unwrap_or(0))
+        .collect()
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// The release a bzImage names in its setup header (`kernel_version`),
+/// its first word: `6.1.0-57-amd64`.
+fn bzimage_release(img: &[u8]) -> Option<String> {
+    if img.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let at = usize::from(u16_at(img, 0x20e)?) + 0x200;
+    let s = img.get(at..)?;
+    let end = s.iter().position(|&b| b == 0 || b == b' ')?;
+    String::from_utf8(s[..end].to_vec()).ok()
+}
+
+/// The uncompressed ELF kernel inside a bzImage (boot protocol 2.08+:
+/// `payload_offset`/`payload_length` after the setup sectors), for the
+/// gzip, xz and zstd payloads; `None` for others (lz4, bzip2, lzma: the
+/// bzImage boots as it is) or anything malformed.
+fn vmlinux_of(img: &[u8]) -> Option<Vec<u8>> {
+    if img.get(0x202..0x206)? != b"HdrS" || u16_at(img, 0x206)? < 0x208 {
+        return None;
+    }
+    let setup = match img.get(0x1f1)? {
+        0 => 4,
+        n => usize::from(*n),
+    };
+    let start = (setup + 1) * 512 + u32_at(img, 0x248)? as usize;
+    let len = u32_at(img, 0x24c)? as usize;
+    let payload = img.get(start..start.checked_add(len)?)?;
+    // At most 1 GiB: a kernel, not a bomb.
+    let limit = 1u64 << 30;
+    let mut out = Vec::new();
+    let got = if payload.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(payload)
+            .take(limit)
+            .read_to_end(&mut out)
+    } else if payload.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        xz2::read::XzDecoder::new(payload)
+            .take(limit)
+            .read_to_end(&mut out)
+    } else if payload.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        zstd::stream::read::Decoder::new(payload).and_then(|d| d.take(limit).read_to_end(&mut out))
+    } else {
+        return None;
+    };
+    // The kernel's own decompressor stops at the stream's end; a trailing
+    // size word is not an error.
+    if got.is_err() && out.len() < 4096 {
+        return None;
+    }
+    out.starts_with(b"\x7fELF").then_some(out)
+}
+
+/// Whether an ELF kernel has the Xen PVH entry note (`Xen`, type 18,
+/// `XEN_ELFNOTE_PHYS32_ENTRY`), which QEMU boots directly.
+fn has_pvh_note(elf: &[u8]) -> bool {
+    (|| -> Option<bool> {
+        if elf.get(4) != Some(&2) {
+            return Some(false);
+        }
+        let phoff = usize::try_from(u64_at(elf, 0x20)?).ok()?;
+        let (size, count) = (usize::from(u16_at(elf, 0x36)?), u16_at(elf, 0x38)?);
+        for i in 0..usize::from(count) {
+            let ph = phoff.checked_add(i.checked_mul(size)?)?;
+            if u32_at(elf, ph)? != 4 {
+                continue; // not PT_NOTE
+            }
+            let off = usize::try_from(u64_at(elf, ph + 8)?).ok()?;
+            let len = usize::try_from(u64_at(elf, ph + 32)?).ok()?;
+            let notes = elf.get(off..off.checked_add(len)?)?;
+            let mut at = 0;
+            while at + 12 <= notes.len() {
+                let namesz = u32_at(notes, at)? as usize;
+                let descsz = u32_at(notes, at + 4)? as usize;
+                let ty = u32_at(notes, at + 8)?;
+                let name = notes.get(at + 12..at + 12 + namesz)?;
+                if ty == 18 && name.starts_with(b"Xen") {
+                    return Some(true);
+                }
+                let pad = |n: usize| (n + 3) & !3;
+                at += 12 + pad(namesz) + pad(descsz);
+            }
+        }
+        Some(false)
+    })()
+    .unwrap_or(false)
+}
+
+/// A module file's ELF bytes: distributions ship them plain or
+/// compressed (`.ko.xz`, `.ko.zst`, `.ko.gz`); the guest gets them plain.
+pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>, VmError> {
+    let raw = fs::read(path).map_err(io_err("read module", path))?;
+    let name = path.to_string_lossy();
+    let plain = if name.ends_with(".ko.xz") {
+        let mut out = Vec::new();
+        xz2::read::XzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map(|_| out)
+    } else if name.ends_with(".ko.zst") {
+        zstd::decode_all(&raw[..])
+    } else if name.ends_with(".ko.gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map(|_| out)
+    } else {
+        Ok(raw)
+    };
+    plain.map_err(io_err("decompress module", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_come_after_their_dependencies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/fs/btrfs/btrfs.ko: kernel/crypto/xor.ko kernel/lib/libcrc32c.ko\nkernel/crypto/xor.ko:\nkernel/lib/libcrc32c.ko: kernel/crypto/crc32c_generic.ko\nkernel/crypto/crc32c_generic.ko:\nkernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio.ko:\n",
+        )
+        .expect("write");
+        let k = Kernel {
+            image: PathBuf::from("/nonexistent"),
+            modules: dir.path().to_path_buf(),
+        };
+        let order = k
+            .modules_for(&["virtio_blk", "btrfs", "no_such"])
+            .expect("order");
+        assert_eq!(
+            order,
+            [
+                "kernel/drivers/virtio/virtio.ko",
+                "kernel/drivers/block/virtio_blk.ko",
+                "kernel/crypto/xor.ko",
+                "kernel/crypto/crc32c_generic.ko",
+                "kernel/lib/libcrc32c.ko",
+                "kernel/fs/btrfs/btrfs.ko",
+            ]
+        );
+        let none = Kernel {
+            image: PathBuf::from("/nonexistent"),
+            modules: dir.path().join("absent"),
+        };
+        assert!(none.modules_for(&["virtio_blk"]).expect("none").is_empty());
+    }
+
+    /// The host's Debian kernel (xz payload) gives an ELF with the PVH
+    /// note; garbage and a truncated header give nothing.
+    #[test]
+    fn the_host_kernel_unpacks_to_a_pvh_vmlinux() {
+        let Ok(Some(k)) = Kernel::newest_in(Path::new("/")) else {
+            panic!("this test needs the host's kernel in /boot (linux-image-amd64)");
+        };
+        let raw = fs::read(&k.image).expect("read kernel");
+        let release = bzimage_release(&raw).expect("release");
+        assert!(
+            k.modules.ends_with(&release),
+            "{release} vs {:?}",
+            k.modules
+        );
+        let elf = vmlinux_of(&raw).expect("vmlinux");
+        assert!(elf.len() > raw.len(), "uncompressed is bigger");
+        assert!(has_pvh_note(&elf));
+        assert!(vmlinux_of(&raw[..0x300]).is_none());
+        assert!(vmlinux_of(b"not a kernel").is_none());
+        assert!(!has_pvh_note(b"\x7fELF\x02garbage"));
+    }
+}
