@@ -805,9 +805,6 @@ impl RunSpec {
                 format!("{} virtual CPUs: give 1 to 64", vm.cpus),
             ));
         }
-        if !self.volumes.is_empty() {
-            return no("volumes", "binds into a VM are not there yet");
-        }
         if self.tty {
             return no("tty", "a pseudo-terminal in the guest is not there yet");
         }

@@ -188,6 +188,12 @@ impl StatusFile {
     }
 }
 
+/// The library's run error inside a CLI error, if it is one.
+fn run_error(e: &anyhow::Error) -> Option<&kiln::sandbox::RunError> {
+    e.downcast_ref::<kiln::sandbox::RunError>()
+        .or_else(|| e.downcast_ref::<Hinted>().map(|h| &h.error))
+}
+
 pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     let status = a
         .json_status
@@ -195,21 +201,31 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         .map(StatusFile::check)
         .transpose()?;
     let outcome = run_inner(cli, a);
+    let failed_code = outcome
+        .as_ref()
+        .err()
+        .and_then(run_error)
+        .map_or(125, |r| r.exit_code());
     if let Some(f) = &status {
         let value = match &outcome {
             Ok(r) => serde_json::to_value(r)?,
             Err(e) => serde_json::json!({
-                "exit_code": 125,
+                "exit_code": failed_code,
                 "error": crate::error_chain(e),
-                "stage": e
-                    .downcast_ref::<kiln::sandbox::RunError>()
-                    .or_else(|| e.downcast_ref::<Hinted>().map(|h| &h.error))
-                    .map_or("setup", |r| r.stage()),
+                "stage": run_error(e).map_or("setup", |r| r.stage()),
             }),
         };
         f.write(&value)?;
     }
-    let result = outcome?;
+    let result = match outcome {
+        Ok(r) => r,
+        // A guest kernel panic has its own exit code.
+        Err(e) if failed_code != 125 => {
+            eprintln!("kiln: error: {}", crate::error_chain(&e));
+            return Ok(failed_code);
+        }
+        Err(e) => return Err(e),
+    };
     if result.timed_out {
         eprintln!(
             "kiln: timed out after {} s{}",

@@ -65,6 +65,15 @@ impl RunError {
         }
     }
 
+    /// The exit code a command line reports for this error: 125, or
+    /// [`crate::vm::GUEST_PANIC_EXIT`] when a VM's kernel panicked.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Vm(crate::vm::VmError::GuestPanic { .. }) => crate::vm::GUEST_PANIC_EXIT,
+            _ => 125,
+        }
+    }
+
     pub(crate) fn host(step: impl Into<String>, source: std::io::Error) -> RunError {
         RunError::Host {
             step: step.into(),

@@ -29,12 +29,16 @@ use rustix::process::Pid;
 use super::prepare::Prepared;
 use super::{RunError, RunEvent, RunResult, Stream};
 use crate::spec::{ValidSpec, VmRunOptions};
-use crate::vm::channel::{write_frame, Frames, Job, Kind, PORT};
+use crate::vm::channel::{write_frame, Frames, Job, Kind, Share, PORT};
 use crate::vm::qemu::{printable, qemu_path, Machine};
 use crate::vm::{accel, Accel, Kernel, VmError};
 
-/// The modules a run's guest loads: virtio, the console port, 9p, overlay.
+/// The modules a run's guest loads: virtio, the console port, 9p, overlay,
+/// and crc32c, which ext4 and others ask the crypto API for when they
+/// mount (the kernel's on-demand modprobe has no module tree to look in:
+/// only the command's root has one).
 const RUN_MODULES: &[&str] = &[
+    "crc32c_generic",
     "virtio_pci",
     "virtio_console",
     "9pnet_virtio",
@@ -44,6 +48,9 @@ const RUN_MODULES: &[&str] = &[
 
 /// How long a KVM guest has to speak before KVM is judged broken.
 const KVM_PROBE: Duration = Duration::from_secs(5);
+
+/// How long a guest may take from QEMU's start to the command's.
+const BOOT_LIMIT: Duration = Duration::from_secs(120);
 
 /// Console lines kept for an error.
 const CONSOLE_TAIL: usize = 30;
@@ -77,7 +84,15 @@ pub(crate) fn run(
         Some(a) => (a, true),
         None => accel::choose_accel(&state),
     };
+    // The namespace backend's defaults are shares of the host's memory; a
+    // guest has its own, which bounds every tmpfs.
+    let guest = u64::from(o.memory_mib) << 20;
     let (tmp_size, shm_size, upper_size) = spec.tmpfs_sizes();
+    let (tmp_size, shm_size, upper_size) = (
+        tmp_size.min(guest / 2),
+        shm_size.min(guest / 2),
+        upper_size.min(guest / 2),
+    );
     let job = Job {
         argv: p.argv.clone(),
         env: p.env.clone(),
@@ -90,7 +105,47 @@ pub(crate) fn run(
         upper_size,
         tmp_size,
         shm_size,
+        mounts: Vec::new(),
     };
+    let mut job = job;
+    let mut shares: Vec<(String, PathBuf, bool)> = Vec::new();
+    for (i, vol) in spec.volumes.iter().enumerate() {
+        let source = fs::canonicalize(&vol.source).unwrap_or_else(|_| vol.source.clone());
+        if !source.is_dir() {
+            return Err(RunError::Unsupported(format!(
+                "{} {}: a VM run binds directories only (9p shares a directory); bind its parent",
+                crate::words::field("volumes"),
+                vol.source.display()
+            )));
+        }
+        let tag = format!("kiln.v{i}");
+        shares.push((tag.clone(), source, vol.read_only));
+        job.mounts.push(Share {
+            tag,
+            target: vol.target.clone(),
+            read_only: vol.read_only,
+            dev: vol.dev,
+            suid: vol.suid,
+            required: true,
+        });
+    }
+    // The kernel's module tree, for modprobe in the guest.
+    if kernel.modules.join("modules.dep").exists() {
+        let release = kernel
+            .modules
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        shares.push(("kiln.modules".into(), kernel.modules.clone(), true));
+        job.mounts.push(Share {
+            tag: "kiln.modules".into(),
+            target: format!("/lib/modules/{release}"),
+            read_only: true,
+            dev: false,
+            suid: false,
+            required: false,
+        });
+    }
     let mut warnings = Vec::new();
     // Forwarded signals come through a signalfd, as in the namespace
     // backend; the caller's mask is restored afterwards.
@@ -119,6 +174,7 @@ pub(crate) fn run(
                 cpus: o.cpus,
             },
             rootfs: &p.rootfs.path,
+            shares: &shares,
             rundir: &rundir,
         };
         match attempt(
@@ -194,6 +250,8 @@ struct Vm<'a> {
     qemu: &'a Path,
     machine: Machine<'a>,
     rootfs: &'a Path,
+    /// 9p shares: tag, host directory, read-only.
+    shares: &'a [(String, PathBuf, bool)],
     rundir: &'a Path,
 }
 
@@ -223,20 +281,29 @@ fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let root = vm.rootfs.to_str().ok_or_else(|| {
-        RunError::Unsupported(format!(
-            "the image's tree {} is not a UTF-8 path, which QEMU cannot be given",
-            vm.rootfs.display()
-        ))
-    })?;
+    let utf8 = |p: &Path| {
+        p.to_str().map(str::to_string).ok_or_else(|| {
+            RunError::Unsupported(format!(
+                "{} is not a UTF-8 path, which QEMU cannot be given",
+                p.display()
+            ))
+        })
+    };
+    let root = std::iter::once(("kiln.root".to_string(), vm.rootfs.to_path_buf(), true));
+    for (i, (tag, dir, ro)) in root.chain(vm.shares.iter().cloned()).enumerate() {
+        // security_model=none: QEMU reads and writes as itself, the
+        // sandbox's root in the caller's mapping, so the guest sees the
+        // image's owners and files it creates get the caller's ids.
+        argv.push("-fsdev".into());
+        argv.push(format!(
+            "local,id=fs{i},path={},security_model=none{}",
+            qemu_path(Path::new(&utf8(&dir)?)),
+            if ro { ",readonly=on" } else { "" }
+        ));
+        argv.push("-device".into());
+        argv.push(format!("virtio-9p-pci,fsdev=fs{i},mount_tag={tag}"));
+    }
     argv.extend([
-        "-fsdev".to_string(),
-        format!(
-            "local,id=root,path={},security_model=none,readonly=on",
-            qemu_path(Path::new(root))
-        ),
-        "-device".into(),
-        "virtio-9p-pci,fsdev=root,mount_tag=kiln.root".into(),
         "-device".into(),
         "virtio-serial-pci,id=ser".into(),
         // Relative to QEMU's working directory, the run directory: a
@@ -261,7 +328,8 @@ struct Console {
     partial: Vec<u8>,
     lines: std::collections::VecDeque<String>,
     heard: bool,
-    panicked: bool,
+    /// The kernel's panic line, kept whatever follows it.
+    panic_line: Option<String>,
 }
 
 impl Console {
@@ -274,7 +342,9 @@ impl Console {
                 .to_string();
             text.truncate(crate::vm::qemu::MAX_LINE);
             self.heard |= text.contains(crate::vm::agent::READY);
-            self.panicked |= text.contains("Kernel panic");
+            if text.contains("Kernel panic") && self.panic_line.is_none() {
+                self.panic_line = Some(text.clone());
+            }
             self.lines.push_back(text);
             if self.lines.len() > CONSOLE_TAIL {
                 self.lines.pop_front();
@@ -287,6 +357,11 @@ impl Console {
 
     fn tail(&self, qemu_err: &[u8]) -> String {
         let mut t = self.lines.iter().cloned().collect::<Vec<_>>().join("\n");
+        if let Some(p) = &self.panic_line {
+            if !self.lines.contains(p) {
+                t = format!("{p}\n...\n{t}");
+            }
+        }
         let err = String::from_utf8_lossy(qemu_err);
         if !err.trim().is_empty() {
             t.push_str("\nqemu: ");
@@ -362,7 +437,11 @@ fn attempt(
     let stdin = io::stdin();
     let mut stdin_open = spec.stdin;
     let booted = Instant::now();
-    let deadline = spec.timeout.map(|t| booted + t);
+    // --timeout bounds the command, from its start in the guest; the boot
+    // has a bound of its own.
+    let mut deadline: Option<Instant> = None;
+    let boot_by = booted + BOOT_LIMIT;
+    let mut started = false;
     let (mut timed_out, mut killed) = (false, false);
     let mut kill_at: Option<Instant> = None;
     let mut exit_code: Option<i32> = None;
@@ -395,6 +474,14 @@ fn attempt(
                 return Err(Attempt::Silent(format!("the guest said nothing for {p:?}")));
             }
         }
+        if !started && now >= boot_by {
+            return Err(RunError::Vm(VmError::Failed {
+                accel: vm.machine.accel.name(),
+                why: format!("the command had not started after {BOOT_LIMIT:?}"),
+                console: console.tail(&qemu_err),
+            })
+            .into());
+        }
         if !timed_out && deadline.is_some_and(|d| now >= d) {
             timed_out = true;
             send(&mut stream, Kind::Signal, &libc::SIGTERM.to_le_bytes());
@@ -406,6 +493,7 @@ fn attempt(
         }
         let wake = [
             deadline.filter(|_| !timed_out),
+            (!started).then_some(boot_by),
             kill_at,
             probe.map(|p| booted + p),
         ]
@@ -521,6 +609,10 @@ fn attempt(
                         );
                         break;
                     }
+                    Kind::Started => {
+                        started = true;
+                        deadline = spec.timeout.map(|t| Instant::now() + t);
+                    }
                     Kind::Error => {
                         agent_error = Some(String::from_utf8_lossy(&data).into_owned());
                         break;
@@ -609,15 +701,18 @@ fn attempt(
             printable(err_text.lines().last().unwrap_or("").trim())
         )));
     }
+    if console.panic_line.is_some() {
+        return Err(RunError::Vm(VmError::GuestPanic {
+            accel: vm.machine.accel.name(),
+            console: console.tail(&qemu_err),
+        })
+        .into());
+    }
     Err(RunError::Vm(VmError::Failed {
         accel: vm.machine.accel.name(),
-        why: if console.panicked {
-            "the guest kernel panicked".into()
-        } else {
-            match status {
-                Ok(s) => format!("qemu exited ({s}) before the command's exit status came"),
-                Err(e) => format!("wait for qemu: {e}"),
-            }
+        why: match status {
+            Ok(s) => format!("qemu exited ({s}) before the command's exit status came"),
+            Err(e) => format!("wait for qemu: {e}"),
         },
         console: console.tail(&qemu_err),
     })

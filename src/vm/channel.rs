@@ -78,6 +78,26 @@ pub(crate) struct Job {
     pub tmp_size: u64,
     /// Size of `/dev/shm`.
     pub shm_size: u64,
+    /// 9p shares to mount in the command's root, in order.
+    pub mounts: Vec<Share>,
+}
+
+/// A host directory QEMU shares over 9p, and where the guest mounts it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Share {
+    /// The 9p mount tag.
+    pub tag: String,
+    /// Absolute path in the command's root.
+    pub target: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+    /// Device nodes under it open.
+    pub dev: bool,
+    /// setuid bits under it act.
+    pub suid: bool,
+    /// Created in the root when missing; else a missing target skips the
+    /// share (the kernel's module tree on a read-only root).
+    pub required: bool,
 }
 
 /// Writes one frame.

@@ -57,6 +57,15 @@ pub enum VmError {
     /// The guest agent reported an error.
     #[error("vm: the guest could not {0}")]
     Agent(String),
+    /// The guest's kernel panicked (kiln run: exit code
+    /// [`GUEST_PANIC_EXIT`]).
+    #[error("vm: the guest kernel panicked ({accel}); its console said:\n{console}")]
+    GuestPanic {
+        /// kvm or tcg.
+        accel: &'static str,
+        /// The last lines of the guest console.
+        console: String,
+    },
     /// The VM ended without a result.
     #[error("vm: the VM ({accel}) ended without a result: {why}; its console said:\n{console}")]
     Failed {
@@ -68,6 +77,10 @@ pub enum VmError {
         console: String,
     },
 }
+
+/// The exit code of a run whose guest kernel panicked: neither a code of
+/// the command nor kiln's own 125.
+pub const GUEST_PANIC_EXIT: i32 = 123;
 
 fn io_err<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> VmError + 'a {
     move |source| VmError::Io {

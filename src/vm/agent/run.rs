@@ -161,6 +161,35 @@ fn build_root(job: &Job) -> Result<(), String> {
             Some(&format!("size={},mode=1777", job.tmp_size.max(1 << 20))),
         )?;
     }
+    for s in &job.mounts {
+        let Some(p) = inside(s.target.trim_start_matches('/')) else {
+            if s.required {
+                return Err(format!(
+                    "create the mount point {} (the root is read-only)",
+                    s.target
+                ));
+            }
+            continue;
+        };
+        let mut flags = MountFlags::empty();
+        if s.read_only {
+            flags |= MountFlags::RDONLY;
+        }
+        if !s.dev {
+            flags |= MountFlags::NODEV;
+        }
+        if !s.suid {
+            flags |= MountFlags::NOSUID;
+        }
+        // No cache: what the command writes is on the host when it ends.
+        mnt(
+            &s.tag,
+            &p,
+            "9p",
+            flags,
+            Some("trans=virtio,version=9p2000.L,msize=524288,cache=none,access=client"),
+        )?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,474 @@
+//! `kiln run --vm`: the QEMU VM backend, from the host. Every test runs as
+//! root and as unprivileged users in CI. Guests run under TCG here (the
+//! host's /dev/kvm opens, but guests hang: the probe test shows kiln
+//! finding that out by running).
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn with_busybox() -> Kiln {
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    k.import(&tar, "bb", &[]);
+    k
+}
+
+/// `kiln run FLAGS bb sh -c SCRIPT` (`--vm` among FLAGS or not); returns
+/// (code, stdout, stderr).
+fn run_sh(k: &Kiln, flags: &[&str], script: &str) -> (i32, String, String) {
+    let mut args: Vec<&str> = vec!["run"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["bb", "sh", "-c", script]);
+    let out = k.run(&args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// QEMU processes whose command line names `needle`.
+fn qemus_naming(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline);
+        if text.contains("qemu-system") && text.contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The same command under `--vm` and the namespace backend: the same exit
+/// code and output (one table over the common flags).
+#[test]
+fn the_vm_backend_gives_what_the_namespace_backend_gives() {
+    let k = with_busybox();
+    // (flags, script, compare stderr too)
+    let cases: &[(&[&str], &str, bool)] = &[
+        (&[], "true", true),
+        (&[], "false", true),
+        (&[], "exit 3", true),
+        (&[], "echo out; echo err >&2", true),
+        (&["-e", "GREETING=hi there"], "echo \"$GREETING\"", true),
+        (&["-w", "/etc"], "pwd; ls hostname", true),
+        (&["--user", "1000:1000"], "id -u; id -g", true),
+        (&["--hostname", "builder"], "hostname", true),
+        (&["--read-only"], "touch /x 2>/dev/null; echo $?", true),
+        (
+            &[],
+            "echo x > /new && cat /new && rm /bin/ls && test ! -e /bin/ls",
+            true,
+        ),
+        (&[], "kill -9 $$", true),
+        // The messages differ (kiln's init or the guest agent says it).
+        (&[], "exec /no/such/command", false),
+    ];
+    for (flags, script, stderr_too) in cases {
+        let ns = run_sh(&k, flags, script);
+        let mut vm_flags = vec!["--vm"];
+        vm_flags.extend_from_slice(flags);
+        let vm = run_sh(&k, &vm_flags, script);
+        assert_eq!(
+            (ns.0, &ns.1),
+            (vm.0, &vm.1),
+            "{flags:?} {script:?}: namespace vs vm (stderr {:?} vs {:?})",
+            ns.2,
+            vm.2
+        );
+        if *stderr_too {
+            assert_eq!(ns.2, vm.2, "{flags:?} {script:?}: stderr");
+        }
+    }
+}
+
+/// 10,000 interleaved lines on stdout and stderr: each stream complete, in
+/// order, never mixed.
+#[test]
+fn stdout_and_stderr_stay_apart_and_complete() {
+    let k = with_busybox();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm"],
+        "i=0; while [ $i -lt 10000 ]; do echo \"out $i\"; echo \"err $i\" >&2; i=$((i+1)); done",
+    );
+    assert_eq!(code, 0, "{err}");
+    let want = |tag: &str| -> String { (0..10000).map(|i| format!("{tag} {i}\n")).collect() };
+    assert!(
+        out == want("out"),
+        "stdout: {} bytes, starts {:?}",
+        out.len(),
+        &out[..out.len().min(200)]
+    );
+    assert!(
+        err == want("err"),
+        "stderr: {} bytes, starts {:?}",
+        err.len(),
+        &err[..err.len().min(200)]
+    );
+}
+
+/// `-i` passes stdin (a megabyte, then end of file) to the command.
+#[test]
+fn stdin_reaches_the_command_with_i() {
+    let k = with_busybox();
+    let mut child = k
+        .cmd()
+        .args(["run", "--vm", "-i", "bb", "sh", "-c", "wc -c; echo after"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&vec![b'x'; 1 << 20]).expect("write stdin");
+    });
+    let out = child.wait_with_output().expect("wait");
+    writer.join().expect("writer");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1048576\nafter\n");
+    // Without -i the command reads nothing.
+    let (code, out, _) = run_sh(&k, &["--vm"], "wc -c");
+    assert_eq!((code, out.trim()), (0, "0"));
+}
+
+/// --timeout stops the command with exit code 124; its SIGTERM trap gets
+/// the grace period, measured from the command's start (not the boot).
+#[test]
+fn timeout_gives_124_and_honours_the_grace() {
+    let k = with_busybox();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm", "--timeout", "2", "--timeout-grace", "5"],
+        "trap 'echo term; sleep 1; echo done; exit 7' TERM; echo started; sleep 100 & wait",
+    );
+    assert_eq!(code, 124, "{out}{err}");
+    assert_eq!(out, "started\nterm\ndone\n", "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    // Grace 0: killed at once, the trap never finishes.
+    let (code, out, _) = run_sh(
+        &k,
+        &["--vm", "--timeout", "1", "--timeout-grace", "0"],
+        "trap 'sleep 5; echo done' TERM; sleep 100 & wait",
+    );
+    assert_eq!(code, 124);
+    assert!(!out.contains("done"), "{out}");
+}
+
+/// SIGTERM to kiln reaches a trap in the guest, and the trap's exit code is
+/// the run's.
+#[test]
+fn sigterm_to_kiln_reaches_a_trap_in_the_guest() {
+    let k = with_busybox();
+    let mut child = k
+        .cmd()
+        .args([
+            "run",
+            "--vm",
+            "bb",
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 42' TERM; echo ready; sleep 100 & wait",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("read");
+    assert_eq!(first, "ready");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM kiln");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("wait");
+    assert_eq!(rest, ["got TERM"]);
+    assert_eq!(status.code(), Some(42));
+}
+
+/// SIGKILL of kiln mid-run: QEMU dies with it, and the run directory goes
+/// with the next `kiln gc`.
+#[test]
+fn sigkill_of_kiln_leaves_no_qemu_and_no_files() {
+    let k = with_busybox();
+    let mut child = k
+        .cmd()
+        .args(["run", "--vm", "bb", "sh", "-c", "echo ready; sleep 100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kiln");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let store = k.store().display().to_string();
+    assert_eq!(qemus_naming(&store).len(), 1, "one qemu runs the guest");
+    child.kill().expect("SIGKILL kiln");
+    child.wait().expect("wait");
+    let until = Instant::now() + Duration::from_secs(5);
+    while !qemus_naming(&store).is_empty() {
+        assert!(
+            Instant::now() < until,
+            "qemu outlived kiln by 5 s: {:?}",
+            qemus_naming(&store)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let runs = k.store().join(".kiln/runs");
+    assert_eq!(
+        fs::read_dir(&runs).expect("runs").count(),
+        1,
+        "the dead run's directory"
+    );
+    k.ok(["gc"]);
+    let left: Vec<_> = fs::read_dir(&runs)
+        .expect("runs")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Loop devices, partitions, a file system and a mount inside the guest,
+/// with a module loaded by modprobe from the kernel's module tree: the
+/// host's loop devices and mounts are the same before and after.
+#[test]
+fn loop_devices_and_mounts_in_the_guest_change_nothing_on_the_host() {
+    let k = with_busybox();
+    let host_state = || {
+        let mut loops: Vec<String> = fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("loop"))
+            .collect();
+        loops.sort();
+        let losetup = Command::new("losetup")
+            .arg("-a")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        (loops, losetup, mounts)
+    };
+    let before = host_state();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm"],
+        "set -e
+         modprobe loop
+         grep -q '^loop ' /proc/modules && echo loop-loaded
+         modprobe ext4
+         dd if=/dev/zero of=/tmp/disk bs=1M count=16 2>/dev/null
+         printf 'o\\nn\\np\\n1\\n\\n\\nw\\n' | fdisk /tmp/disk >/dev/null 2>&1 || true
+         dev=$(losetup -f)
+         losetup -P $dev /tmp/disk
+         # The partition's node comes a moment later (devtmpfs, no udev).
+         for i in 1 2 3 4 5 6 7 8 9 10; do test -b ${dev}p1 && break; sleep 0.2; done
+         test -b ${dev}p1 && echo partitioned
+         mke2fs ${dev}p1 >/dev/null 2>&1
+         mkdir -p /mnt
+         mount -t ext4 ${dev}p1 /mnt
+         echo hello > /mnt/file
+         cat /mnt/file
+         umount /mnt
+         losetup -d $dev
+         echo detached",
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "loop-loaded\npartitioned\nhello\ndetached\n", "{err}");
+    let after = host_state();
+    assert_eq!(before.0, after.0, "/sys/block/loop*");
+    assert_eq!(before.1, after.1, "losetup -a");
+    assert_eq!(before.2, after.2, "the host's mounts");
+}
+
+/// A guest kernel panic: its own exit code (123, not the command's and
+/// not kiln's 125) and the console's last lines in the error.
+#[test]
+fn a_guest_kernel_panic_has_its_own_exit_code_and_the_console_tail() {
+    let k = with_busybox();
+    let (code, _, err) = run_sh(&k, &["--vm"], "echo c > /proc/sysrq-trigger; sleep 10");
+    assert_eq!(code, 123, "{err}");
+    assert!(err.contains("the guest kernel panicked"), "{err}");
+    assert!(err.contains("Kernel panic"), "{err}");
+    assert!(err.contains("sysrq"), "{err}");
+}
+
+/// Binds: the guest reads the host's files and writes back, with the
+/// caller's ids on the host (the subordinate ids for another owner in a
+/// subid mapping, as in the namespace backend).
+#[test]
+fn binds_are_read_and_written_back_with_the_right_owners() {
+    use std::os::unix::fs::MetadataExt;
+    let k = with_busybox();
+    let dir = k.dir.path().join("work");
+    fs::create_dir(&dir).expect("mkdir");
+    fs::write(dir.join("in"), "from the host\n").expect("write");
+    let ro = k.dir.path().join("ro");
+    fs::create_dir(&ro).expect("mkdir");
+    let v = format!("{}:/work", dir.display());
+    let vro = format!("{}:/ro:ro", ro.display());
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm", "-v", &v, "-v", &vro],
+        "cat /work/in; echo from the guest > /work/out; mkdir /work/d; chown 5:6 /work/d; touch /ro/x 2>/dev/null || echo ro-refused",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "from the host\nro-refused\n");
+    assert_eq!(
+        fs::read_to_string(dir.join("out")).expect("out"),
+        "from the guest\n"
+    );
+    let (uid, gid) = my_ids();
+    let meta = fs::metadata(dir.join("out")).expect("stat out");
+    assert_eq!((u64::from(meta.uid()), u64::from(meta.gid())), (uid, gid));
+    let d = fs::metadata(dir.join("d")).expect("stat d");
+    match id_mapping() {
+        "identity" => assert_eq!((d.uid(), d.gid()), (5, 6)),
+        "subids" => {
+            assert_ne!(u64::from(d.uid()), uid, "chown 5 maps to a subordinate id");
+        }
+        // Only the caller is mapped: the owner stays the caller's.
+        _ => assert_eq!(u64::from(d.uid()), uid),
+    }
+    // A file cannot be bound (9p shares directories): a clear error.
+    let file = format!("{}:/in", dir.join("in").display());
+    let (code, _, err) = run_sh(&k, &["--vm", "-v", &file], "true");
+    assert_eq!(code, 125);
+    assert!(err.contains("binds directories only"), "{err}");
+}
+
+/// Flags the VM backend has no use for are refused, naming the flag.
+#[test]
+fn flags_that_do_not_apply_to_a_vm_are_refused() {
+    let k = with_busybox();
+    for (flags, word) in [
+        (&["--vm", "--seccomp", "unconfined"][..], "--seccomp"),
+        (&["--vm", "--cap-add", "NET_ADMIN"][..], "--cap-add"),
+        (&["--vm", "--commit", "out"][..], "--commit"),
+        (&["--vm", "--cpus", "0"][..], "--cpus"),
+        (&["--vm", "--memory", "16m"][..], "--memory"),
+        (&["--kernel", "/boot/x"][..], "--vm"),
+    ] {
+        let (code, _, err) = run_sh(&k, flags, "true");
+        assert_ne!(code, 0, "{flags:?}");
+        assert!(err.contains(word), "{flags:?}: {err}");
+    }
+    // A kernel that is not one.
+    let junk = k.dir.path().join("junk");
+    fs::write(&junk, "not a kernel").expect("write");
+    let (code, _, err) = run_sh(
+        &k,
+        &["--vm", "--kernel", &junk.display().to_string()],
+        "true",
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("vm"), "{err}");
+}
+
+/// The accelerator: with /dev/kvm usable, kiln probes it by running a
+/// guest; on a host where KVM guests hang it falls back to TCG within the
+/// probe's 5 s, says why once, and keeps the verdict for the next run.
+#[test]
+fn kvm_is_probed_by_running_and_tcg_serves_when_it_hangs() {
+    let kvm_opens = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !kvm_opens {
+        println!("skipped: /dev/kvm cannot be opened read-write by this user, so there is no KVM to probe");
+        return;
+    }
+    let k = with_busybox();
+    let cache = k.dir.path().join("cache");
+    let run = || {
+        let start = Instant::now();
+        let out = k
+            .cmd()
+            .env("XDG_CACHE_HOME", &cache)
+            .env_remove("KILN_VM_ACCEL")
+            .args(["run", "--vm", "bb", "true"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln");
+        (out, start.elapsed())
+    };
+    let (first, took) = run();
+    let err = String::from_utf8_lossy(&first.stderr).into_owned();
+    assert!(first.status.success(), "{err}");
+    let verdict = fs::read_to_string(cache.join("kiln/vm-accel")).expect("the verdict is kept");
+    if verdict.starts_with("tcg") {
+        assert!(err.contains("kvm does not really work here"), "{err}");
+        assert!(err.contains("using tcg"), "{err}");
+        // The probe's 5 s, then a TCG boot and run.
+        assert!(took < Duration::from_secs(30), "{took:?}");
+    } else {
+        assert!(verdict.starts_with("kvm"), "{verdict}");
+    }
+    let (second, _) = run();
+    let err2 = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err2}");
+    assert!(
+        !err2.contains("kvm does not really work"),
+        "probed again: {err2}"
+    );
+}
+
+/// The kernel is booted through PVH from a vmlinux unpacked once into the
+/// store; a second run reuses it and the initramfs.
+#[test]
+fn the_kernel_and_initramfs_are_made_once_per_store() {
+    let k = with_busybox();
+    let (code, _, err) = run_sh(&k, &["--vm"], "true");
+    assert_eq!(code, 0, "{err}");
+    let cache = k.store().join(".kiln/vm");
+    let list = || {
+        let mut v: Vec<(String, std::time::SystemTime)> = fs::read_dir(&cache)
+            .expect("cache")
+            .flatten()
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().and_then(|m| m.modified()).expect("mtime"),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let first = list();
+    assert!(
+        first.iter().any(|(n, _)| n.starts_with("vmlinux-")),
+        "{first:?}"
+    );
+    assert!(
+        first.iter().any(|(n, _)| n.starts_with("initrd-")),
+        "{first:?}"
+    );
+    let (code, _, err) = run_sh(&k, &["--vm"], "true");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(list(), first, "nothing is written again");
+    assert!(Path::new(&cache).is_dir());
+}
