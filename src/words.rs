@@ -91,6 +91,7 @@ pub fn field(name: &str) -> String {
         "ulimits" => "--ulimit".into(),
         "vm.memory_mib" => "--memory".into(),
         "vm.cpus" => "--cpus".into(),
+        "vm.accel" => "--accel".into(),
         f => format!("--{}", f.replace('_', "-")),
     }
 }

@@ -130,6 +130,11 @@ pub struct RunArgs {
     /// else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"], requires = "vm")]
     pub accel: String,
+    /// With --vm: print where the time went (kernel and initramfs, QEMU's
+    /// start, the kernel's boot, the guest's setup, the command, the
+    /// shutdown) to stderr after the run.
+    #[arg(long, requires = "vm")]
+    pub timings: bool,
     /// Write the run's result as JSON to FILE (also when kiln fails: exit
     /// code 125, the error and the stage; the path is checked first).
     #[arg(long, value_name = "FILE")]
@@ -242,6 +247,18 @@ pub fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     }
     for w in &result.warnings {
         eprintln!("kiln: warning: {w}");
+    }
+    if a.timings {
+        let steps: Vec<String> = result
+            .timings
+            .iter()
+            .map(|t| format!("{} {:.0} ms", t.step, t.duration.as_secs_f64() * 1e3))
+            .collect();
+        eprintln!(
+            "kiln: timings: {} (total {:.0} ms)",
+            steps.join(", "),
+            result.duration.as_secs_f64() * 1e3
+        );
     }
     if let Some(c) = &result.committed {
         eprintln!(

@@ -20,7 +20,7 @@ mod prepare;
 mod pty;
 mod vm;
 
-pub use outcome::{CommitReport, RunError, RunEvent, RunResult, Stream};
+pub use outcome::{CommitReport, RunError, RunEvent, RunResult, Stream, Timing};
 pub(crate) use prepare::reap_dead_runs;
 
 use std::io;

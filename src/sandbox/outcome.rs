@@ -103,6 +103,25 @@ pub struct RunResult {
     /// Things the caller asked for that this host could not do (for example
     /// cgroup limits without a delegated cgroup).
     pub warnings: Vec<String>,
+    /// Where the time went, step by step (the VM backend: preparing,
+    /// kernel and initramfs, QEMU's start, the kernel's boot, the guest's
+    /// setup, the command, the shutdown). Empty for the namespace backend.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timings: Vec<Timing>,
+}
+
+/// One step of a run and how long it took.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Timing {
+    /// What was done.
+    pub step: &'static str,
+    /// How long it took (serialized as `ms`, fractional).
+    #[serde(rename = "ms", serialize_with = "as_fractional_millis")]
+    pub duration: Duration,
+}
+
+fn as_fractional_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1e4).round() / 10.0)
 }
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -70,6 +70,7 @@ pub(crate) fn run(
         .map(|d| d.path.clone())
         .ok_or_else(|| RunError::Unsupported("a VM run needs a run directory".into()))?;
     let cache = p.runs.parent().unwrap_or(&p.runs).join("vm");
+    let entered = Instant::now();
     let kernel = match &o.kernel {
         Some(k) => Kernel::from_file(k),
         None => Kernel::find(),
@@ -79,10 +80,34 @@ pub(crate) fn run(
         crate::vm::initramfs::cached(&kernel, RUN_MODULES, &cache).map_err(RunError::Vm)?;
     let boot = kernel.boot_file(&cache).map_err(RunError::Vm)?;
     let qemu = crate::vm::qemu::find_qemu().map_err(RunError::Vm)?;
+    let made = Instant::now();
     let state = crate::vm::default_accel_state().unwrap_or_else(|| cache.join("accel"));
+    let mut warnings = Vec::new();
     let (mut accel, decided) = match o.accel {
+        Some(Accel::Kvm) => {
+            if let Some(why) = accel::kvm_denied() {
+                return Err(RunError::Unsupported(format!(
+                    "{} kvm: {why}",
+                    crate::words::field("vm.accel")
+                )));
+            }
+            if !Path::new("/dev/kvm").exists() {
+                return Err(RunError::Unsupported(format!(
+                    "{} kvm: this host has no /dev/kvm (no hardware virtualization, or the kvm module is not loaded)",
+                    crate::words::field("vm.accel")
+                )));
+            }
+            (Accel::Kvm, true)
+        }
         Some(a) => (a, true),
-        None => accel::choose_accel(&state),
+        None => {
+            if let Some(why) = accel::kvm_denied() {
+                if accel::first_denial(&state) {
+                    warnings.push(format!("using tcg: {why}"));
+                }
+            }
+            accel::choose_accel(&state)
+        }
     };
     // The namespace backend's defaults are shares of the host's memory; a
     // guest has its own, which bounds every tmpfs.
@@ -146,7 +171,11 @@ pub(crate) fn run(
             required: false,
         });
     }
-    let mut warnings = Vec::new();
+    if let Some(ev) = events.as_mut() {
+        for message in &warnings {
+            ev(RunEvent::Warning { message });
+        }
+    }
     // Forwarded signals come through a signalfd, as in the namespace
     // backend; the caller's mask is restored afterwards.
     let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -161,7 +190,9 @@ pub(crate) fn run(
         .chain(o.kernel_cmdline.iter().cloned())
         .collect::<Vec<_>>()
         .join(" ");
+    let mut probing = Duration::ZERO;
     let result = loop {
+        let tried = Instant::now();
         let probe = (accel == Accel::Kvm && !decided).then_some(KVM_PROBE);
         let vm = Vm {
             qemu: &qemu,
@@ -194,6 +225,7 @@ pub(crate) fn run(
                     ev(RunEvent::Warning { message: &message });
                 }
                 warnings.push(message);
+                probing += tried.elapsed();
                 accel::keep_verdict(&state, Accel::Tcg);
                 accel = Accel::Tcg;
             }
@@ -242,7 +274,42 @@ pub(crate) fn run(
         image_digest: p.img.descriptor.digest().to_string(),
         committed: None,
         warnings,
+        timings: timings(start, entered, made, probing, &end.marks),
     })
+}
+
+/// The steps of a run from the marks of its boot.
+fn timings(
+    start: Instant,
+    entered: Instant,
+    made: Instant,
+    probing: Duration,
+    m: &Marks,
+) -> Vec<super::Timing> {
+    let span = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a),
+        _ => Duration::ZERO,
+    };
+    let mut t = vec![
+        ("prepare", entered.saturating_duration_since(start)),
+        (
+            "kernel and initramfs",
+            made.saturating_duration_since(entered),
+        ),
+    ];
+    if !probing.is_zero() {
+        t.push(("kvm probe", probing));
+    }
+    t.extend([
+        ("qemu start", span(m.spawned, m.connected)),
+        ("kernel boot", span(m.connected, m.ready)),
+        ("guest setup", span(m.ready, m.started)),
+        ("command", span(m.started, m.exited)),
+        ("shutdown", span(m.exited, m.stopped)),
+    ]);
+    t.into_iter()
+        .map(|(step, duration)| super::Timing { step, duration })
+        .collect()
 }
 
 /// One VM to start.
@@ -260,6 +327,18 @@ struct End {
     exit_code: i32,
     timed_out: bool,
     killed: bool,
+    marks: Marks,
+}
+
+/// When each step of a boot ended.
+#[derive(Default, Clone, Copy)]
+struct Marks {
+    spawned: Option<Instant>,
+    connected: Option<Instant>,
+    ready: Option<Instant>,
+    started: Option<Instant>,
+    exited: Option<Instant>,
+    stopped: Option<Instant>,
 }
 
 enum Attempt {
@@ -437,6 +516,10 @@ fn attempt(
     let stdin = io::stdin();
     let mut stdin_open = spec.stdin;
     let booted = Instant::now();
+    let mut marks = Marks {
+        spawned: Some(booted),
+        ..Marks::default()
+    };
     // --timeout bounds the command, from its start in the guest; the boot
     // has a bound of its own.
     let mut deadline: Option<Instant> = None;
@@ -558,13 +641,19 @@ fn attempt(
                 write_frame(&mut s, Kind::Job, &json)
                     .map_err(|e| RunError::host("send the job to the guest", e))?;
                 stream = Some(s);
+                marks.connected = Some(Instant::now());
             }
         }
         if console_r {
             if let Some(c) = &console_fd {
                 match rustix::io::read(c, &mut buf) {
                     Ok(0) => console_fd = None,
-                    Ok(n) => console.push(&buf[..n]),
+                    Ok(n) => {
+                        console.push(&buf[..n]);
+                        if console.heard && marks.ready.is_none() {
+                            marks.ready = Some(Instant::now());
+                        }
+                    }
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
                     Err(_) => console_fd = None,
                 }
@@ -601,6 +690,7 @@ fn attempt(
                     Kind::Stdout => out(Stream::Stdout, &data, events),
                     Kind::Stderr => out(Stream::Stderr, &data, events),
                     Kind::Exit => {
+                        marks.exited = Some(Instant::now());
                         exit_code = Some(
                             data.get(..4)
                                 .and_then(|b| b.try_into().ok())
@@ -611,6 +701,7 @@ fn attempt(
                     }
                     Kind::Started => {
                         started = true;
+                        marks.started = Some(Instant::now());
                         deadline = spec.timeout.map(|t| Instant::now() + t);
                     }
                     Kind::Error => {
@@ -632,6 +723,7 @@ fn attempt(
                             exit_code: 128 + sig,
                             timed_out: false,
                             killed: false,
+                            marks,
                         });
                     }
                 }
@@ -656,6 +748,7 @@ fn attempt(
     let mut qemu = qemu;
     while Instant::now() < stop_by && !killed {
         if let Ok(Some(_)) = qemu.0.try_wait() {
+            marks.stopped = Some(Instant::now());
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -665,6 +758,7 @@ fn attempt(
             exit_code: code,
             timed_out,
             killed,
+            marks,
         });
     }
     if timed_out {
@@ -672,6 +766,7 @@ fn attempt(
             exit_code: 124,
             timed_out,
             killed: true,
+            marks,
         });
     }
     if let Some(e) = agent_error {

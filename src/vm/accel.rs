@@ -79,6 +79,36 @@ pub(crate) fn choose_accel(state: &Path) -> (Accel, bool) {
     }
 }
 
+/// Why /dev/kvm is there but not for this user (`None`: it opens, or the
+/// host has no KVM at all).
+pub(crate) fn kvm_denied() -> Option<String> {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(format!(
+            "/dev/kvm: {e} (add the user to group kvm for hardware virtualization)"
+        )),
+        _ => None,
+    }
+}
+
+/// Says once per host kernel that /dev/kvm is not this user's: true the
+/// first time (the caller warns), false after.
+pub(crate) fn first_denial(state: &Path) -> bool {
+    let kept = fs::read_to_string(state).unwrap_or_default();
+    if kept.trim_end() == format!("denied {}", host_release()) {
+        return false;
+    }
+    if let Some(dir) = state.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    // Not a verdict: once the user may open /dev/kvm, KVM is probed.
+    let _ = fs::write(state, format!("denied {}\n", host_release()));
+    true
+}
+
 pub(crate) fn keep_verdict(state: &Path, accel: Accel) {
     if let Some(dir) = state.parent() {
         let _ = fs::create_dir_all(dir);

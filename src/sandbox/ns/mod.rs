@@ -877,5 +877,6 @@ fn supervise(
         image_digest: img.descriptor.digest().to_string(),
         committed: None,
         warnings: warnings.lines,
+        timings: Vec::new(),
     })
 }
