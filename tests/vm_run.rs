@@ -436,39 +436,109 @@ fn kvm_is_probed_by_running_and_tcg_serves_when_it_hangs() {
     );
 }
 
-/// The kernel is booted through PVH from a vmlinux unpacked once into the
-/// store; a second run reuses it and the initramfs.
+/// What is made of the kernel (its PVH vmlinux, its module tree as an
+/// ext4 image, the initramfs) goes to the user's cache once; the image's
+/// tree becomes an ext4 image beside the cached tree once; a second run
+/// writes none of them again.
 #[test]
-fn the_kernel_and_initramfs_are_made_once_per_store() {
+fn the_kernel_modules_initramfs_and_root_image_are_made_once() {
     let k = with_busybox();
-    let (code, _, err) = run_sh(&k, &["--vm"], "true");
-    assert_eq!(code, 0, "{err}");
-    let cache = k.store().join(".kiln/vm");
-    let list = || {
-        let mut v: Vec<(String, std::time::SystemTime)> = fs::read_dir(&cache)
-            .expect("cache")
-            .flatten()
-            .map(|e| {
-                (
-                    e.file_name().to_string_lossy().into_owned(),
-                    e.metadata().and_then(|m| m.modified()).expect("mtime"),
-                )
-            })
-            .collect();
+    let cache = k.dir.path().join("cache");
+    let run = || {
+        let out = k
+            .cmd()
+            .env("XDG_CACHE_HOME", &cache)
+            .args([
+                "run",
+                "--vm",
+                "bb",
+                "sh",
+                "-c",
+                "modprobe loop && grep -c '^loop ' /proc/modules",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    };
+    let list = |dir: &Path, depth: usize| {
+        let mut v: Vec<(String, std::time::SystemTime)> = Vec::new();
+        let mut dirs = vec![(dir.to_path_buf(), 0)];
+        while let Some((d, n)) = dirs.pop() {
+            for e in fs::read_dir(&d).expect("read cache").flatten() {
+                let meta = e.metadata().expect("stat");
+                if meta.is_dir() && n < depth {
+                    dirs.push((e.path(), n + 1));
+                } else if meta.is_file() {
+                    v.push((
+                        e.path().display().to_string(),
+                        meta.modified().expect("mtime"),
+                    ));
+                }
+            }
+        }
         v.sort();
         v
     };
-    let first = list();
+    run();
+    let vm = list(&cache.join("kiln/vm"), 0);
+    let names: Vec<&str> = vm
+        .iter()
+        .map(|(n, _)| n.rsplit('/').next().unwrap_or(""))
+        .collect();
+    for want in ["vmlinux-", "initrd-", "modules-"] {
+        assert!(
+            names.iter().any(|n| n.starts_with(want)),
+            "{want} in {names:?}"
+        );
+    }
+    let rootfs = list(&k.store().join(".kiln/rootfs"), 1);
     assert!(
-        first.iter().any(|(n, _)| n.starts_with("vmlinux-")),
-        "{first:?}"
+        rootfs.iter().any(|(n, _)| n.ends_with("/root.vm1.ext4")),
+        "{rootfs:?}"
     );
-    assert!(
-        first.iter().any(|(n, _)| n.starts_with("initrd-")),
-        "{first:?}"
+    run();
+    assert_eq!(
+        list(&cache.join("kiln/vm"), 0),
+        vm,
+        "nothing is written again"
     );
-    let (code, _, err) = run_sh(&k, &["--vm"], "true");
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(list(), first, "nothing is written again");
-    assert!(Path::new(&cache).is_dir());
+    assert_eq!(list(&k.store().join(".kiln/rootfs"), 1), rootfs);
+}
+
+/// The same runs with the image's tree over 9p (`KILN_VM_ROOTFS=9p`, the
+/// slower way the benchmark compares): same results.
+#[test]
+fn the_tree_over_9p_gives_the_same_results() {
+    let k = with_busybox();
+    let out = k
+        .cmd()
+        .env("KILN_VM_ROOTFS", "9p")
+        .args([
+            "run",
+            "--vm",
+            "bb",
+            "sh",
+            "-c",
+            "echo x > /new; cat /new /etc/hostname; grep -c ' 9p ' /proc/mounts; exit 4",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kiln");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"x"), "{text}");
+    // The 9p root is below the overlay, out of the command's view.
+    assert_eq!(lines.last(), Some(&"0"), "{text}");
 }

@@ -46,6 +46,149 @@ const RUN_MODULES: &[&str] = &[
     "overlay",
 ];
 
+/// What else a guest with its root on a block device loads.
+const BLOCK_ROOT_MODULES: &[&str] = &["virtio_blk", "ext4"];
+
+/// Makes the ext4 image of a cached tree, inside the caller's id mapping
+/// (as the sandbox's root, so every file is readable and keeps the image's
+/// owners): sized from the tree plus room for a run's writes, no journal,
+/// no reserved blocks, inode tables left for the kernel to initialize.
+/// `$1` the tree, `$2` the image to write, `$3` the room in KiB.
+const MAKE_ROOT_IMAGE: &str = r#"set -e
+kb=$(du -s -k -x "$1" | cut -f1)
+n=$(find "$1" -xdev | wc -l)
+mke2fs -q -F -t ext4 -O ^has_journal,^resize_inode -m 0 -b 4096 \
+  -E root_owner=0:0,lazy_itable_init=1 -N $((n + 65536)) -L kiln-root \
+  -d "$1" "$2" "$((kb + kb / 4 + $3))k"
+"#;
+
+/// Free room in a root image for a run's writes, in KiB: the file is
+/// sparse, so room costs nothing until a run writes (into its own
+/// copy-on-write disk, never the cached image).
+const ROOM_KIB: u64 = 8 << 20;
+
+/// The image's tree as a read-only ext4 image for a guest's root (a
+/// virtio disk: under TCG, far faster to walk than 9p), made once per
+/// cached tree beside it (`root.vm0.ext4`, gone with the tree), or `None` when
+/// `KILN_VM_ROOTFS=9p` asks for the tree over 9p instead.
+fn root_image(p: &Prepared, helper: Option<&Path>) -> Result<Option<PathBuf>, RunError> {
+    if std::env::var("KILN_VM_ROOTFS").is_ok_and(|v| v == "9p") {
+        return Ok(None);
+    }
+    let tree = &p.rootfs.path;
+    let image = tree.with_file_name("root.vm1.ext4");
+    if image.exists() {
+        return Ok(Some(image));
+    }
+    let mke2fs = crate::sys::find_tool("mke2fs").ok_or_else(|| {
+        RunError::Unsupported(
+            "mke2fs not found (install e2fsprogs): a VM run's root is an ext4 image of the image's tree (KILN_VM_ROOTFS=9p shares the tree over 9p instead, much slower)".into(),
+        )
+    })?;
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".root.ext4-")
+        .tempfile_in(dir)
+        .map_err(|e| RunError::host(format!("create an image in {}", dir.display()), e))?;
+    let sh = crate::sys::find_tool("sh").unwrap_or_else(|| PathBuf::from("/bin/sh"));
+    let argv: Vec<String> = [
+        sh.display().to_string(),
+        "-c".into(),
+        format!(
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin\n{MAKE_ROOT_IMAGE}",
+            mke2fs.parent().unwrap_or(Path::new("/sbin")).display()
+        ),
+        "sh".into(),
+        tree.display().to_string(),
+        tmp.path().display().to_string(),
+        ROOM_KIB.to_string(),
+    ]
+    .into();
+    let out = crate::userns::spawn_mapped(helper, &p.map, argv, dir)
+        .and_then(|c| c.wait_with_output())
+        .map_err(|e| RunError::host("run mke2fs", e))?;
+    if !out.status.success() {
+        return Err(RunError::host(
+            format!("make the ext4 image of {}", tree.display()),
+            io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    tmp.persist(&image)
+        .map_err(|e| RunError::host(format!("write {}", image.display()), e.error))?;
+    Ok(Some(image))
+}
+
+/// A read-only ext4 image of the kernel's module tree in `cache`, made
+/// once per tree (named by the digest of its `modules.dep` and its place);
+/// `None` when the kernel has no module tree or the image cannot be made
+/// (the guest then has no modprobe, which the run does not need).
+fn modules_image(kernel: &Kernel, cache: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dep = fs::metadata(kernel.modules.join("modules.dep")).ok()?;
+    let key = format!(
+        "{}\n{}:{}:{}",
+        kernel.modules.display(),
+        dep.ino(),
+        dep.size(),
+        dep.mtime()
+    );
+    let hex = crate::digest::of_bytes(key.as_bytes()).to_string();
+    let hex = hex.strip_prefix("sha256:").unwrap_or(&hex).to_string();
+    let image = cache.join(format!("modules-{}.ext4", &hex[..32]));
+    if image.exists() {
+        return Some(image);
+    }
+    let mke2fs = crate::sys::find_tool("mke2fs")?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".modules-")
+        .tempfile_in(cache)
+        .ok()?;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin\n{MAKE_ROOT_IMAGE}",
+            mke2fs.parent().unwrap_or(Path::new("/sbin")).display()
+        ))
+        .arg("sh")
+        .arg(&kernel.modules)
+        .arg(tmp.path())
+        .arg("16384")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        tracing::debug!(
+            "vm run: no module tree in the guest: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    tmp.persist(&image).ok()?;
+    Some(image)
+}
+
+/// A qcow2 disk in `dir` whose backing file is the raw `image`.
+fn cow_disk(image: &Path, dir: &Path) -> Result<PathBuf, RunError> {
+    let qemu_img = crate::sys::find_tool("qemu-img").ok_or_else(|| {
+        RunError::Unsupported("qemu-img not found (install qemu-utils): a VM run writes to its root through a copy-on-write disk".into())
+    })?;
+    let cow = dir.join("root.qcow2");
+    let out = std::process::Command::new(&qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(image)
+        .arg(&cow)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| RunError::host(format!("run {}", qemu_img.display()), e))?;
+    if !out.status.success() {
+        return Err(RunError::host(
+            format!("create {}", cow.display()),
+            io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    Ok(cow)
+}
+
 /// How long a KVM guest has to speak before KVM is judged broken.
 const KVM_PROBE: Duration = Duration::from_secs(5);
 
@@ -69,15 +212,33 @@ pub(crate) fn run(
         .as_ref()
         .map(|d| d.path.clone())
         .ok_or_else(|| RunError::Unsupported("a VM run needs a run directory".into()))?;
-    let cache = p.runs.parent().unwrap_or(&p.runs).join("vm");
+    // What is made of a kernel (its PVH vmlinux, its module tree's image,
+    // the initramfs) is the user's, kept across stores: `$XDG_CACHE_HOME`
+    // (or ~/.cache) `/kiln/vm`, else the store's `.kiln/vm`.
+    let cache = crate::vm::default_accel_state()
+        .and_then(|s| s.parent().map(|d| d.join("vm")))
+        .filter(|d| fs::create_dir_all(d).is_ok())
+        .unwrap_or_else(|| p.runs.parent().unwrap_or(&p.runs).join("vm"));
     let entered = Instant::now();
     let kernel = match &o.kernel {
         Some(k) => Kernel::from_file(k),
         None => Kernel::find(),
     }
     .map_err(RunError::Vm)?;
-    let initrd =
-        crate::vm::initramfs::cached(&kernel, RUN_MODULES, &cache).map_err(RunError::Vm)?;
+    let root_image = root_image(p, helper)?;
+    let modules_image = modules_image(&kernel, &cache);
+    let mut modules = RUN_MODULES.to_vec();
+    if root_image.is_some() || modules_image.is_some() {
+        modules.extend(BLOCK_ROOT_MODULES);
+    }
+    let initrd = crate::vm::initramfs::cached(&kernel, &modules, &cache).map_err(RunError::Vm)?;
+    // The run's writes to its root: a qcow2 disk in the run directory over
+    // the cached image (gone with the run directory, or with the next run
+    // or gc after a SIGKILL).
+    let root_overlay = match (&root_image, spec.read_only) {
+        (Some(img), false) => Some(cow_disk(img, &rundir)?),
+        _ => None,
+    };
     let boot = kernel.boot_file(&cache).map_err(RunError::Vm)?;
     let qemu = crate::vm::qemu::find_qemu().map_err(RunError::Vm)?;
     let made = Instant::now();
@@ -126,11 +287,13 @@ pub(crate) fn run(
         gid: p.user.1,
         hostname: spec.hostname.clone(),
         read_only: spec.read_only,
+        root_disk: root_image.is_some(),
         stdin: spec.stdin,
         upper_size,
         tmp_size,
         shm_size,
         mounts: Vec::new(),
+        modules: None,
     };
     let mut job = job;
     let mut shares: Vec<(String, PathBuf, bool)> = Vec::new();
@@ -155,21 +318,11 @@ pub(crate) fn run(
         });
     }
     // The kernel's module tree, for modprobe in the guest.
-    if kernel.modules.join("modules.dep").exists() {
-        let release = kernel
-            .modules
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        shares.push(("kiln.modules".into(), kernel.modules.clone(), true));
-        job.mounts.push(Share {
-            tag: "kiln.modules".into(),
-            target: format!("/lib/modules/{release}"),
-            read_only: true,
-            dev: false,
-            suid: false,
-            required: false,
-        });
+    if let Some(release) = modules_image
+        .as_ref()
+        .and_then(|_| kernel.modules.file_name())
+    {
+        job.modules = Some(format!("/lib/modules/{}", release.to_string_lossy()));
     }
     if let Some(ev) = events.as_mut() {
         for message in &warnings {
@@ -205,6 +358,9 @@ pub(crate) fn run(
                 cpus: o.cpus,
             },
             rootfs: &p.rootfs.path,
+            root_image: root_image.as_deref(),
+            root_overlay: root_overlay.as_deref(),
+            modules_image: modules_image.as_deref(),
             shares: &shares,
             rundir: &rundir,
         };
@@ -317,6 +473,12 @@ struct Vm<'a> {
     qemu: &'a Path,
     machine: Machine<'a>,
     rootfs: &'a Path,
+    /// The tree as an ext4 image (else the tree goes over 9p).
+    root_image: Option<&'a Path>,
+    /// The run's copy-on-write disk over it (none: read-only).
+    root_overlay: Option<&'a Path>,
+    /// The kernel's module tree as an ext4 image.
+    modules_image: Option<&'a Path>,
     /// 9p shares: tag, host directory, read-only.
     shares: &'a [(String, PathBuf, bool)],
     rundir: &'a Path,
@@ -368,8 +530,39 @@ fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
             ))
         })
     };
-    let root = std::iter::once(("kiln.root".to_string(), vm.rootfs.to_path_buf(), true));
-    for (i, (tag, dir, ro)) in root.chain(vm.shares.iter().cloned()).enumerate() {
+    if let Some(img) = vm.root_image {
+        argv.push("-drive".into());
+        argv.push(match vm.root_overlay {
+            Some(cow) => format!(
+                "file={},format=qcow2,if=none,id=root,discard=unmap",
+                qemu_path(Path::new(&utf8(cow)?))
+            ),
+            None => format!(
+                "file={},format=raw,if=none,id=root,readonly=on",
+                qemu_path(Path::new(&utf8(img)?))
+            ),
+        });
+        argv.push("-device".into());
+        argv.push("virtio-blk-pci,drive=root,serial=kiln-root".into());
+    }
+    if let Some(img) = vm.modules_image {
+        argv.push("-drive".into());
+        argv.push(format!(
+            "file={},format=raw,if=none,id=modules,readonly=on",
+            qemu_path(Path::new(&utf8(img)?))
+        ));
+        argv.push("-device".into());
+        argv.push("virtio-blk-pci,drive=modules,serial=kiln-modules".into());
+    }
+    let root = vm
+        .root_image
+        .is_none()
+        .then(|| ("kiln.root".to_string(), vm.rootfs.to_path_buf(), true));
+    for (i, (tag, dir, ro)) in root
+        .into_iter()
+        .chain(vm.shares.iter().cloned())
+        .enumerate()
+    {
         // security_model=none: QEMU reads and writes as itself, the
         // sandbox's root in the caller's mapping, so the guest sees the
         // image's owners and files it creates get the caller's ids.

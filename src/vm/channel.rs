@@ -70,6 +70,11 @@ pub(crate) struct Job {
     pub hostname: String,
     /// The image's root without a writable layer.
     pub read_only: bool,
+    /// The image's tree is the first virtio disk (ext4; writable unless
+    /// `read_only`, its writes kept by the host in a copy-on-write disk of
+    /// the run); else the 9p share `kiln.root`, read-only, under an
+    /// overlay in guest memory.
+    pub root_disk: bool,
     /// Whether input comes (`Stdin` frames); else /dev/null.
     pub stdin: bool,
     /// Size of the in-memory upper layer, `/tmp` and `/dev/shm` in bytes.
@@ -78,6 +83,9 @@ pub(crate) struct Job {
     pub tmp_size: u64,
     /// Size of `/dev/shm`.
     pub shm_size: u64,
+    /// Where the kernel's module tree (the virtio disk `kiln-modules`)
+    /// goes in the command's root, if there is one.
+    pub modules: Option<String>,
     /// 9p shares to mount in the command's root, in order.
     pub mounts: Vec<Share>,
 }

@@ -118,7 +118,31 @@ pub(crate) fn cached(kernel: &Kernel, modules: &[&str], cache: &Path) -> Result<
         path: path.display().to_string(),
         source: e.error,
     })?;
+    prune(cache, KEEP);
     Ok(path)
+}
+
+/// Initramfs images a cache keeps (each kiln build makes its own).
+const KEEP: usize = 6;
+
+/// Removes all but the `keep` newest `initrd-*.cpio` of `cache`.
+fn prune(cache: &Path, keep: usize) {
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("initrd-") && n.ends_with(".cpio")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort();
+    let extra = found.len().saturating_sub(keep);
+    for (_, p) in found.into_iter().take(extra) {
+        let _ = fs::remove_file(p);
+    }
 }
 
 #[cfg(test)]
