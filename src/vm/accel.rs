@@ -46,7 +46,7 @@ fn host_release() -> String {
     )
 }
 
-/// Where the KVM verdict is kept when [`VmOptions::accel_state`] is empty:
+/// Where the KVM verdict is kept when [`super::VmOptions::accel_state`] is empty:
 /// per host and user, `$XDG_CACHE_HOME/kiln/vm-accel` (else
 /// `~/.cache/kiln/vm-accel`), so a CI job with a fresh store does not
 /// probe again.
