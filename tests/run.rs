@@ -11,26 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn with_busybox() -> Kiln {
-    let k = Kiln::new();
-    let tar = busybox_tar(k.dir.path());
-    k.import(&tar, "bb", &[]);
-    k
-}
-
-/// Runs `sh -c SCRIPT` in image bb with extra kiln flags; returns (code, stdout, stderr).
-fn run_sh(k: &Kiln, flags: &[&str], script: &str) -> (i32, String, String) {
-    let mut args: Vec<&str> = vec!["run"];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&["bb", "sh", "-c", script]);
-    let out = k.run(&args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
     status
         .lines()

@@ -13,27 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn with_busybox() -> Kiln {
-    let k = Kiln::new();
-    let tar = busybox_tar(k.dir.path());
-    k.import(&tar, "bb", &[]);
-    k
-}
-
-/// `kiln run FLAGS bb sh -c SCRIPT` (`--vm` among FLAGS or not); returns
-/// (code, stdout, stderr).
-fn run_sh(k: &Kiln, flags: &[&str], script: &str) -> (i32, String, String) {
-    let mut args: Vec<&str> = vec!["run"];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&["bb", "sh", "-c", script]);
-    let out = k.run(&args);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// QEMU processes whose command line names `needle`.
 fn qemus_naming(needle: &str) -> Vec<u32> {
     let mut found = Vec::new();

@@ -68,11 +68,7 @@ fi
 
 # A C project of 300 files, built inside the buildd image and on the host.
 proj=$w/proj
-mkdir -p "$proj"
-for i in $(seq 1 300); do
-  printf '#include <stdio.h>\n#include <string.h>\nint f%d(const char *s){int n=0;for(int i=0;s[i];i++)n+=s[i]*%d;return n+(int)strlen(s);}\n' "$i" "$i" >"$proj/f$i.c"
-done
-printf 'SRCS := $(wildcard *.c)\nOBJS := $(SRCS:.c=.o)\nlib.a: $(OBJS)\n\tar rcs $@ $^\n%%.o: %%.c\n\t$(CC) -O2 -c $< -o $@\nclean:\n\trm -f *.o lib.a\n' >"$proj/Makefile"
+scripts/bench/c-project.sh "$proj"
 chmod -R a+rwX "$proj"
 hyperfine --style none --runs 5 --warmup 1 --prepare "make -s -C $proj clean" --export-json "$w/build-kiln.json" \
   "$kiln run -v $proj:/src -w /src buildd make -s -j2" >/dev/null

@@ -79,11 +79,7 @@ tv=$(median tar 0); t9=$(median tar 1); tn=$(median tar 2)
 # What TCG is for: a real build, correct and isolated, not fast. The C
 # project of scripts/bench/run.sh (300 files), bound in over 9p.
 proj=$w/proj
-mkdir -p "$proj"
-for i in $(seq 1 300); do
-  printf '#include <stdio.h>\n#include <string.h>\nint f%d(const char *s){int n=0;for(int i=0;s[i];i++)n+=s[i]*%d;return n+(int)strlen(s);}\n' "$i" "$i" >"$proj/f$i.c"
-done
-printf 'SRCS := $(wildcard *.c)\nOBJS := $(SRCS:.c=.o)\nlib.a: $(OBJS)\n\tar rcs $@ $^\n%%.o: %%.c\n\t$(CC) -O2 -c $< -o $@\nclean:\n\trm -f *.o lib.a\n' >"$proj/Makefile"
+scripts/bench/c-project.sh "$proj"
 hyperfine --style none -N --runs 3 --prepare "make -s -C $proj clean" --export-json "$w/build.json" \
   "$kiln --store $w/s run --vm --cpus 2 -v $proj:/src -w /src buildd make -s -j2" \
   "$kiln --store $w/s run -v $proj:/src -w /src buildd make -s -j2" >/dev/null

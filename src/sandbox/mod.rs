@@ -18,6 +18,7 @@ pub(crate) mod ns;
 mod outcome;
 mod prepare;
 mod pty;
+mod signals;
 mod vm;
 
 pub use outcome::{CommitReport, RunError, RunEvent, RunResult, Stream, Timing};

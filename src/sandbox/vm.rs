@@ -329,16 +329,8 @@ pub(crate) fn run(
             ev(RunEvent::Warning { message });
         }
     }
-    // Forwarded signals come through a signalfd, as in the namespace
-    // backend; the caller's mask is restored afterwards.
-    let sigs = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
-    let already_blocked = crate::sys::blocked_of(&sigs).unwrap_or_default();
-    let sigfd = if spec.forward_signals {
-        crate::sys::sigmask(&sigs, true).map_err(|e| RunError::host("block signals", e))?;
-        Some(crate::sys::signalfd(&sigs).map_err(|e| RunError::host("signalfd", e))?)
-    } else {
-        None
-    };
+    let forwarding =
+        super::signals::Forwarding::start(&super::signals::FORWARDED, spec.forward_signals)?;
     let append = std::iter::once("kiln_job=run".to_string())
         .chain(o.kernel_cmdline.iter().cloned())
         .collect::<Vec<_>>()
@@ -371,7 +363,7 @@ pub(crate) fn run(
             spec,
             &job,
             probe,
-            sigfd.as_ref(),
+            forwarding.fd.as_ref(),
             &mut events,
         ) {
             Err(Attempt::Silent(why)) if accel == Accel::Kvm => {
@@ -401,14 +393,7 @@ pub(crate) fn run(
             }
         }
     };
-    if spec.forward_signals {
-        let ours: Vec<i32> = sigs
-            .iter()
-            .copied()
-            .filter(|s| !already_blocked.contains(s))
-            .collect();
-        let _ = crate::sys::sigmask(&ours, false);
-    }
+    drop(forwarding);
     let end = result?;
     let (mut exit_code, mut signal) = (end.exit_code, None);
     if (129..=192).contains(&exit_code) {

@@ -1038,3 +1038,24 @@ pub fn noise(seed: u64, n: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A store with the busybox example image imported as `bb`.
+pub fn with_busybox() -> Kiln {
+    let k = Kiln::new();
+    let tar = busybox_tar(k.dir.path());
+    k.import(&tar, "bb", &[]);
+    k
+}
+
+/// `kiln run FLAGS bb sh -c SCRIPT`; returns (code, stdout, stderr).
+pub fn run_sh(k: &Kiln, flags: &[&str], script: &str) -> (i32, String, String) {
+    let mut args: Vec<&str> = vec!["run"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["bb", "sh", "-c", script]);
+    let out = k.run(&args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

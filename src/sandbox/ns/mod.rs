@@ -260,20 +260,14 @@ pub(crate) fn run(
     };
     // Forwarded signals are handled through a signalfd below; the helper
     // unblocks everything itself.
-    let mut sigs = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+    let mut sigs = super::signals::FORWARDED.to_vec();
     if pty.is_some() {
         sigs.push(libc::SIGWINCH);
     }
-    // Restored afterwards to what the caller (an embedder) had.
-    let already_blocked = crate::sys::blocked_of(&sigs).unwrap_or_default();
-    let sigfd = if spec.forward_signals {
-        crate::sys::sigmask(&sigs, true).map_err(|e| RunError::host("block signals", e))?;
-        Some(crate::sys::signalfd(&sigs).map_err(|e| RunError::host("signalfd", e))?)
-    } else {
-        None
-    };
+    let forwarding = super::signals::Forwarding::start(&sigs, spec.forward_signals)?;
+    let sigfd = forwarding.fd.as_ref();
     let relay = Relay {
-        sigfd: sigfd.as_ref(),
+        sigfd,
         pty,
         cgroup: p.cgroup.as_ref(),
         input: stdin_w,
@@ -285,14 +279,7 @@ pub(crate) fn run(
         },
     };
     let result = supervise(launch, spec, map, relay, start, &p.img, events);
-    if spec.forward_signals {
-        let ours: Vec<i32> = sigs
-            .iter()
-            .copied()
-            .filter(|s| !already_blocked.contains(s))
-            .collect();
-        let _ = crate::sys::sigmask(&ours, false);
-    }
+    drop(forwarding);
     let result = result?;
     // A copy (the last fallback) cannot tell deletions from the image.
     if spec.commit.is_some() && result.exit_code == 0 {
