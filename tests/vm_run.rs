@@ -42,6 +42,9 @@ fn the_vm_backend_gives_what_the_namespace_backend_gives() {
         (&[], "echo out; echo err >&2", true),
         (&["-e", "GREETING=hi there"], "echo \"$GREETING\"", true),
         (&["-w", "/etc"], "pwd; ls hostname", true),
+        (&["-w", "/made/here"], "pwd", true),
+        // 125, a clear error either way (the wording is each backend's).
+        (&["--read-only", "-w", "/made/here"], "pwd", false),
         (&["--user", "1000:1000"], "id -u; id -g", true),
         (&["--hostname", "builder"], "hostname", true),
         (&["--read-only"], "touch /x 2>/dev/null; echo $?", true),

@@ -346,6 +346,36 @@ pub fn pre_exec_pdeathsig(cmd: &mut std::process::Command) {
     }
 }
 
+/// Arranges for a spawned child to enter `root` (chroot), change to
+/// `workdir` there, start a session, and become `ids` (uid, gid; no
+/// supplementary groups) before it executes: the VM guest agent's way to
+/// start the command. The program is looked up on the command's `PATH`
+/// inside `root`, since that happens after these steps.
+pub fn pre_exec_enter_root(
+    cmd: &mut std::process::Command,
+    root: &'static std::ffi::CStr,
+    workdir: std::ffi::CString,
+    ids: (u32, u32),
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and makes system calls
+    // only, allocating nothing (its strings are made before the fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::chroot(root)?;
+            rustix::process::chdir(workdir.as_c_str())?;
+            rustix::process::setsid()?;
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(ids.1) != 0
+                || libc::setuid(ids.0) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `unshare(2)` of namespaces for the calling (single-threaded) process.
 pub fn unshare(flags: rustix::thread::UnshareFlags) -> io::Result<()> {
     // SAFETY: rustix marks unshare unsafe because CLONE_FILES/CLONE_FS could

@@ -9,7 +9,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -259,23 +259,7 @@ fn command(job: &Job) -> Result<Command, String> {
         }
     }
     let workdir = CString::new(job.workdir.as_str()).map_err(|e| e.to_string())?;
-    let (uid, gid) = (job.uid, job.gid);
-    // SAFETY: the agent is single-threaded (no lock can be held by another
-    // thread across the fork); the closure only makes system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::process::chroot("/root")?;
-            rustix::process::chdir(workdir.as_c_str())?;
-            rustix::process::setsid()?;
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::sys::pre_exec_enter_root(&mut cmd, c"/root", workdir, (job.uid, job.gid));
     Ok(cmd)
 }
 
@@ -284,6 +268,16 @@ fn supervise(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, 
     build_root(job)?;
     if let Err(e) = rustix::system::sethostname(job.hostname.as_bytes()) {
         say(&format!("kiln-agent: sethostname: {e}"));
+    }
+    // As the namespace backend does: a working directory the image lacks
+    // is made (on a writable root).
+    let wd = Path::new("/root").join(job.workdir.trim_start_matches('/'));
+    let _ = fs::create_dir_all(&wd);
+    if !wd.is_dir() {
+        return Err(format!(
+            "chdir {}: no such directory (the root is read-only)",
+            job.workdir
+        ));
     }
     let mut cmd = command(job)?;
     cmd.stdin(if job.stdin {
@@ -334,9 +328,8 @@ fn supervise(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, 
                 // The command is done: whatever it left running goes, so
                 // its pipes end.
                 let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                // SAFETY: kill(2) with -1 from PID 1 signals every other
-                // process of the guest; it touches no memory.
-                unsafe { libc::kill(-1, libc::SIGKILL) };
+                // From PID 1: every other process of the guest.
+                crate::sys::kill_all();
                 input = None;
             }
         }
@@ -378,9 +371,8 @@ fn supervise(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, 
                             .get(..4)
                             .and_then(|b| b.try_into().ok())
                             .map(i32::from_le_bytes);
-                        if let Some(sig) = sig {
-                            // SAFETY: kill(2) touches no memory.
-                            unsafe { libc::kill(pid.as_raw_nonzero().get(), sig) };
+                        if let Some(sig) = sig.and_then(rustix::process::Signal::from_named_raw) {
+                            let _ = rustix::process::kill_process(pid, sig);
                         }
                     }
                     _ => {}
