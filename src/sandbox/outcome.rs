@@ -110,6 +110,19 @@ pub struct RunResult {
     pub timings: Vec<Timing>,
 }
 
+/// A run's exit code and signal from the command's exit code (128+N for
+/// signal N): a timeout is 124, with SIGTERM, or SIGKILL when the grace
+/// ran out. The same for every backend.
+pub(crate) fn settle(code: i32, timed_out: bool, killed: bool) -> (i32, Option<i32>) {
+    if timed_out {
+        return (
+            124,
+            Some(if killed { libc::SIGKILL } else { libc::SIGTERM }),
+        );
+    }
+    (code, (129..=192).contains(&code).then(|| code - 128))
+}
+
 /// One step of a run and how long it took.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Timing {

@@ -4,13 +4,14 @@
 //!
 //! QEMU boots the kernel directly (PVH when the kernel has the entry note,
 //! see `vm::kernel`) with kiln's initramfs, whose `/init` is kiln's guest
-//! agent (`vm::agent::run`). The image's cached tree reaches the guest
-//! read-only over 9p; the agent puts an overlay on it whose upper layer is
-//! guest memory. QEMU runs inside the caller's user namespace mapping (as
-//! the sandbox's root there), so the tree's files, owned by the caller's
-//! subordinate ids on the host, are read with the image's owners, and a
-//! guest that takes QEMU over holds only what the caller holds, behind
-//! QEMU's own seccomp filter. Everything goes through one channel
+//! agent (`vm::agent::run`). The image's cached tree reaches the guest as
+//! an ext4 image made once beside it, behind a qcow2 copy-on-write disk of
+//! the run (or read-only with `--read-only`); the kernel's module tree is
+//! a second ext4 disk; binds go over 9p. QEMU runs inside the caller's
+//! user namespace mapping (as the sandbox's root there), so the image's
+//! files, owned by the caller's subordinate ids on the host, are read with
+//! the image's owners, and a guest that takes QEMU over holds only what
+//! the caller holds, behind QEMU's own seccomp filter. Everything goes through one channel
 //! (`vm::channel`), a virtio-serial port on a socket in the run directory:
 //! the job, stdin, signals one way; stdout, stderr and the exit status the
 //! other, in order. QEMU dies with kiln (PDEATHSIG); the run directory goes
@@ -29,8 +30,9 @@ use rustix::process::Pid;
 use super::prepare::Prepared;
 use super::{RunError, RunEvent, RunResult, Stream};
 use crate::spec::{ValidSpec, VmRunOptions};
+use crate::vm::cache::{ext4_of_tree, key_name, made_once, stamp, Reader};
 use crate::vm::channel::{write_frame, Frames, Job, Kind, Share, PORT};
-use crate::vm::qemu::{printable, qemu_path, Machine};
+use crate::vm::qemu::{printable, qemu_path, Console, Machine};
 use crate::vm::{accel, Accel, Kernel, VmError};
 
 /// The modules a run's guest loads: virtio, the console port, 9p, overlay,
@@ -49,122 +51,43 @@ const RUN_MODULES: &[&str] = &[
 /// What else a guest with its root on a block device loads.
 const BLOCK_ROOT_MODULES: &[&str] = &["virtio_blk", "ext4"];
 
-/// Makes the ext4 image of a cached tree, inside the caller's id mapping
-/// (as the sandbox's root, so every file is readable and keeps the image's
-/// owners): sized from the tree plus room for a run's writes, no journal,
-/// no reserved blocks, inode tables left for the kernel to initialize.
-/// `$1` the tree, `$2` the image to write, `$3` the room in KiB.
-const MAKE_ROOT_IMAGE: &str = r#"set -e
-kb=$(du -s -k -x "$1" | cut -f1)
-n=$(find "$1" -xdev | wc -l)
-mke2fs -q -F -t ext4 -O ^has_journal,^resize_inode -m 0 -b 4096 \
-  -E root_owner=0:0,lazy_itable_init=1 -N $((n + 65536)) -L kiln-root \
-  -d "$1" "$2" "$((kb + kb / 4 + $3))k"
-"#;
-
 /// Free room in a root image for a run's writes, in KiB: the file is
 /// sparse, so room costs nothing until a run writes (into its own
 /// copy-on-write disk, never the cached image).
 const ROOM_KIB: u64 = 8 << 20;
 
-/// The image's tree as a read-only ext4 image for a guest's root (a
-/// virtio disk: under TCG, far faster to walk than 9p), made once per
-/// cached tree beside it (`root.vm0.ext4`, gone with the tree), or `None` when
-/// `KILN_VM_ROOTFS=9p` asks for the tree over 9p instead.
+/// The image's tree as an ext4 image for a guest's root (a virtio disk:
+/// under TCG far faster to walk than 9p), made once per cached tree beside
+/// it (`root.vm1.ext4`, gone with the tree) by a helper inside the
+/// caller's id mapping, so every file is readable and keeps the image's
+/// owners; `None` when `KILN_VM_ROOTFS=9p` asks for the tree over 9p.
 fn root_image(p: &Prepared, helper: Option<&Path>) -> Result<Option<PathBuf>, RunError> {
     if std::env::var("KILN_VM_ROOTFS").is_ok_and(|v| v == "9p") {
         return Ok(None);
     }
     let tree = &p.rootfs.path;
-    let image = tree.with_file_name("root.vm1.ext4");
-    if image.exists() {
-        return Ok(Some(image));
-    }
-    let mke2fs = crate::sys::find_tool("mke2fs").ok_or_else(|| {
-        RunError::Unsupported(
-            "mke2fs not found (install e2fsprogs): a VM run's root is an ext4 image of the image's tree (KILN_VM_ROOTFS=9p shares the tree over 9p instead, much slower)".into(),
-        )
-    })?;
-    let dir = image.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".root.ext4-")
-        .tempfile_in(dir)
-        .map_err(|e| RunError::host(format!("create an image in {}", dir.display()), e))?;
-    let sh = crate::sys::find_tool("sh").unwrap_or_else(|| PathBuf::from("/bin/sh"));
-    let argv: Vec<String> = [
-        sh.display().to_string(),
-        "-c".into(),
-        format!(
-            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin\n{MAKE_ROOT_IMAGE}",
-            mke2fs.parent().unwrap_or(Path::new("/sbin")).display()
-        ),
-        "sh".into(),
-        tree.display().to_string(),
-        tmp.path().display().to_string(),
-        ROOM_KIB.to_string(),
-    ]
-    .into();
-    let out = crate::userns::spawn_mapped(helper, &p.map, argv, dir)
-        .and_then(|c| c.wait_with_output())
-        .map_err(|e| RunError::host("run mke2fs", e))?;
-    if !out.status.success() {
-        return Err(RunError::host(
-            format!("make the ext4 image of {}", tree.display()),
-            io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-        ));
-    }
-    tmp.persist(&image)
-        .map_err(|e| RunError::host(format!("write {}", image.display()), e.error))?;
-    Ok(Some(image))
+    made_once(&tree.with_file_name("root.vm1.ext4"), |tmp| {
+        ext4_of_tree(tree, tmp, ROOM_KIB, Reader::Mapped(helper, &p.map))
+    })
+    .map(Some)
+    .map_err(RunError::Vm)
 }
 
 /// A read-only ext4 image of the kernel's module tree in `cache`, made
-/// once per tree (named by the digest of its `modules.dep` and its place);
-/// `None` when the kernel has no module tree or the image cannot be made
-/// (the guest then has no modprobe, which the run does not need).
+/// once per tree; `None` when the kernel has no module tree or the image
+/// cannot be made (the guest then has no modprobe, which the run does not
+/// need).
 fn modules_image(kernel: &Kernel, cache: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let dep = fs::metadata(kernel.modules.join("modules.dep")).ok()?;
-    let key = format!(
-        "{}\n{}:{}:{}",
-        kernel.modules.display(),
-        dep.ino(),
-        dep.size(),
-        dep.mtime()
-    );
-    let hex = crate::digest::of_bytes(key.as_bytes()).to_string();
-    let hex = hex.strip_prefix("sha256:").unwrap_or(&hex).to_string();
-    let image = cache.join(format!("modules-{}.ext4", &hex[..32]));
-    if image.exists() {
-        return Some(image);
-    }
-    let mke2fs = crate::sys::find_tool("mke2fs")?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".modules-")
-        .tempfile_in(cache)
-        .ok()?;
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "PATH={}:/usr/sbin:/usr/bin:/sbin:/bin\n{MAKE_ROOT_IMAGE}",
-            mke2fs.parent().unwrap_or(Path::new("/sbin")).display()
-        ))
-        .arg("sh")
-        .arg(&kernel.modules)
-        .arg(tmp.path())
-        .arg("16384")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        tracing::debug!(
-            "vm run: no module tree in the guest: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let dep = kernel.modules.join("modules.dep");
+    if !dep.exists() {
         return None;
     }
-    tmp.persist(&image).ok()?;
-    Some(image)
+    let name = key_name(&format!("{}\n{}", kernel.modules.display(), stamp(&dep)));
+    made_once(&cache.join(format!("modules-{name}.ext4")), |tmp| {
+        ext4_of_tree(&kernel.modules, tmp, 16 << 10, Reader::Caller)
+    })
+    .map_err(|e| tracing::debug!("vm run: no module tree in the guest: {e}"))
+    .ok()
 }
 
 /// A qcow2 disk in `dir` whose backing file is the raw `image`.
@@ -194,9 +117,6 @@ const KVM_PROBE: Duration = Duration::from_secs(5);
 
 /// How long a guest may take from QEMU's start to the command's.
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
-
-/// Console lines kept for an error.
-const CONSOLE_TAIL: usize = 30;
 
 /// Runs the prepared command in a VM.
 pub(crate) fn run(
@@ -279,7 +199,7 @@ pub(crate) fn run(
         shm_size.min(guest / 2),
         upper_size.min(guest / 2),
     );
-    let job = Job {
+    let mut job = Job {
         argv: p.argv.clone(),
         env: p.env.clone(),
         workdir: p.workdir.clone(),
@@ -295,7 +215,6 @@ pub(crate) fn run(
         mounts: Vec::new(),
         modules: None,
     };
-    let mut job = job;
     let mut shares: Vec<(String, PathBuf, bool)> = Vec::new();
     for (i, vol) in spec.volumes.iter().enumerate() {
         let source = fs::canonicalize(&vol.source).unwrap_or_else(|_| vol.source.clone());
@@ -395,18 +314,7 @@ pub(crate) fn run(
     };
     drop(forwarding);
     let end = result?;
-    let (mut exit_code, mut signal) = (end.exit_code, None);
-    if (129..=192).contains(&exit_code) {
-        signal = Some(exit_code - 128);
-    }
-    if end.timed_out {
-        exit_code = 124;
-        signal = Some(if end.killed {
-            libc::SIGKILL
-        } else {
-            libc::SIGTERM
-        });
-    }
+    let (exit_code, signal) = super::outcome::settle(end.exit_code, end.timed_out, end.killed);
     Ok(RunResult {
         exit_code,
         signal,
@@ -577,55 +485,6 @@ fn nonblocking(fd: &impl std::os::fd::AsFd) -> Result<(), RunError> {
     let fl = rustix::fs::fcntl_getfl(fd).map_err(|e| RunError::host("fcntl", e.into()))?;
     rustix::fs::fcntl_setfl(fd, fl | rustix::fs::OFlags::NONBLOCK)
         .map_err(|e| RunError::host("fcntl", e.into()))
-}
-
-/// The guest console's last lines, and whether the agent spoke.
-#[derive(Default)]
-struct Console {
-    partial: Vec<u8>,
-    lines: std::collections::VecDeque<String>,
-    heard: bool,
-    /// The kernel's panic line, kept whatever follows it.
-    panic_line: Option<String>,
-}
-
-impl Console {
-    fn push(&mut self, data: &[u8]) {
-        self.partial.extend_from_slice(data);
-        while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=nl).collect();
-            let mut text = String::from_utf8_lossy(&line[..nl])
-                .trim_end_matches('\r')
-                .to_string();
-            text.truncate(crate::vm::qemu::MAX_LINE);
-            self.heard |= text.contains(crate::vm::agent::READY);
-            if text.contains("Kernel panic") && self.panic_line.is_none() {
-                self.panic_line = Some(text.clone());
-            }
-            self.lines.push_back(text);
-            if self.lines.len() > CONSOLE_TAIL {
-                self.lines.pop_front();
-            }
-        }
-        if self.partial.len() > crate::vm::qemu::MAX_LINE {
-            self.partial.clear();
-        }
-    }
-
-    fn tail(&self, qemu_err: &[u8]) -> String {
-        let mut t = self.lines.iter().cloned().collect::<Vec<_>>().join("\n");
-        if let Some(p) = &self.panic_line {
-            if !self.lines.contains(p) {
-                t = format!("{p}\n...\n{t}");
-            }
-        }
-        let err = String::from_utf8_lossy(qemu_err);
-        if !err.trim().is_empty() {
-            t.push_str("\nqemu: ");
-            t.push_str(err.trim());
-        }
-        printable(&t)
-    }
 }
 
 /// Kills and reaps QEMU when an attempt ends, however it ends.

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use super::accel::{choose_accel, keep_verdict, Accel};
 use super::kernel::Kernel;
-use super::qemu::{console_lines, find_qemu, printable, qemu_path, Machine};
-use super::{agent, io_err, TarOut, VmError, VmOptions, OUT_DATA, OUT_MAGIC};
+use super::qemu::{find_qemu, printable, qemu_path, Console, Machine};
+use super::{io_err, TarOut, VmError, VmOptions, OUT_DATA, OUT_MAGIC};
 use crate::source::disk::ReadAt;
 
 /// Modules every export needs: virtio disks, and crc32c, which the file
@@ -231,11 +231,15 @@ fn boot(
             source: e,
         })
     })?;
-    let (tx, rx) = mpsc::channel::<String>();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
     let stdout = child.stdout.take();
     let reader = std::thread::spawn(move || {
-        if let Some(s) = stdout {
-            console_lines(s, &tx);
+        let Some(mut s) = stdout else { return };
+        let mut buf = vec![0u8; 16384];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
         }
     });
     let stderr = child.stderr.take();
@@ -247,20 +251,11 @@ fn boot(
         s
     });
     let start = Instant::now();
-    let mut console: Vec<String> = Vec::new();
-    let mut heard = false;
+    let mut console = Console::default();
     let mut outcome: Option<Result<(), Boot>> = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                if line.contains(agent::READY) {
-                    heard = true;
-                }
-                console.push(line);
-                if console.len() > 40 {
-                    console.remove(0);
-                }
-            }
+            Ok(data) => console.push(&data),
             // The console closed: QEMU is ending; poll it calmly.
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 std::thread::sleep(Duration::from_millis(50))
@@ -271,7 +266,7 @@ fn boot(
             break;
         }
         let elapsed = start.elapsed();
-        if !heard && probe.is_some_and(|p| elapsed > p) {
+        if !console.heard && probe.is_some_and(|p| elapsed > p) {
             outcome = Some(Err(Boot::Silent(format!(
                 "the guest said nothing for {:?}",
                 probe.unwrap_or_default()
@@ -291,33 +286,26 @@ fn boot(
     let status = child.wait();
     let _ = reader.join();
     let qemu_err = err_reader.join().unwrap_or_default();
-    // Lines that arrived after the loop stopped.
-    console.extend(rx.try_iter());
-    let tail = |console: &[String]| {
-        let n = console.len().saturating_sub(20);
-        let mut t = console[n..].join("\n");
-        if !qemu_err.trim().is_empty() {
-            t.push_str("\nqemu: ");
-            t.push_str(qemu_err.trim());
-        }
-        printable(&t)
-    };
+    // What arrived after the loop stopped.
+    for data in rx.try_iter() {
+        console.push(&data);
+    }
     if let Some(o) = outcome {
         return match o {
             Err(Boot::Failed(VmError::Failed { accel, why, .. })) => {
                 Err(Boot::Failed(VmError::Failed {
                     accel,
                     why,
-                    console: tail(&console),
+                    console: console.tail(qemu_err.as_bytes()),
                 }))
             }
             other => other,
         };
     }
-    if console.iter().any(|l| l.contains(agent::DONE)) {
+    if console.done {
         return Ok(());
     }
-    if probe.is_some() && !heard && qemu_err.to_ascii_lowercase().contains("kvm") {
+    if probe.is_some() && !console.heard && qemu_err.to_ascii_lowercase().contains("kvm") {
         // QEMU could not run the guest with KVM (it names KVM in its
         // error): as good as silent. Any other early failure is not KVM's
         // and is reported as it is.
@@ -336,6 +324,6 @@ fn boot(
             Ok(s) => format!("qemu exited ({s})"),
             Err(e) => format!("wait for qemu: {e}"),
         },
-        console: tail(&console),
+        console: console.tail(qemu_err.as_bytes()),
     }))
 }

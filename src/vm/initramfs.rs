@@ -7,6 +7,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::cache::{key_name, made_once, stamp};
 use super::cpio;
 use super::kernel::{read_module, Kernel};
 use super::{io_err, VmError};
@@ -81,43 +82,20 @@ pub(crate) fn write(kernel: &Kernel, modules: &[&str], out: &Path) -> Result<(),
 /// name is the digest of what goes in (the agent binary's identity and
 /// size, the kernel's module tree, the module names).
 pub(crate) fn cached(kernel: &Kernel, modules: &[&str], cache: &Path) -> Result<PathBuf, VmError> {
-    use std::os::unix::fs::MetadataExt;
     let me = crate::sys::helper_exe(None);
-    let stamp = |p: &Path| {
-        fs::metadata(p)
-            .map(|m| {
-                format!(
-                    "{}:{}:{}:{}",
-                    m.dev(),
-                    m.ino(),
-                    m.size(),
-                    m.mtime_nsec() + m.mtime() * 1_000_000_000
-                )
-            })
-            .unwrap_or_default()
-    };
-    let key = format!(
+    let name = key_name(&format!(
         "v1\n{}\n{}\n{}\n{}\n{}",
         me.display(),
         stamp(&me),
         kernel.modules.display(),
         stamp(&kernel.modules.join("modules.dep")),
         modules.join(",")
-    );
-    let hex = crate::digest::of_bytes(key.as_bytes()).to_string();
-    let hex = hex.strip_prefix("sha256:").unwrap_or(&hex);
-    let path = cache.join(format!("initrd-{}.cpio", &hex[..32]));
+    ));
+    let path = cache.join(format!("initrd-{name}.cpio"));
     if path.exists() {
         return Ok(path);
     }
-    fs::create_dir_all(cache).map_err(io_err("create", cache))?;
-    let tmp = tempfile::NamedTempFile::new_in(cache).map_err(io_err("create", cache))?;
-    write(kernel, modules, tmp.path())?;
-    tmp.persist(&path).map_err(|e| VmError::Io {
-        step: "write",
-        path: path.display().to_string(),
-        source: e.error,
-    })?;
+    made_once(&path, |tmp| write(kernel, modules, tmp))?;
     prune(cache, KEEP);
     Ok(path)
 }

@@ -7,6 +7,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use super::cache::{key_name, made_once, stamp};
 use super::{io_err, VmError};
 
 /// A kernel to boot and the modules directory that belongs to it.
@@ -102,42 +103,35 @@ impl Kernel {
 
     /// The file to hand QEMU's `-kernel`: the uncompressed `vmlinux` when
     /// the kernel can boot through PVH (extracted once into `cache`, named
-    /// by the bzImage's digest), else the kernel file itself.
+    /// by the kernel file's identity, so a run after the first reads
+    /// nothing), else the kernel file itself.
     pub fn boot_file(&self, cache: &Path) -> Result<PathBuf, VmError> {
-        let raw = fs::read(&self.image).map_err(io_err("read the kernel", &self.image))?;
-        let digest = crate::digest::of_bytes(&raw);
-        let hex = digest.to_string();
-        let hex = hex.strip_prefix("sha256:").unwrap_or(&hex);
-        let elf = cache.join(format!("vmlinux-{hex}"));
-        let none = cache.join(format!("vmlinux-{hex}.none"));
+        let name = key_name(&format!(
+            "vmlinux v1\n{}\n{}",
+            self.image.display(),
+            stamp(&self.image)
+        ));
+        let elf = cache.join(format!("vmlinux-{name}"));
+        let none = cache.join(format!("vmlinux-{name}.none"));
         if elf.exists() {
             return Ok(elf);
         }
         if none.exists() {
             return Ok(self.image.clone());
         }
-        fs::create_dir_all(cache).map_err(io_err("create", cache))?;
-        let keep = |path: &Path, data: &[u8]| -> Result<(), VmError> {
-            let tmp = tempfile::NamedTempFile::new_in(cache).map_err(io_err("create", cache))?;
-            fs::write(tmp.path(), data).map_err(io_err("write", tmp.path()))?;
-            tmp.persist(path)
-                .map_err(|e| VmError::Io {
-                    step: "write",
-                    path: path.display().to_string(),
-                    source: e.error,
-                })
-                .map(|_| ())
+        let raw = fs::read(&self.image).map_err(io_err("read the kernel", &self.image))?;
+        let (path, data) = match vmlinux_of(&raw) {
+            Some(vmlinux) if has_pvh_note(&vmlinux) => (elf, vmlinux),
+            _ => (none, Vec::new()),
         };
-        match vmlinux_of(&raw) {
-            Some(vmlinux) if has_pvh_note(&vmlinux) => {
-                keep(&elf, &vmlinux)?;
-                Ok(elf)
-            }
-            _ => {
-                keep(&none, b"")?;
-                Ok(self.image.clone())
-            }
-        }
+        made_once(&path, |tmp| {
+            fs::write(tmp, &data).map_err(io_err("write", tmp))
+        })?;
+        Ok(if data.is_empty() {
+            self.image.clone()
+        } else {
+            path
+        })
     }
 
     /// The module files (relative to `modules`) needed for `names`, each

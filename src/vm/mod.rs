@@ -19,6 +19,7 @@
 
 pub(crate) mod accel;
 pub(crate) mod agent;
+pub(crate) mod cache;
 pub(crate) mod channel;
 mod cpio;
 mod export;

@@ -2,10 +2,9 @@
 //! an initramfs, the serial console on stdout, QEMU's own seccomp
 //! sandbox), and reading its console.
 
-use std::io::{BufRead, BufReader, Read};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 
 use super::accel::Accel;
 use super::VmError;
@@ -96,37 +95,73 @@ pub(crate) fn printable(s: &str) -> String {
 /// Longest console line kept (a guest gone wrong may print without end).
 pub(crate) const MAX_LINE: usize = 4096;
 
-/// Sends the console's lines, each cut to [`MAX_LINE`] bytes, until end
-/// of file or until nobody listens.
-pub(crate) fn console_lines(r: impl Read, tx: &mpsc::Sender<String>) {
-    let mut r = BufReader::new(r);
-    let mut line: Vec<u8> = Vec::new();
-    loop {
-        let (used, done) = match r.fill_buf() {
-            Ok([]) | Err(_) => return,
-            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    let room = MAX_LINE.saturating_sub(line.len());
-                    line.extend_from_slice(&buf[..i.min(room)]);
-                    (i + 1, true)
-                }
-                None => {
-                    let room = MAX_LINE.saturating_sub(line.len());
-                    line.extend_from_slice(&buf[..buf.len().min(room)]);
-                    (buf.len(), false)
-                }
-            },
-        };
-        r.consume(used);
-        if done {
-            let text = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_string();
-            line.clear();
-            if tx.send(text).is_err() {
-                return;
+/// Console lines kept for an error.
+const TAIL: usize = 30;
+
+/// The guest console as it arrives: its last lines (each cut to
+/// [`MAX_LINE`], `\r` dropped), whether the agent spoke
+/// ([`super::agent::READY`]) and finished ([`super::agent::DONE`]), and
+/// the kernel's panic line, kept whatever follows it.
+#[derive(Default)]
+pub(crate) struct Console {
+    partial: Vec<u8>,
+    lines: VecDeque<String>,
+    /// The agent's first words came.
+    pub heard: bool,
+    /// The agent's last words came.
+    pub done: bool,
+    /// The kernel's `Kernel panic` line.
+    pub panic_line: Option<String>,
+}
+
+impl Console {
+    /// Adds bytes read from the console.
+    pub(crate) fn push(&mut self, data: &[u8]) {
+        for piece in data.split_inclusive(|&b| b == b'\n') {
+            let (body, ends) = match piece.split_last() {
+                Some((b'\n', body)) => (body, true),
+                _ => (piece, false),
+            };
+            let room = MAX_LINE.saturating_sub(self.partial.len());
+            self.partial
+                .extend_from_slice(&body[..body.len().min(room)]);
+            if ends {
+                let text = String::from_utf8_lossy(&self.partial)
+                    .trim_end_matches('\r')
+                    .to_string();
+                self.partial.clear();
+                self.line(text);
             }
         }
+    }
+
+    fn line(&mut self, text: String) {
+        self.heard |= text.contains(super::agent::READY);
+        self.done |= text.contains(super::agent::DONE);
+        if self.panic_line.is_none() && text.contains("Kernel panic") {
+            self.panic_line = Some(text.clone());
+        }
+        self.lines.push_back(text);
+        if self.lines.len() > TAIL {
+            self.lines.pop_front();
+        }
+    }
+
+    /// The last lines (the panic line first if it scrolled out) and what
+    /// QEMU said on stderr, control characters shown as `\xNN`.
+    pub(crate) fn tail(&self, qemu_err: &[u8]) -> String {
+        let mut t = self.lines.iter().cloned().collect::<Vec<_>>().join("\n");
+        if let Some(p) = &self.panic_line {
+            if !self.lines.contains(p) {
+                t = format!("{p}\n...\n{t}");
+            }
+        }
+        let err = String::from_utf8_lossy(qemu_err);
+        if !err.trim().is_empty() {
+            t.push_str("\nqemu: ");
+            t.push_str(err.trim());
+        }
+        printable(&t)
     }
 }
 
@@ -136,13 +171,15 @@ mod tests {
 
     #[test]
     fn console_lines_are_cut_and_split() {
-        let (tx, rx) = mpsc::channel();
         let mut input = b"one\r\ntwo\n".to_vec();
         input.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE));
         input.extend_from_slice(b"\nlast\n");
-        console_lines(&input[..], &tx);
-        drop(tx);
-        let lines: Vec<String> = rx.iter().collect();
+        let mut c = Console::default();
+        // In pieces, as reads return them.
+        for piece in input.chunks(1000) {
+            c.push(piece);
+        }
+        let lines: Vec<String> = c.lines.iter().cloned().collect();
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[0], "one");
         assert_eq!(lines[1], "two");

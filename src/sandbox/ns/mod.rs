@@ -844,18 +844,12 @@ fn supervise(
         }
     };
     guard.armed = false;
-    let (mut exit_code, mut signal) = match (status.exit_status(), status.terminating_signal()) {
-        (Some(c), _) => (c, None),
-        (None, Some(s)) => (128 + s, Some(s)),
-        _ => (125, None),
+    let code = match (status.exit_status(), status.terminating_signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 125,
     };
-    if (129..=192).contains(&exit_code) && signal.is_none() {
-        signal = Some(exit_code - 128);
-    }
-    if timed_out {
-        exit_code = 124;
-        signal = Some(if killed { libc::SIGKILL } else { libc::SIGTERM });
-    }
+    let (exit_code, signal) = super::outcome::settle(code, timed_out, killed);
     Ok(RunResult {
         exit_code,
         signal,
