@@ -110,7 +110,7 @@ fn run_task(task: Task) -> Result<String, String> {
             let report = crate::sandbox::commit::commit(
                 &store,
                 &img,
-                &upper,
+                crate::sandbox::commit::Changes::Dir(&upper),
                 &name,
                 &created_by,
                 epoch,

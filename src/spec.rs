@@ -514,6 +514,14 @@ pub struct VmRunOptions {
     /// The accelerator; `None` chooses: KVM when a probe shows it really
     /// works on this host, else TCG. Default `None`.
     pub accel: Option<crate::vm::Accel>,
+    /// An initramfs whose files are added to kiln's (firmware or modules a
+    /// kernel of your own needs); kiln's agent stays `/init`. Default none.
+    pub initrd: Option<PathBuf>,
+    /// A scratch disk of this many bytes for the command (sparse, in the
+    /// run directory, gone with the run), for loop, partition and file
+    /// system work: `/dev/disk/by-id/virtio-kiln-disk`, also in
+    /// `$KILN_DISK`. Default none.
+    pub disk: Option<u64>,
 }
 
 impl Default for VmRunOptions {
@@ -524,6 +532,8 @@ impl Default for VmRunOptions {
             memory_mib: 1024,
             cpus: 1,
             accel: None,
+            initrd: None,
+            disk: None,
         }
     }
 }
@@ -808,14 +818,19 @@ impl RunSpec {
         if self.tty {
             return no("tty", "a pseudo-terminal in the guest is not there yet");
         }
-        if self.network == Network::Host {
-            return no("network", "the guest has no network yet");
+        if let Some(size) = vm.disk {
+            if !(1 << 20..=16 << 40).contains(&size) {
+                return Err(SpecError::invalid(
+                    "vm.disk",
+                    format!("{size} bytes: give 1M to 16T"),
+                ));
+            }
         }
-        if self.commit.is_some() {
-            return no("commit", "committing a VM run's changes is not there yet");
-        }
-        if self.upper == Upper::Disk {
-            return no("upper", "the guest's writes stay in guest memory");
+        if self.upper == Upper::Disk && self.commit.is_none() {
+            return no(
+                "upper",
+                "the guest's writes go to a copy-on-write disk of the run (or, with commit, an upper disk)",
+            );
         }
         if self.memory.is_some() {
             return no("memory", "the guest's memory is vm.memory_mib");

@@ -92,6 +92,8 @@ pub fn field(name: &str) -> String {
         "vm.memory_mib" => "--memory".into(),
         "vm.cpus" => "--cpus".into(),
         "vm.accel" => "--accel".into(),
+        "vm.disk" => "--disk".into(),
+        "vm.initrd" => "--initrd".into(),
         f => format!("--{}", f.replace('_', "-")),
     }
 }

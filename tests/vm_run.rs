@@ -341,6 +341,200 @@ fn binds_are_read_and_written_back_with_the_right_owners() {
     assert!(err.contains("binds directories only"), "{err}");
 }
 
+/// `--commit` from a VM run: the guest's overlay writes its upper layer to
+/// a disk of the run, which becomes the same layer (whiteouts, opaque
+/// directories, modes, owners) and so the same image digest as the
+/// namespace backend's for the same changes; a failed command commits
+/// nothing; the committed image runs under both backends.
+#[test]
+fn commit_from_a_vm_run_equals_the_namespace_backends() {
+    let k = with_busybox();
+    let changes = "set -e
+        echo new > /new-file
+        mkdir -p /opt/tool/bin
+        printf '#!/bin/sh\necho tool\n' > /opt/tool/bin/t
+        chmod 755 /opt/tool/bin/t
+        rm /bin/ls
+        rm -rf /etc && mkdir /etc && echo only > /etc/only
+        ln -s /new-file /link
+        mkdir -p /work/out";
+    let epoch = ["--source-date-epoch", "1000000000"];
+    let mut digests = Vec::new();
+    for (backend, name) in [(&[][..], "ns-out"), (&["--vm"][..], "vm-out")] {
+        let mut flags: Vec<&str> = backend.to_vec();
+        flags.extend(["--commit", name]);
+        flags.extend(epoch);
+        // A mount point the command did not make is not part of the layer.
+        flags.extend(["-w", "/made/by/kiln"]);
+        let (code, out, err) = run_sh(&k, &flags, changes);
+        assert_eq!(code, 0, "{backend:?}: {out}{err}");
+        assert!(err.contains(&format!("committed {name}:latest")), "{err}");
+        digests.push(
+            k.inspect(name)["digest"]
+                .as_str()
+                .expect("digest")
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "the same changes give the same image under both backends"
+    );
+    let layer = tree_of_tar(&k.top_layer("vm-out"));
+    for (path, kind) in [
+        ("bin/.wh.ls", 'f'),
+        ("etc/.wh..wh..opq", 'f'),
+        ("etc/only", 'f'),
+        ("new-file", 'f'),
+        ("link", 'l'),
+        ("opt/tool/bin/t", 'f'),
+        ("work/out", 'd'),
+    ] {
+        let node = layer
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} in {layer:?}"));
+        assert_eq!(node.kind, kind, "{path}");
+    }
+    assert_eq!(layer["opt/tool/bin/t"].mode & 0o777, 0o755);
+    assert!(!layer.keys().any(|p| p.starts_with("made")), "{layer:?}");
+    for backend in [&[][..], &["--vm"][..]] {
+        let mut args = vec!["run"];
+        args.extend_from_slice(backend);
+        args.extend([
+            "vm-out",
+            "sh",
+            "-c",
+            "/opt/tool/bin/t; cat /etc/only; test ! -e /bin/ls && echo gone",
+        ]);
+        assert_eq!(k.ok(&args), "tool\nonly\ngone\n", "{backend:?}");
+    }
+    // Owners the guest's root gives are the layer's (in the guest every
+    // id is mapped, whatever the caller's mapping on the host).
+    let (code, _, err) = run_sh(
+        &k,
+        &["--vm", "--commit", "owned"],
+        "echo x > /f && chown 5:6 /f",
+    );
+    assert_eq!(code, 0, "{err}");
+    let f = &tree_of_tar(&k.top_layer("owned"))["f"];
+    assert_eq!((f.uid, f.gid), (5, 6));
+    // A failed command commits nothing and leaves no run directory.
+    let (code, _, err) = run_sh(&k, &["--vm", "--commit", "never"], "touch /x; exit 3");
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        !k.names().iter().any(|n| n.starts_with("never")),
+        "{:?}",
+        k.names()
+    );
+    let runs = k.store().join(".kiln/runs");
+    let left: Vec<_> = fs::read_dir(&runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// `--network host`: the guest is on QEMU's user network and reaches the
+/// host's loopback at 10.0.2.2; without it the guest has only `lo`, up,
+/// and reaches nothing.
+#[test]
+fn the_guest_reaches_the_host_only_with_network_host() {
+    use std::io::Read;
+    use std::net::TcpListener;
+    let k = with_busybox();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut req = [0u8; 1024];
+        let _ = c.read(&mut req);
+        c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 16\r\n\r\nfrom the host 1\n")
+            .expect("reply");
+    });
+    let url = format!("http://10.0.2.2:{port}/");
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm", "--network", "host"],
+        &format!("wget -q -O - {url} && ip -o -4 addr show eth0 | grep -o 'inet [0-9./]*'"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "from the host 1\ninet 10.0.2.15/24\n");
+    server.join().expect("server");
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm"],
+        &format!("ip -o link show lo | grep -o LOOPBACK,UP; ls /sys/class/net; wget -q -T 5 -O - {url} || echo unreachable"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "LOOPBACK,UP\nlo\nunreachable\n");
+}
+
+/// `--disk SIZE`: a scratch block device of that size in the guest at
+/// `$KILN_DISK` (udev's by-id name), to partition, format and mount; it
+/// goes with the run.
+#[test]
+fn a_scratch_disk_of_the_given_size_is_in_the_guest() {
+    let k = with_busybox();
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm", "--disk", "64M"],
+        "set -e
+         echo $KILN_DISK
+         dev=$(readlink -f $KILN_DISK)
+         test -b $dev
+         cat /sys/block/${dev#/dev/}/size
+         mke2fs -q $dev >/dev/null 2>&1
+         mkdir -p /mnt && mount $dev /mnt && echo kept > /mnt/f && umount /mnt
+         mount $dev /mnt && cat /mnt/f",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out, "/dev/disk/by-id/virtio-kiln-disk\n131072\nkept\n",
+        "{err}"
+    );
+    let runs = k.store().join(".kiln/runs");
+    let left: Vec<_> = fs::read_dir(&runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// `--initrd FILE`: its files are unpacked before kiln's, so a `/init` in
+/// it does not replace kiln's agent, and the run goes as without it.
+#[test]
+fn an_initrd_of_ones_own_adds_files_and_keeps_kilns_agent() {
+    require("cpio");
+    let k = with_busybox();
+    let tree = k.dir.path().join("initrd-tree");
+    fs::create_dir_all(tree.join("lib/firmware")).expect("mkdir");
+    fs::write(tree.join("init"), "#!/bin/sh\necho hijacked\n").expect("write");
+    fs::write(tree.join("lib/firmware/blob.bin"), [7u8; 100]).expect("write");
+    let img = k.dir.path().join("mine.cpio");
+    let mut cpio = Command::new("cpio")
+        .args(["-o", "-H", "newc", "--quiet"])
+        .current_dir(&tree)
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(&img).expect("create"))
+        .spawn()
+        .expect("cpio");
+    cpio.stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"init\nlib\nlib/firmware\nlib/firmware/blob.bin\n")
+        .expect("list");
+    assert!(cpio.wait().expect("cpio").success());
+    let (code, out, err) = run_sh(
+        &k,
+        &["--vm", "--initrd", &img.display().to_string()],
+        "echo the command ran; exit 4",
+    );
+    assert_eq!((code, out.as_str()), (4, "the command ran\n"), "{err}");
+    assert!(!err.contains("hijacked"), "{err}");
+}
+
 /// Flags the VM backend has no use for are refused, naming the flag.
 #[test]
 fn flags_that_do_not_apply_to_a_vm_are_refused() {
@@ -348,7 +542,13 @@ fn flags_that_do_not_apply_to_a_vm_are_refused() {
     for (flags, word) in [
         (&["--vm", "--seccomp", "unconfined"][..], "--seccomp"),
         (&["--vm", "--cap-add", "NET_ADMIN"][..], "--cap-add"),
-        (&["--vm", "--commit", "out"][..], "--commit"),
+        (
+            &["--vm", "--commit", "out", "--upper", "memory"][..],
+            "--upper",
+        ),
+        (&["--vm", "-t"][..], "--tty"),
+        (&["--vm", "--disk", "1k"][..], "--disk"),
+        (&["--vm", "--initrd", "/no/such/initrd"][..], "--initrd"),
         (&["--vm", "--cpus", "0"][..], "--cpus"),
         (&["--vm", "--memory", "16m"][..], "--memory"),
         (&["--kernel", "/boot/x"][..], "--vm"),

@@ -26,7 +26,9 @@ pub struct RunArgs {
     /// Host name inside the sandbox.
     #[arg(long, default_value = "kiln")]
     pub hostname: String,
-    /// Network: none (only lo, the default) or host.
+    /// Network: none (only lo, the default) or host (with --vm: QEMU's user
+    /// network, the guest at 10.0.2.15 reaching the host's loopback at
+    /// 10.0.2.2).
     #[arg(long, default_value = "none", value_parser = parse_network)]
     pub network: Network,
     /// User to run as inside the sandbox, UID[:GID] or NAME[:GROUP] from
@@ -123,6 +125,15 @@ pub struct RunArgs {
     /// With --vm: words added to the guest kernel's command line.
     #[arg(long, value_name = "ARGS", requires = "vm", allow_hyphen_values = true)]
     pub kernel_cmdline: Option<String>,
+    /// With --vm: an initramfs whose files are added to kiln's (firmware,
+    /// modules a kernel of your own needs); kiln's agent stays /init.
+    #[arg(long, value_name = "FILE", requires = "vm")]
+    pub initrd: Option<PathBuf>,
+    /// With --vm: a scratch disk of SIZE for loop, partition and file
+    /// system work, /dev/disk/by-id/virtio-kiln-disk (and $KILN_DISK) in
+    /// the guest; sparse, gone with the run.
+    #[arg(long, value_name = "SIZE", requires = "vm", value_parser = kiln::spec::parse_size)]
+    pub disk: Option<u64>,
     /// With --vm: virtual CPUs.
     #[arg(long, value_name = "N", requires = "vm", default_value_t = 1)]
     pub cpus: u32,
@@ -352,6 +363,8 @@ fn run_inner(cli: &Cli, a: &RunArgs) -> Result<kiln::sandbox::RunResult> {
                 "tcg" => Some(kiln::vm::Accel::Tcg),
                 _ => None,
             },
+            initrd: a.initrd.clone(),
+            disk: a.disk,
         });
     } else if let Some(ns) = spec.backend.ns_mut() {
         ns.seccomp = a.seccomp == "default";

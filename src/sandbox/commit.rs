@@ -67,30 +67,105 @@ fn empty_mount_points(upper: &Path, mount_points: &[String]) -> std::collections
     skip
 }
 
-/// Turns `upper` into a layer on top of `base` and tags it `name`.
-/// Empty directories at `mount_points` (sandbox paths) are left out.
+/// Where a run's changes are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Changes<'a> {
+    /// The namespace backend's overlay upper directory, on the host: files
+    /// the sandbox's root made belong to the caller (or, in a subid
+    /// mapping, are read from inside it).
+    Dir(&'a Path),
+    /// The VM backend's upper disk: an ext4 image whose `upper/` directory
+    /// the guest's overlay wrote, with the guest's (the image's) owners.
+    /// The guest removed the mount points it made before it unmounted.
+    Ext4(&'a Path),
+}
+
+/// The directory of [`Changes::Ext4`] that holds the overlay's upper layer.
+pub(crate) const EXT4_UPPER: &str = "upper";
+
+/// An ext4 upper disk's `upper/` tree as entries relative to it.
+fn walk_ext4(img: &Path, f: &mut crate::source::dir::DirEntryFn<'_>) -> Result<(), LayerError> {
+    use crate::source::disk::ext::{ExtError, ExtFs};
+    enum Fail {
+        Layer(LayerError),
+        Ext(ExtError),
+    }
+    impl From<ExtError> for Fail {
+        fn from(e: ExtError) -> Fail {
+            Fail::Ext(e)
+        }
+    }
+    let archive = |reason: String| LayerError::Archive {
+        path: img.display().to_string(),
+        reason,
+    };
+    let dev = crate::source::disk::FileSource::open(img)
+        .map_err(|e| archive(format!("open the run's upper disk: {e}")))?;
+    let fs = ExtFs::open(std::sync::Arc::new(dev))
+        .map_err(|e| archive(format!("read the run's upper disk: {e}")))?;
+    let prefix = format!("{EXT4_UPPER}/");
+    let strip = |p: &[u8]| p.strip_prefix(prefix.as_bytes()).map(<[u8]>::to_vec);
+    fs.walk(
+        |mut e: Entry, data: &mut dyn io::Read| -> Result<(), Fail> {
+            if e.path == EXT4_UPPER {
+                e.path = String::new();
+            } else if let Some(rest) = e.path.strip_prefix(&prefix) {
+                e.path = rest.to_string();
+            } else {
+                return Ok(()); // overlay's work directory, lost+found
+            }
+            if e.kind == EntryKind::Hardlink {
+                e.link = e.link.as_deref().and_then(strip);
+                if e.link.is_none() {
+                    return Err(Fail::Layer(archive(format!(
+                        "/{}: a hard link out of the upper layer",
+                        e.path
+                    ))));
+                }
+            }
+            f(e, data).map_err(Fail::Layer)
+        },
+    )
+    .map_err(|e| match e {
+        Fail::Layer(e) => e,
+        Fail::Ext(e) => archive(format!("read the run's upper disk: {e}")),
+    })
+}
+
+/// Turns a run's `changes` into a layer on top of `base` and tags it
+/// `name`. Empty directories at `mount_points` (sandbox paths) of an upper
+/// directory are left out.
 pub(crate) fn commit(
     store: &Store,
     base: &crate::store::Image,
-    upper: &Path,
+    changes: Changes<'_>,
     name: &str,
     created_by: &str,
     epoch: Option<i64>,
     mount_points: &[String],
 ) -> Result<CommitReport, ImportError> {
-    let skip = empty_mount_points(upper, mount_points);
+    let (skip, display, rootless) = match changes {
+        Changes::Dir(upper) => (
+            empty_mount_points(upper, mount_points),
+            format!("run upper dir {}", upper.display()),
+            !rustix::process::getuid().is_root(),
+        ),
+        Changes::Ext4(img) => (
+            Default::default(),
+            format!("run upper disk {}", img.display()),
+            false,
+        ),
+    };
     let name = ImageName::parse(name)?;
     let _w = store.writer_lock()?;
     let mut opts = ImportOptions::new(name.to_string());
     opts.source_date_epoch = epoch;
-    let display = format!("run upper dir {}", upper.display());
     let mut layer = LayerBuilder::new(store, &opts, &display)?;
     let (my_uid, my_gid) = (
         u64::from(rustix::process::getuid().as_raw()),
         u64::from(rustix::process::getgid().as_raw()),
     );
-    let rootless = my_uid != 0;
-    crate::source::dir::walk(upper, &mut |mut e: Entry, data: &mut dyn io::Read| {
+    let mut add = |mut e: Entry, data: &mut dyn io::Read| {
         if e.path.is_empty() || is_fuse_opaque_marker(&e) {
             return Ok(()); // the upper dir itself is not part of the image
         }
@@ -151,7 +226,13 @@ pub(crate) fn commit(
             layer.add(o, &mut io::empty(), 0)?;
         }
         Ok(())
-    })?;
+    };
+    match changes {
+        Changes::Dir(upper) => {
+            crate::source::dir::walk(upper, &mut add)?;
+        }
+        Changes::Ext4(img) => walk_ext4(img, &mut add)?,
+    }
     let (info, entries) = layer.finish()?;
     // The base config, one more diff_id and a history entry.
     let mut cfg: ImageConfiguration = base.config.clone();
@@ -220,7 +301,21 @@ pub(crate) fn finish(
     let mut mount_points: Vec<String> = spec.volumes.iter().map(|v| v.target.clone()).collect();
     mount_points.push(p.workdir.clone());
     let upper = rundir.path.join("upper");
-    let committed = if p.map.kind == MapKind::Subids {
+    let upper_disk = rundir.path.join(crate::sandbox::vm::UPPER_DISK);
+    let committed = if matches!(spec.backend, crate::spec::Backend::Vm(_)) {
+        // The guest's upper disk is the caller's file, with the image's
+        // owners inside.
+        commit(
+            store,
+            &p.img,
+            Changes::Ext4(&upper_disk),
+            name,
+            &created_by,
+            spec.source_date_epoch,
+            &mount_points,
+        )
+        .map_err(|e| e.to_string())
+    } else if p.map.kind == MapKind::Subids {
         // The upper dir holds files of subordinate ids the caller cannot
         // read: commit from inside the same mapping.
         let task = Task::Commit {
@@ -242,7 +337,7 @@ pub(crate) fn finish(
         commit(
             store,
             &p.img,
-            &upper,
+            Changes::Dir(&upper),
             name,
             &created_by,
             spec.source_date_epoch,

@@ -35,21 +35,30 @@ use crate::vm::channel::{write_frame, Frames, Job, Kind, Share, PORT};
 use crate::vm::qemu::{printable, qemu_path, Console, Machine};
 use crate::vm::{accel, Accel, Kernel, VmError};
 
-/// The modules a run's guest loads: virtio, the console port, 9p, overlay,
-/// and crc32c, which ext4 and others ask the crypto API for when they
-/// mount (the kernel's on-demand modprobe has no module tree to look in:
-/// only the command's root has one).
-const RUN_MODULES: &[&str] = &[
-    "crc32c_generic",
-    "virtio_pci",
-    "virtio_console",
-    "9pnet_virtio",
-    "9p",
-    "overlay",
-];
+/// The modules every run's guest loads: virtio, the console port, and
+/// crc32c, which ext4 and others ask the crypto API for when they mount
+/// (the kernel's on-demand modprobe has no module tree to look in: only
+/// the command's root has one). The others only when the run needs them:
+/// under TCG each costs the boot milliseconds.
+const RUN_MODULES: &[&str] = &["crc32c_generic", "virtio_pci", "virtio_console"];
+
+/// What a guest with 9p shares (binds, or the tree as its root) loads.
+const NINEP_MODULES: &[&str] = &["9pnet_virtio", "9p"];
+
+/// What a guest whose root is an overlay (the tree over 9p, or a commit's
+/// upper disk) loads.
+const OVERLAY_MODULES: &[&str] = &["overlay"];
 
 /// What else a guest with its root on a block device loads.
 const BLOCK_ROOT_MODULES: &[&str] = &["virtio_blk", "ext4"];
+
+/// What a guest on QEMU's user network loads.
+const NET_MODULES: &[&str] = &["virtio_net"];
+
+/// The upper disk of a run that commits, in its run directory: an empty
+/// ext4 file system the guest's overlay writes its upper layer to, read by
+/// the host's ext4 reader for the commit.
+pub(crate) const UPPER_DISK: &str = "upper.ext4";
 
 /// Free room in a root image for a run's writes, in KiB: the file is
 /// sparse, so room costs nothing until a run writes (into its own
@@ -112,6 +121,41 @@ fn cow_disk(image: &Path, dir: &Path) -> Result<PathBuf, RunError> {
     Ok(cow)
 }
 
+/// A sparse raw scratch disk of `size` bytes in `dir`.
+fn scratch_disk(dir: &Path, size: u64) -> Result<PathBuf, RunError> {
+    let path = dir.join("disk.raw");
+    fs::File::create(&path)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| RunError::host(format!("create the scratch disk {}", path.display()), e))?;
+    Ok(path)
+}
+
+/// The user's initramfs followed by kiln's, in the run directory: the
+/// kernel unpacks both in turn, so kiln's `/init` is the one that runs.
+fn with_initrd(extra: &Path, kiln: &Path, dir: &Path) -> Result<PathBuf, RunError> {
+    let path = dir.join("initrd.img");
+    let mut first = fs::File::open(extra).map_err(|e| {
+        RunError::host(
+            format!(
+                "{} {}: open",
+                crate::words::field("vm.initrd"),
+                extra.display()
+            ),
+            e,
+        )
+    })?;
+    let mut copy = || -> io::Result<()> {
+        let mut out = fs::File::create(&path)?;
+        let n = io::copy(&mut first, &mut out)?;
+        // Each archive of a concatenation starts 4-byte aligned.
+        out.write_all(&[0u8; 3][..((4 - n % 4) % 4) as usize])?;
+        io::copy(&mut fs::File::open(kiln)?, &mut out)?;
+        Ok(())
+    };
+    copy().map_err(|e| RunError::host(format!("add {} to the initramfs", extra.display()), e))?;
+    Ok(path)
+}
+
 /// How long a KVM guest has to speak before KVM is judged broken.
 const KVM_PROBE: Duration = Duration::from_secs(5);
 
@@ -147,17 +191,44 @@ pub(crate) fn run(
     .map_err(RunError::Vm)?;
     let root_image = root_image(p, helper)?;
     let modules_image = modules_image(&kernel, &cache);
+    let commit = spec.commit.is_some();
+    let network = spec.network == crate::spec::Network::Host;
     let mut modules = RUN_MODULES.to_vec();
-    if root_image.is_some() || modules_image.is_some() {
+    if root_image.is_none() || !spec.volumes.is_empty() {
+        modules.extend(NINEP_MODULES);
+    }
+    if root_image.is_none() || commit {
+        modules.extend(OVERLAY_MODULES);
+    }
+    if root_image.is_some() || modules_image.is_some() || commit || o.disk.is_some() {
         modules.extend(BLOCK_ROOT_MODULES);
     }
-    let initrd = crate::vm::initramfs::cached(&kernel, &modules, &cache).map_err(RunError::Vm)?;
+    if network {
+        modules.extend(NET_MODULES);
+    }
+    let mut initrd =
+        crate::vm::initramfs::cached(&kernel, &modules, &cache).map_err(RunError::Vm)?;
+    if let Some(extra) = &o.initrd {
+        initrd = with_initrd(extra, &initrd, &rundir)?;
+    }
     // The run's writes to its root: a qcow2 disk in the run directory over
-    // the cached image (gone with the run directory, or with the next run
-    // or gc after a SIGKILL).
-    let root_overlay = match (&root_image, spec.read_only) {
+    // the cached image, or with a commit an upper disk the guest's overlay
+    // writes (gone with the run directory, or with the next run or gc
+    // after a SIGKILL).
+    let root_overlay = match (&root_image, spec.read_only || commit) {
         (Some(img), false) => Some(cow_disk(img, &rundir)?),
         _ => None,
+    };
+    let upper_disk = if commit {
+        let path = rundir.join(UPPER_DISK);
+        crate::vm::cache::empty_ext4(&path, ROOM_KIB).map_err(RunError::Vm)?;
+        Some(path)
+    } else {
+        None
+    };
+    let scratch = match o.disk {
+        Some(size) => Some(scratch_disk(&rundir, size)?),
+        None => None,
     };
     let boot = kernel.boot_file(&cache).map_err(RunError::Vm)?;
     let qemu = crate::vm::qemu::find_qemu().map_err(RunError::Vm)?;
@@ -208,6 +279,9 @@ pub(crate) fn run(
         hostname: spec.hostname.clone(),
         read_only: spec.read_only,
         root_disk: root_image.is_some(),
+        upper_disk: commit,
+        scratch_disk: scratch.is_some(),
+        network,
         stdin: spec.stdin,
         upper_size,
         tmp_size,
@@ -271,6 +345,9 @@ pub(crate) fn run(
             rootfs: &p.rootfs.path,
             root_image: root_image.as_deref(),
             root_overlay: root_overlay.as_deref(),
+            upper_disk: upper_disk.as_deref(),
+            scratch: scratch.as_deref(),
+            network,
             modules_image: modules_image.as_deref(),
             shares: &shares,
             rundir: &rundir,
@@ -368,8 +445,15 @@ struct Vm<'a> {
     rootfs: &'a Path,
     /// The tree as an ext4 image (else the tree goes over 9p).
     root_image: Option<&'a Path>,
-    /// The run's copy-on-write disk over it (none: read-only).
+    /// The run's copy-on-write disk over it (none: read-only, or the
+    /// writes go to the upper disk).
     root_overlay: Option<&'a Path>,
+    /// The upper disk of a run that commits.
+    upper_disk: Option<&'a Path>,
+    /// The `--disk` scratch disk.
+    scratch: Option<&'a Path>,
+    /// QEMU's user network for the guest.
+    network: bool,
     /// The kernel's module tree as an ext4 image.
     modules_image: Option<&'a Path>,
     /// 9p shares: tag, host directory, read-only.
@@ -437,6 +521,27 @@ fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
         });
         argv.push("-device".into());
         argv.push("virtio-blk-pci,drive=root,serial=kiln-root".into());
+    }
+    for (disk, serial) in [(vm.upper_disk, "kiln-upper"), (vm.scratch, "kiln-disk")] {
+        if let Some(disk) = disk {
+            argv.push("-drive".into());
+            argv.push(format!(
+                "file={},format=raw,if=none,id={serial},discard=unmap",
+                qemu_path(Path::new(&utf8(disk)?))
+            ));
+            argv.push("-device".into());
+            argv.push(format!("virtio-blk-pci,drive={serial},serial={serial}"));
+        }
+    }
+    if vm.network {
+        // QEMU's user network (slirp): the guest reaches what the host
+        // reaches, the host's loopback at the gateway; nothing reaches in.
+        argv.extend([
+            "-netdev".into(),
+            "user,id=net0".into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=net0".into(),
+        ]);
     }
     if let Some(img) = vm.modules_image {
         argv.push("-drive".into());

@@ -7,6 +7,7 @@ pub(crate) mod tree;
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -275,34 +276,94 @@ pub fn read_signalfd(fd: &std::os::fd::OwnedFd) -> Option<i32> {
 
 /// Brings the loopback interface of the current network namespace up.
 pub fn loopback_up() -> io::Result<()> {
+    interface_up("lo", None)
+}
+
+/// An IPv4 socket for interface and route ioctls, closed on drop.
+fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An IPv4 socket address as the interface and route ioctls take it.
+fn sockaddr_v4(addr: [u8; 4]) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) and
+    // sockaddr is plain data, valid for any bytes.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Brings the network interface `name` up in the current network
+/// namespace, first giving it the IPv4 address `addr` with a netmask of
+/// `prefix` bits when one is given.
+pub fn interface_up(name: &str, addr: Option<([u8; 4], u8)>) -> io::Result<()> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let fd = inet_socket()?;
     // SAFETY: ifreq is plain data; zero is a valid initial value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (i, b) in b"lo".iter().enumerate() {
-        req.ifr_name[i] = *b as libc::c_char;
+    for (i, b) in name.bytes().enumerate() {
+        req.ifr_name[i] = b as libc::c_char;
     }
-    // SAFETY: `req` is a valid ifreq naming "lo"; the kernel fills ifru_flags.
-    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
-    let result = if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        // SAFETY: SIOCGIFFLAGS initialized the flags member of the union.
-        unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-        // SAFETY: `req` is a valid ifreq with the new flags.
-        let r = unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) };
-        if r < 0 {
+    let ioctl = |op: libc::Ioctl, req: &mut libc::ifreq| {
+        // SAFETY: `req` is a valid ifreq naming the interface, with the
+        // union member `op` reads or writes set.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), op, req as *mut libc::ifreq) } < 0 {
             Err(io::Error::last_os_error())
         } else {
             Ok(())
         }
     };
-    // SAFETY: `fd` is ours and closed exactly once.
-    unsafe { libc::close(fd) };
-    result
+    if let Some((ip, prefix)) = addr {
+        req.ifr_ifru.ifru_addr = sockaddr_v4(ip);
+        ioctl(libc::SIOCSIFADDR, &mut req)?;
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix.min(32)))
+            .unwrap_or(0);
+        req.ifr_ifru.ifru_netmask = sockaddr_v4(mask.to_be_bytes());
+        ioctl(libc::SIOCSIFNETMASK, &mut req)?;
+    }
+    ioctl(libc::SIOCGIFFLAGS, &mut req)?;
+    // SAFETY: SIOCGIFFLAGS initialized the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    ioctl(libc::SIOCSIFFLAGS, &mut req)
+}
+
+/// Adds the IPv4 default route through `gateway` in the current network
+/// namespace.
+pub fn default_route(gateway: [u8; 4]) -> io::Result<()> {
+    let fd = inet_socket()?;
+    // SAFETY: rtentry is plain data; zero is a valid initial value.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_v4([0; 4]);
+    rt.rt_genmask = sockaddr_v4([0; 4]);
+    rt.rt_gateway = sockaddr_v4(gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: `rt` is a valid rtentry for SIOCADDRT.
+    if unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCADDRT,
+            &mut rt as *mut libc::rtentry,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `execve(2)`; returns only on failure.

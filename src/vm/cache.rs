@@ -125,6 +125,37 @@ pub(crate) fn ext4_of_tree(
     Ok(())
 }
 
+/// Writes an empty ext4 file system of `size_kib` KiB to `out` (sparse,
+/// no journal: the guest unmounts it before the host reads it), its root
+/// owned by 0:0.
+pub(crate) fn empty_ext4(out: &Path, size_kib: u64) -> Result<(), VmError> {
+    let mke2fs = crate::sys::find_tool("mke2fs").ok_or_else(|| {
+        VmError::Agent("be given an upper disk: mke2fs not found (install e2fsprogs)".into())
+    })?;
+    let output = std::process::Command::new(&mke2fs)
+        .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal,^resize_inode"])
+        .args([
+            "-m",
+            "0",
+            "-b",
+            "4096",
+            "-E",
+            "root_owner=0:0,lazy_itable_init=1",
+        ])
+        .args(["-L", "kiln-upper"])
+        .arg(out)
+        .arg(format!("{size_kib}k"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(io_err("run mke2fs for", out))?;
+    if !output.status.success() {
+        return Err(io_err("make an ext4 file system in", out)(
+            io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string()),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,6 +53,15 @@ impl Kind {
     }
 }
 
+/// QEMU's user network as the guest sees it (QEMU's defaults): the
+/// guest's address and prefix, the gateway (the host's loopback is
+/// reached there) and the resolver.
+pub(crate) const GUEST_ADDR: ([u8; 4], u8) = ([10, 0, 2, 15], 24);
+/// The gateway of QEMU's user network.
+pub(crate) const GUEST_GATEWAY: [u8; 4] = [10, 0, 2, 2];
+/// The resolver of QEMU's user network.
+pub(crate) const GUEST_DNS: &str = "10.0.2.3";
+
 /// What the guest agent runs.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Job {
@@ -75,6 +84,21 @@ pub(crate) struct Job {
     /// the run); else the 9p share `kiln.root`, read-only, under an
     /// overlay in guest memory.
     pub root_disk: bool,
+    /// The overlay's upper layer is the virtio disk `kiln-upper` (an empty
+    /// ext4 file system; its `upper/` directory becomes the layer of a
+    /// commit), with the image's tree read-only below it; the guest
+    /// removes the mount points it made and unmounts it before the exit
+    /// status is sent.
+    #[serde(default)]
+    pub upper_disk: bool,
+    /// A scratch virtio disk `kiln-disk` for the command (`--disk`), shown
+    /// as `/dev/disk/by-id/virtio-kiln-disk` and `$KILN_DISK`.
+    #[serde(default)]
+    pub scratch_disk: bool,
+    /// The guest's network: `eth0` on QEMU's user network ([`GUEST_ADDR`],
+    /// [`GUEST_GATEWAY`], [`GUEST_DNS`]); else loopback only.
+    #[serde(default)]
+    pub network: bool,
     /// Whether input comes (`Stdin` frames); else /dev/null.
     pub stdin: bool,
     /// Size of the in-memory upper layer, `/tmp` and `/dev/shm` in bytes.

@@ -67,7 +67,7 @@ pub(crate) fn write(kernel: &Kernel, modules: &[&str], out: &Path) -> Result<(),
     let mut order = String::new();
     for (i, m) in mods.iter().enumerate() {
         let src = kernel.modules.join(m);
-        let data = read_module(&src)?;
+        let data = super::kernel::without_signature(read_module(&src)?);
         let name = format!("modules/{i:03}.ko");
         w(c.file(&name, 0o644, &data))?;
         order.push_str(&format!("/{name} {m}\n"));
@@ -84,7 +84,7 @@ pub(crate) fn write(kernel: &Kernel, modules: &[&str], out: &Path) -> Result<(),
 pub(crate) fn cached(kernel: &Kernel, modules: &[&str], cache: &Path) -> Result<PathBuf, VmError> {
     let me = crate::sys::helper_exe(None);
     let name = key_name(&format!(
-        "v1\n{}\n{}\n{}\n{}\n{}",
+        "v2\n{}\n{}\n{}\n{}\n{}",
         me.display(),
         stamp(&me),
         kernel.modules.display(),
@@ -101,7 +101,7 @@ pub(crate) fn cached(kernel: &Kernel, modules: &[&str], cache: &Path) -> Result<
 }
 
 /// Initramfs images a cache keeps (each kiln build makes its own).
-const KEEP: usize = 6;
+const KEEP: usize = 8;
 
 /// Removes all but the `keep` newest `initrd-*.cpio` of `cache`.
 fn prune(cache: &Path, keep: usize) {

@@ -323,9 +323,61 @@ pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>, VmError> {
     plain.map_err(io_err("decompress module", path))
 }
 
+/// The marker the kernel's `sign-file` appends after a module's signature.
+const SIGNATURE_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// A module without its appended signature, when it has a well-formed one:
+/// the guest kernel then skips hashing and checking it (which under TCG
+/// costs a noticeable part of a boot), loading it as an unsigned module
+/// (allowed unless the kernel enforces signatures, which the guest kernel
+/// of a run does not: the modules come from the same kernel package).
+/// Anything else comes back as it is.
+pub(crate) fn without_signature(mut ko: Vec<u8>) -> Vec<u8> {
+    // struct module_signature: algo, hash, id_type, signer_len,
+    // key_id_len, 3 pad bytes, sig_len (big-endian u32).
+    const INFO: usize = 12;
+    let Some(body) = ko.len().checked_sub(SIGNATURE_MAGIC.len()) else {
+        return ko;
+    };
+    if &ko[body..] != SIGNATURE_MAGIC || body < INFO {
+        return ko;
+    }
+    let info = &ko[body - INFO..body];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let extra = usize::from(info[3]) + usize::from(info[4]);
+    match (body - INFO).checked_sub(sig_len + extra) {
+        Some(end) if ko.get(..4) == Some(b"\x7fELF") => {
+            ko.truncate(end);
+            ko
+        }
+        _ => ko,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_module_signature_is_cut_off_and_anything_else_kept() {
+        let mut ko = b"\x7fELF module body".to_vec();
+        let body = ko.clone();
+        let sig = vec![0xab; 40];
+        ko.extend(&sig);
+        ko.extend([0, 0, 2, 0, 0, 0, 0, 0]);
+        ko.extend((sig.len() as u32).to_be_bytes());
+        ko.extend(SIGNATURE_MAGIC);
+        assert_eq!(without_signature(ko.clone()), body);
+        // A signature longer than the file, no marker, not ELF: unchanged.
+        let mut bad = ko.clone();
+        let n = bad.len() - SIGNATURE_MAGIC.len() - 4;
+        bad[n..n + 4].copy_from_slice(&1000u32.to_be_bytes());
+        assert_eq!(without_signature(bad.clone()), bad);
+        assert_eq!(without_signature(body.clone()), body);
+        let mut not_elf = ko.clone();
+        not_elf[0] = b'X';
+        assert_eq!(without_signature(not_elf.clone()), not_elf);
+    }
 
     #[test]
     fn modules_come_after_their_dependencies() {

@@ -18,7 +18,9 @@ use rustix::event::{poll, PollFd, PollFlags};
 use rustix::mount::{self as m, MountFlags};
 
 use super::{base_mounts, load_modules, say};
-use crate::vm::channel::{read_frame, write_frame, Frames, Job, Kind, PORT};
+use crate::vm::channel::{
+    read_frame, write_frame, Frames, Job, Kind, GUEST_ADDR, GUEST_DNS, GUEST_GATEWAY, PORT,
+};
 
 /// Runs the job; returns when the exit status is sent (or could not be).
 pub(super) fn main() {
@@ -95,17 +97,51 @@ fn disk(serial: &str) -> Result<String, String> {
     }
 }
 
-/// Mounts the command's root on /root.
-fn build_root(job: &Job) -> Result<(), String> {
-    let mnt = |src: &str, target: &str, fstype: &str, flags: MountFlags, data: Option<&str>| {
-        let data = data
-            .map(CString::new)
-            .transpose()
-            .map_err(|e| e.to_string())?;
-        m::mount(src, target, fstype, flags, data.as_deref())
-            .map_err(|e| format!("mount {fstype} on {target}: {e}"))
-    };
-    if job.root_disk {
+/// Directories the agent made in the command's root (mount points the
+/// image lacks), as paths under /root, deepest last.
+#[derive(Default)]
+struct Made(Vec<PathBuf>);
+
+impl Made {
+    /// `/root/REL`, made if missing (and where it can be: on a read-only
+    /// root it may not); `None` if it is not a directory.
+    fn dir(&mut self, rel: &str) -> Option<String> {
+        let p = Path::new("/root").join(rel.trim_start_matches('/'));
+        let missing: Vec<PathBuf> = p
+            .ancestors()
+            .take_while(|a| *a != Path::new("/root") && fs::symlink_metadata(a).is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        let _ = fs::create_dir_all(&p);
+        self.0
+            .extend(missing.into_iter().rev().filter(|d| d.is_dir()));
+        p.is_dir().then(|| p.display().to_string())
+    }
+}
+
+fn mnt(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MountFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let data = data
+        .map(CString::new)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    m::mount(src, target, fstype, flags, data.as_deref())
+        .map_err(|e| format!("mount {fstype} on {target}: {e}"))
+}
+
+/// Mounts the command's root on /root; the directories it made there.
+fn build_root(job: &Job) -> Result<Made, String> {
+    for d in ["/lower", "/rw", "/root"] {
+        let _ = fs::create_dir_all(d);
+    }
+    // No lazy inode-table zeroing behind the command's back (under TCG it
+    // competes for the one emulated CPU); no atime writes.
+    if job.root_disk && !job.upper_disk {
         // The image's ext4 image behind a copy-on-write disk of the run:
         // mounted as it is, no overlay (which costs every lookup a second
         // file system under TCG).
@@ -115,8 +151,6 @@ fn build_root(job: &Job) -> Result<(), String> {
         } else {
             MountFlags::empty()
         };
-        // No lazy inode-table zeroing behind the command's back (under TCG
-        // it competes for the one emulated CPU); no atime writes.
         mnt(
             &dev,
             "/root",
@@ -125,52 +159,82 @@ fn build_root(job: &Job) -> Result<(), String> {
             Some("noinit_itable"),
         )?;
     } else {
-        mnt(
-            "kiln.root",
-            "/lower",
-            "9p",
-            MountFlags::RDONLY,
-            Some("trans=virtio,version=9p2000.L,msize=524288,cache=loose,access=client"),
-        )?;
-    }
-    if job.root_disk {
-    } else if job.read_only {
-        m::mount_bind_recursive("/lower", "/root")
-            .map_err(|e| format!("bind the image on /root: {e}"))?;
-    } else {
-        mnt(
-            "tmpfs",
-            "/rw",
-            "tmpfs",
-            MountFlags::empty(),
-            Some(&format!("size={},mode=0755", job.upper_size.max(1 << 20))),
-        )?;
-        for d in ["/rw/upper", "/rw/work"] {
-            fs::create_dir(d).map_err(|e| format!("create {d}: {e}"))?;
+        if job.root_disk {
+            let dev = disk("kiln-root")?;
+            mnt(
+                &dev,
+                "/lower",
+                "ext4",
+                MountFlags::RDONLY | MountFlags::NOATIME,
+                None,
+            )?;
+        } else {
+            mnt(
+                "kiln.root",
+                "/lower",
+                "9p",
+                MountFlags::RDONLY,
+                Some("trans=virtio,version=9p2000.L,msize=524288,cache=loose,access=client"),
+            )?;
         }
-        mnt(
-            "overlay",
-            "/root",
-            "overlay",
-            MountFlags::empty(),
-            Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
-        )?;
+        if job.read_only && !job.upper_disk {
+            m::mount_bind_recursive("/lower", "/root")
+                .map_err(|e| format!("bind the image on /root: {e}"))?;
+        } else {
+            if job.upper_disk {
+                // The layer of a commit: an empty ext4 disk of the run.
+                let dev = disk("kiln-upper")?;
+                mnt(
+                    &dev,
+                    "/rw",
+                    "ext4",
+                    MountFlags::NOATIME,
+                    Some("noinit_itable"),
+                )?;
+            } else {
+                mnt(
+                    "tmpfs",
+                    "/rw",
+                    "tmpfs",
+                    MountFlags::empty(),
+                    Some(&format!("size={},mode=0755", job.upper_size.max(1 << 20))),
+                )?;
+            }
+            for d in ["/rw/upper", "/rw/work"] {
+                fs::create_dir(d).map_err(|e| format!("create {d}: {e}"))?;
+            }
+            // The root directory keeps the image's owner and mode.
+            if let Ok(st) = rustix::fs::stat("/lower") {
+                let _ = rustix::fs::chown(
+                    "/rw/upper",
+                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
+                );
+                let _ = rustix::fs::chmod(
+                    "/rw/upper",
+                    rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777),
+                );
+            }
+            // Overlay's on-disk format as the namespace backend's: a
+            // renamed directory is copied up whole, not redirected.
+            mnt(
+                "overlay",
+                "/root",
+                "overlay",
+                MountFlags::empty(),
+                Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work,redirect_dir=off,index=off,metacopy=off"),
+            )?;
+        }
     }
-    // What the image lacks is made where it can be (the overlay); on a
-    // read-only root a missing mount point is skipped.
-    let inside = |d: &str| {
-        let p = Path::new("/root").join(d);
-        let _ = fs::create_dir_all(&p);
-        p.is_dir().then(|| p.display().to_string())
-    };
+    let mut made = Made::default();
     let nosuid = MountFlags::NOSUID | MountFlags::NODEV;
-    if let Some(p) = inside("proc") {
+    if let Some(p) = made.dir("proc") {
         mnt("proc", &p, "proc", nosuid | MountFlags::NOEXEC, None)?;
     }
-    if let Some(p) = inside("sys") {
+    if let Some(p) = made.dir("sys") {
         mnt("sysfs", &p, "sysfs", nosuid | MountFlags::NOEXEC, None)?;
     }
-    if let Some(p) = inside("dev") {
+    if let Some(p) = made.dir("dev") {
         // The guest's own devices, loop and block devices included: they
         // are the VM's, not the host's.
         mnt("devtmpfs", &p, "devtmpfs", MountFlags::NOSUID, None)?;
@@ -192,8 +256,18 @@ fn build_root(job: &Job) -> Result<(), String> {
             nosuid,
             Some(&format!("size={},mode=1777", job.shm_size.max(1 << 20))),
         )?;
+        if job.scratch_disk {
+            // udev's name for it, which the guest has no udev to make.
+            let dev = disk(SCRATCH)?;
+            let by_id = format!("{p}/disk/by-id");
+            let _ = fs::create_dir_all(&by_id);
+            let _ = std::os::unix::fs::symlink(
+                format!("../../{}", dev.trim_start_matches("/dev/")),
+                format!("{by_id}/virtio-{SCRATCH}"),
+            );
+        }
     }
-    if let Some(p) = inside("tmp") {
+    if let Some(p) = made.dir("tmp") {
         mnt(
             "tmpfs",
             &p,
@@ -205,7 +279,7 @@ fn build_root(job: &Job) -> Result<(), String> {
     if let Some(target) = &job.modules {
         // The kernel's module tree (an ext4 image kiln made of it), for
         // modprobe; on a read-only root without the directory it is left out.
-        if let Some(p) = inside(target.trim_start_matches('/')) {
+        if let Some(p) = made.dir(target) {
             let dev = disk("kiln-modules")?;
             mnt(
                 &dev,
@@ -216,8 +290,20 @@ fn build_root(job: &Job) -> Result<(), String> {
             )?;
         }
     }
+    if job.network {
+        // The resolver of QEMU's user network, over the image's file (a
+        // file the image lacks is not made).
+        let conf = Path::new("/root/etc/resolv.conf");
+        if conf.is_file() {
+            // In the initramfs, outside the command's root.
+            let src = "/resolv.conf";
+            fs::write(src, format!("nameserver {GUEST_DNS}\n"))
+                .map_err(|e| format!("write {src}: {e}"))?;
+            m::mount_bind(src, conf).map_err(|e| format!("bind resolv.conf: {e}"))?;
+        }
+    }
     for s in &job.mounts {
-        let Some(p) = inside(s.target.trim_start_matches('/')) else {
+        let Some(p) = made.dir(&s.target) else {
             if s.required {
                 return Err(format!(
                     "create the mount point {} (the root is read-only)",
@@ -227,11 +313,11 @@ fn build_root(job: &Job) -> Result<(), String> {
             continue;
         };
         let mut flags = MountFlags::empty();
-        if s.read_only {
-            flags |= MountFlags::RDONLY;
-        }
         if !s.dev {
             flags |= MountFlags::NODEV;
+        }
+        if s.read_only {
+            flags |= MountFlags::RDONLY;
         }
         if !s.suid {
             flags |= MountFlags::NOSUID;
@@ -245,7 +331,88 @@ fn build_root(job: &Job) -> Result<(), String> {
             Some("trans=virtio,version=9p2000.L,msize=524288,cache=none,access=client"),
         )?;
     }
+    Ok(made)
+}
+
+/// The network of the guest: loopback, and with `job.network` `eth0` on
+/// QEMU's user network.
+fn network(job: &Job) -> Result<(), String> {
+    crate::sys::loopback_up().map_err(|e| format!("bring lo up: {e}"))?;
+    if job.network {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !Path::new("/sys/class/net/eth0").exists() {
+            if Instant::now() > deadline {
+                return Err("find the network device eth0 (virtio-net)".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        crate::sys::interface_up("eth0", Some(GUEST_ADDR))
+            .map_err(|e| format!("configure eth0: {e}"))?;
+        crate::sys::default_route(GUEST_GATEWAY)
+            .map_err(|e| format!("add the default route: {e}"))?;
+    }
     Ok(())
+}
+
+/// Name of the `--disk` scratch disk (its virtio serial).
+const SCRATCH: &str = "kiln-disk";
+
+/// After the command of a run whose upper layer is a disk: the guest's
+/// processes gone, every mount of the root undone, the mount points the
+/// agent made removed from the upper layer (as the namespace backend
+/// leaves them out), and the upper disk unmounted, so the host reads a
+/// complete file system.
+fn close_upper(made: &Made) -> Result<(), String> {
+    crate::sys::kill_all();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG) {
+            Ok(Some(_)) => continue,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => break,
+        }
+    }
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
+    let points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|p| p == "/root" || p.starts_with("/root/"))
+        .collect();
+    for p in points.iter().rev() {
+        if m::unmount(p.as_str(), m::UnmountFlags::empty()).is_err() {
+            m::unmount(p.as_str(), m::UnmountFlags::DETACH)
+                .map_err(|e| format!("unmount {p}: {e}"))?;
+        }
+    }
+    for d in made.0.iter().rev() {
+        if let Ok(rel) = d.strip_prefix("/root") {
+            let _ = fs::remove_dir(Path::new("/rw/upper").join(rel));
+        }
+    }
+    crate::sys::sync_all();
+    m::unmount("/rw", m::UnmountFlags::empty()).map_err(|e| format!("unmount the upper disk: {e}"))
+}
+
+/// A mount point as /proc/self/mountinfo writes it (`\040` for a space).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The command, set up to start chrooted in /root.
@@ -258,6 +425,9 @@ fn command(job: &Job) -> Result<Command, String> {
             cmd.env(k, v);
         }
     }
+    if job.scratch_disk {
+        cmd.env("KILN_DISK", format!("/dev/disk/by-id/virtio-{SCRATCH}"));
+    }
     let workdir = CString::new(job.workdir.as_str()).map_err(|e| e.to_string())?;
     crate::sys::pre_exec_enter_root(&mut cmd, c"/root", workdir, (job.uid, job.gid));
     Ok(cmd)
@@ -265,20 +435,28 @@ fn command(job: &Job) -> Result<Command, String> {
 
 /// Runs the command; its exit code.
 fn supervise(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, String> {
-    build_root(job)?;
+    let mut made = build_root(job)?;
+    network(job)?;
     if let Err(e) = rustix::system::sethostname(job.hostname.as_bytes()) {
         say(&format!("kiln-agent: sethostname: {e}"));
     }
     // As the namespace backend does: a working directory the image lacks
     // is made (on a writable root).
-    let wd = Path::new("/root").join(job.workdir.trim_start_matches('/'));
-    let _ = fs::create_dir_all(&wd);
-    if !wd.is_dir() {
+    if made.dir(&job.workdir).is_none() {
         return Err(format!(
             "chdir {}: no such directory (the root is read-only)",
             job.workdir
         ));
     }
+    let code = relay(job, ctl, frames)?;
+    if job.upper_disk {
+        close_upper(&made)?;
+    }
+    Ok(code)
+}
+
+/// Runs the command, relays its input, output and signals; its exit code.
+fn relay(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, String> {
     let mut cmd = command(job)?;
     cmd.stdin(if job.stdin {
         Stdio::piped()
