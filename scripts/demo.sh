@@ -4,8 +4,9 @@
 #   import it (gzip'd tarball, detected by content) into a fresh store,
 #   list and inspect it, read it with skopeo and umoci straight from the
 #   store, run build steps in it and --commit, import the same rootfs as a
-#   vendor-kit-like ISO (chunks > VHD > MBR > ext4), and export an archive
-#   that podman/docker load.
+#   vendor-kit-like ISO (chunks > VHD > MBR > ext4), build a bootable disk
+#   image inside a throwaway VM and boot it, and export an archive that
+#   podman/docker load.
 # Run as root on a fresh Debian 12 machine (KILN_SKIP_SETUP=1 to skip apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,6 +109,17 @@ as "$kiln" probe "$work/kit.iso"
 timed as "$kiln" import "$work/kit.iso" --tag kiln/kit:demo --map-caller
 losetup -a | wc -l | sed 's/^/loop devices after:  /'
 as "$kiln" run kiln/kit:demo sh -c 'echo "hello from the kit: $(ls /bin | wc -l) programs in /bin"'
+
+step "kiln run --vm: build a bootable disk image in a throwaway VM (losetup -P, mkfs, mount: the guest's), boot it"
+mkdir -p "$work/vm-out"
+cp -r images/vm-disk "$work/recipe"
+chmod -R a+rX "$work/recipe"
+[ "$(id -u)" = 0 ] && chown "$user:" "$work/vm-out"
+losetup -a | wc -l | sed 's/^/loop devices before: /'
+timed as "$kiln" run --vm --timings -v "$work/vm-out:/out" -v /boot:/host-boot:ro \
+  -v "$work/recipe:/recipe:ro" kiln/busybox:demo -- sh /recipe/build-image.sh /out
+losetup -a | wc -l | sed 's/^/loop devices after:  /'
+timed as env KILN="$kiln" bash "$work/recipe/boot.sh" "$work/vm-out/disk.img"
 
 step "kiln export (oci-archive and docker-archive), fsck, gc"
 timed as "$kiln" export kiln/busybox:demo -o "$work/out/busybox-oci.tar"

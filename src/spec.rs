@@ -815,9 +815,6 @@ impl RunSpec {
                 format!("{} virtual CPUs: give 1 to 64", vm.cpus),
             ));
         }
-        if self.tty {
-            return no("tty", "a pseudo-terminal in the guest is not there yet");
-        }
         if let Some(size) = vm.disk {
             if !(1 << 20..=16 << 40).contains(&size) {
                 return Err(SpecError::invalid(

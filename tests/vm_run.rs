@@ -128,6 +128,98 @@ fn stdin_reaches_the_command_with_i() {
     // Without -i the command reads nothing.
     let (code, out, _) = run_sh(&k, &["--vm"], "wc -c");
     assert_eq!((code, out.trim()), (0, "0"));
+    // A short input arrives with the job, before the command starts, and
+    // is not left waiting for more.
+    let out = piped(
+        &k,
+        &["run", "--vm", "-i", "bb", "sh", "-c", "read x; echo got-$x"],
+        b"hello\n",
+    );
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).as_ref()
+        ),
+        (Some(0), "got-hello\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `kiln ARGS` with `input` on its stdin, bounded by `timeout` (a hang
+/// fails the test, not the suite).
+fn piped(k: &Kiln, args: &[&str], input: &[u8]) -> std::process::Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("120")
+        .arg(kiln_bin())
+        .arg("--store")
+        .arg(k.store())
+        .args(args);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kiln");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+/// `-t`: a pty in the guest is the command's stdin, stdout, stderr and
+/// controlling terminal, with `TERM` set, input relayed with `-i`, and the
+/// caller's terminal size, as in the namespace backend.
+#[test]
+fn a_pty_in_the_guest_with_t() {
+    let k = with_busybox();
+    let script = "test -t 0 && test -t 1 && test -t 2 && echo tty; echo $TERM; tty; exit 4";
+    let out = piped(&k, &["run", "--vm", "-t", "bb", "sh", "-c", script], b"");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0], "tty");
+    assert!(!lines[1].is_empty(), "no TERM: {text}");
+    assert!(lines[2].starts_with("/dev/pts/"), "{text}");
+    // The same with the namespace backend.
+    let ns = piped(
+        &k,
+        &[
+            "run",
+            "-t",
+            "bb",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && test -t 2 && echo tty; exit 4",
+        ],
+        b"",
+    );
+    assert_eq!(ns.status.code(), Some(4));
+    assert_eq!(
+        String::from_utf8_lossy(&ns.stdout).replace('\r', ""),
+        "tty\n"
+    );
+    // -i relays input to the pty (an interactive shell reads it).
+    let out = piped(
+        &k,
+        &["run", "--vm", "-t", "-i", "bb", "sh"],
+        b"echo from-$((40+2))\nexit 5\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert_eq!(out.status.code(), Some(5), "{text}");
+    assert!(text.lines().any(|l| l == "from-42"), "{text}");
+    // The caller's terminal size reaches the command.
+    let text = on_a_terminal(&k, "stty cols 99 rows 33;", "run --vm -t bb stty size");
+    assert!(text.contains("33 99"), "{text}");
 }
 
 /// --timeout stops the command with exit code 124; its SIGTERM trap gets
@@ -233,26 +325,82 @@ fn sigkill_of_kiln_leaves_no_qemu_and_no_files() {
 /// Loop devices, partitions, a file system and a mount inside the guest,
 /// with a module loaded by modprobe from the kernel's module tree: the
 /// host's loop devices and mounts are the same before and after.
+/// The host's loop devices (`/sys/block/loop*`, `losetup -a`) and mounts.
+fn host_state() -> (Vec<String>, String, String) {
+    let mut loops: Vec<String> = fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("loop"))
+        .collect();
+    loops.sort();
+    let losetup = Command::new("losetup")
+        .arg("-a")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    (loops, losetup, mounts)
+}
+
+/// The seeds' case, end to end (images/vm-disk): inside the VM a disk
+/// image is made, partitioned, attached with `losetup -P`, given a file
+/// system, mounted, filled with a root file system, a kernel and an
+/// initramfs, unmounted and detached, and reaches the host through a
+/// bind; the host then boots it in QEMU (after kiln read the kernel out of
+/// it, rootless) and the image's own init prints its ready line. The
+/// host's loop devices and mounts are the same before and after.
+#[test]
+fn a_disk_image_built_in_the_guest_boots_and_the_host_sees_no_loop_device() {
+    let k = with_busybox();
+    let before = host_state();
+    let out = k.dir.path().join("out");
+    fs::create_dir(&out).expect("mkdir");
+    let recipe = repo().join("images/vm-disk");
+    let (code, stdout, err) = run_sh(
+        &k,
+        &[
+            "--vm",
+            "-v",
+            &format!("{}:/out", out.display()),
+            "-v",
+            "/boot:/host-boot:ro",
+            "-v",
+            &format!("{}:/recipe:ro", recipe.display()),
+        ],
+        "sh /recipe/build-image.sh /out",
+    );
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("build-image: done"), "{stdout}");
+    assert!(out.join("disk.img").is_file());
+    let boot = Command::new("bash")
+        .arg(recipe.join("boot.sh"))
+        .arg(out.join("disk.img"))
+        .env("KILN", kiln_bin())
+        .env("KILN_HOME", k.store())
+        .output()
+        .expect("run boot.sh");
+    let console = String::from_utf8_lossy(&boot.stdout);
+    assert!(
+        boot.status.success(),
+        "{console}{}",
+        String::from_utf8_lossy(&boot.stderr)
+    );
+    assert!(
+        console.contains("vm-disk: ready: the image built in a kiln VM booted")
+            && console.contains("root /dev/vda1"),
+        "{console}"
+    );
+    let after = host_state();
+    assert_eq!(before.0, after.0, "/sys/block/loop*");
+    assert_eq!(before.1, after.1, "losetup -a");
+    assert_eq!(before.2, after.2, "the host's mounts");
+}
+
 #[test]
 fn loop_devices_and_mounts_in_the_guest_change_nothing_on_the_host() {
     let k = with_busybox();
-    let host_state = || {
-        let mut loops: Vec<String> = fs::read_dir("/sys/block")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("loop"))
-            .collect();
-        loops.sort();
-        let losetup = Command::new("losetup")
-            .arg("-a")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let mounts = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        (loops, losetup, mounts)
-    };
     let before = host_state();
     let (code, out, err) = run_sh(
         &k,
@@ -546,7 +694,6 @@ fn flags_that_do_not_apply_to_a_vm_are_refused() {
             &["--vm", "--commit", "out", "--upper", "memory"][..],
             "--upper",
         ),
-        (&["--vm", "-t"][..], "--tty"),
         (&["--vm", "--disk", "1k"][..], "--disk"),
         (&["--vm", "--initrd", "/no/such/initrd"][..], "--initrd"),
         (&["--vm", "--cpus", "0"][..], "--cpus"),

@@ -22,10 +22,12 @@ tag=vm-disk-boot:$$
 echo "boot: kernel $(stat -c %s "$work/vmlinuz") bytes, initramfs $(stat -c %s "$work/initrd.img") bytes; booting $img"
 # A copy-on-write overlay keeps the image as built.
 qemu-img create -q -f qcow2 -F raw -b "$(realpath "$img")" "$work/disk.qcow2"
+bios=()
+[ -e /usr/share/qemu/qboot.rom ] && bios=(-bios /usr/share/qemu/qboot.rom)
 timeout "${BOOT_TIMEOUT:-180}" qemu-system-x86_64 -nodefaults -no-user-config -nographic -no-reboot \
-  -machine q35 -accel tcg -m 512 -smp 1 \
+  -machine q35 -accel tcg -m 512 -smp 1 "${bios[@]}" \
   -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
   -append "console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests" \
   -drive "file=$work/disk.qcow2,format=qcow2,if=virtio" \
   -serial stdio </dev/null | tee "$work/console" | tr -d '\r'
-grep -q '^vm-disk: ready' "$work/console" || { echo "boot: no ready line from the image" >&2; exit 1; }
+grep -q 'vm-disk: ready' "$work/console" || { echo "boot: no ready line from the image" >&2; exit 1; }

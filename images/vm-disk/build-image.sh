@@ -42,6 +42,8 @@ for d in bin sbin usr etc root; do
   [ -e "/$d" ] && cp -a "/$d" "$target/"
 done
 for d in proc sys dev tmp boot; do mkdir -p "$target/$d"; done
+# (busybox's /sbin/init is a link to busybox: replaced, not written through)
+rm -f "$target/sbin/init"
 cat >"$target/sbin/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc

@@ -121,6 +121,17 @@ fn cow_disk(image: &Path, dir: &Path) -> Result<PathBuf, RunError> {
     Ok(cow)
 }
 
+/// The caller's terminal size (rows, columns), from stdout or stdin; 24x80
+/// when neither is a terminal.
+fn caller_winsize() -> [u16; 2] {
+    use std::os::fd::AsFd;
+    [io::stdout().as_fd(), io::stdin().as_fd()]
+        .into_iter()
+        .find_map(|fd| rustix::termios::tcgetwinsize(fd).ok())
+        .filter(|ws| ws.ws_row > 0 && ws.ws_col > 0)
+        .map_or([24, 80], |ws| [ws.ws_row, ws.ws_col])
+}
+
 /// A sparse raw scratch disk of `size` bytes in `dir`.
 fn scratch_disk(dir: &Path, size: u64) -> Result<PathBuf, RunError> {
     let path = dir.join("disk.raw");
@@ -282,6 +293,7 @@ pub(crate) fn run(
         upper_disk: commit,
         scratch_disk: scratch.is_some(),
         network,
+        tty: spec.tty.then(caller_winsize),
         stdin: spec.stdin,
         upper_size,
         tmp_size,
@@ -322,8 +334,13 @@ pub(crate) fn run(
             ev(RunEvent::Warning { message });
         }
     }
-    let forwarding =
-        super::signals::Forwarding::start(&super::signals::FORWARDED, spec.forward_signals)?;
+    let mut sigs = super::signals::FORWARDED.to_vec();
+    if spec.tty {
+        sigs.push(libc::SIGWINCH);
+    }
+    let forwarding = super::signals::Forwarding::start(&sigs, spec.forward_signals)?;
+    // With -t -i from a terminal: keys (^C included) reach the guest's pty.
+    let _raw = (spec.tty && spec.stdin).then(super::pty::RawMode::enter);
     let append = std::iter::once("kiln_job=run".to_string())
         .chain(o.kernel_cmdline.iter().cloned())
         .collect::<Vec<_>>()
@@ -857,7 +874,11 @@ fn attempt(
         if sig_r {
             if let Some(s) = sigfd {
                 while let Some(sig) = crate::sys::read_signalfd(s) {
-                    if stream.is_some() {
+                    if sig == libc::SIGWINCH {
+                        let [rows, cols] = caller_winsize();
+                        let size = [rows.to_le_bytes(), cols.to_le_bytes()].concat();
+                        send(&mut stream, Kind::Resize, &size);
+                    } else if stream.is_some() {
                         send(&mut stream, Kind::Signal, &sig.to_le_bytes());
                     } else {
                         // Before the command started: nothing to pass it to.

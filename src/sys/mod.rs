@@ -410,22 +410,30 @@ pub fn pre_exec_pdeathsig(cmd: &mut std::process::Command) {
 /// Arranges for a spawned child to enter `root` (chroot), change to
 /// `workdir` there, start a session, and become `ids` (uid, gid; no
 /// supplementary groups) before it executes: the VM guest agent's way to
-/// start the command. The program is looked up on the command's `PATH`
-/// inside `root`, since that happens after these steps.
+/// start the command. With `controlling_tty` its stdin (a pty's slave)
+/// becomes the new session's controlling terminal. The program is looked
+/// up on the command's `PATH` inside `root`, since that happens after
+/// these steps.
 pub fn pre_exec_enter_root(
     cmd: &mut std::process::Command,
     root: &'static std::ffi::CStr,
     workdir: std::ffi::CString,
     ids: (u32, u32),
+    controlling_tty: bool,
 ) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs between fork and exec and makes system calls
-    // only, allocating nothing (its strings are made before the fork).
+    // only, allocating nothing (its strings are made before the fork); fd 0
+    // is the child's stdin, open for the call that borrows it.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::chroot(root)?;
             rustix::process::chdir(workdir.as_c_str())?;
             rustix::process::setsid()?;
+            // stdin (a pty's slave) becomes the new session's terminal.
+            if controlling_tty {
+                rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
+            }
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(ids.1) != 0
                 || libc::setuid(ids.0) != 0

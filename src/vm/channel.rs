@@ -23,6 +23,9 @@ pub(crate) enum Kind {
     StdinEof = 3,
     /// Host to guest: deliver this signal (i32 LE) to the command.
     Signal = 4,
+    /// Host to guest: the caller's terminal has this size now (rows, then
+    /// columns, u16 LE each), for the command's pty.
+    Resize = 5,
     /// Guest to host: the command's stdout.
     Stdout = 10,
     /// Guest to host: the command's stderr.
@@ -43,6 +46,7 @@ impl Kind {
             2 => Kind::Stdin,
             3 => Kind::StdinEof,
             4 => Kind::Signal,
+            5 => Kind::Resize,
             10 => Kind::Stdout,
             11 => Kind::Stderr,
             12 => Kind::Exit,
@@ -99,6 +103,11 @@ pub(crate) struct Job {
     /// [`GUEST_GATEWAY`], [`GUEST_DNS`]); else loopback only.
     #[serde(default)]
     pub network: bool,
+    /// A pty of this size (rows, columns) is the command's stdin, stdout,
+    /// stderr and controlling terminal; its output comes as `Stdout`
+    /// frames. Else pipes.
+    #[serde(default)]
+    pub tty: Option<[u16; 2]>,
     /// Whether input comes (`Stdin` frames); else /dev/null.
     pub stdin: bool,
     /// Size of the in-memory upper layer, `/tmp` and `/dev/shm` in bytes.

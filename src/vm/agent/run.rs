@@ -240,11 +240,12 @@ fn build_root(job: &Job) -> Result<Made, String> {
         mnt("devtmpfs", &p, "devtmpfs", MountFlags::NOSUID, None)?;
         let pts = format!("{p}/pts");
         let _ = fs::create_dir_all(&pts);
+        // Not nodev: its ptmx is a device node the command opens.
         mnt(
             "devpts",
             &pts,
             "devpts",
-            nosuid | MountFlags::NOEXEC,
+            MountFlags::NOSUID | MountFlags::NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=0620"),
         )?;
         let shm = format!("{p}/shm");
@@ -354,6 +355,42 @@ fn network(job: &Job) -> Result<(), String> {
     Ok(())
 }
 
+/// A pty of `size` (rows, columns) from the command's devpts: the master
+/// and the slave.
+fn open_pty(size: [u16; 2]) -> Result<(OwnedFd, OwnedFd), String> {
+    use rustix::fs::{Mode, OFlags};
+    let master = rustix::fs::open(
+        "/root/dev/pts/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("open a pty (/dev/pts/ptmx): {e}"))?;
+    rustix::pty::unlockpt(&master).map_err(|e| format!("unlock the pty: {e}"))?;
+    let slave = rustix::pty::ioctl_tiocgptpeer(
+        &master,
+        rustix::pty::OpenptFlags::RDWR
+            | rustix::pty::OpenptFlags::NOCTTY
+            | rustix::pty::OpenptFlags::CLOEXEC,
+    )
+    .map_err(|e| format!("open the pty's slave: {e}"))?;
+    if let Some(ws) = winsize(&[size[0].to_le_bytes(), size[1].to_le_bytes()].concat()) {
+        let _ = rustix::termios::tcsetwinsize(&master, ws);
+    }
+    Ok((master, slave))
+}
+
+/// A terminal size from a `Resize` frame (rows, columns, u16 LE each).
+fn winsize(data: &[u8]) -> Option<rustix::termios::Winsize> {
+    let rows = u16::from_le_bytes(data.get(..2)?.try_into().ok()?);
+    let cols = u16::from_le_bytes(data.get(2..4)?.try_into().ok()?);
+    Some(rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    })
+}
+
 /// Name of the `--disk` scratch disk (its virtio serial).
 const SCRATCH: &str = "kiln-disk";
 
@@ -429,7 +466,13 @@ fn command(job: &Job) -> Result<Command, String> {
         cmd.env("KILN_DISK", format!("/dev/disk/by-id/virtio-{SCRATCH}"));
     }
     let workdir = CString::new(job.workdir.as_str()).map_err(|e| e.to_string())?;
-    crate::sys::pre_exec_enter_root(&mut cmd, c"/root", workdir, (job.uid, job.gid));
+    crate::sys::pre_exec_enter_root(
+        &mut cmd,
+        c"/root",
+        workdir,
+        (job.uid, job.gid),
+        job.tty.is_some(),
+    );
     Ok(cmd)
 }
 
@@ -458,14 +501,48 @@ fn supervise(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, 
 /// Runs the command, relays its input, output and signals; its exit code.
 fn relay(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, String> {
     let mut cmd = command(job)?;
-    cmd.stdin(if job.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
+    // With a pty: its master is the command's output and takes its input.
+    let pty = job.tty.map(open_pty).transpose()?;
+    match &pty {
+        Some((_, slave)) => {
+            let stdio = || {
+                slave
+                    .try_clone()
+                    .map(Stdio::from)
+                    .map_err(|e| format!("dup the pty: {e}"))
+            };
+            cmd.stdin(stdio()?).stdout(stdio()?).stderr(stdio()?);
+        }
+        None => {
+            cmd.stdin(if job.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        }
+    }
+    let spawned = cmd.spawn();
+    // The slave's copies in `cmd` close, so the master sees the end.
+    drop(cmd);
+    let (master, input_fd) = match pty {
+        Some((master, slave)) => {
+            drop(slave);
+            let input = if job.stdin {
+                Some(
+                    master
+                        .try_clone()
+                        .map_err(|e| format!("dup the pty: {e}"))?,
+                )
+            } else {
+                None
+            };
+            (Some(master), input)
+        }
+        None => (None, None),
+    };
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             // As a shell says it, with the shell's codes.
@@ -489,10 +566,15 @@ fn relay(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, Stri
     if let Some(e) = child.stderr.take() {
         outs.push((OwnedFd::from(e), Kind::Stderr));
     }
-    let mut input: Option<OwnedFd> = child.stdin.take().map(OwnedFd::from);
+    let resize_fd = master.as_ref().and_then(|m| m.try_clone().ok());
+    if let Some(m) = master {
+        outs.push((m, Kind::Stdout));
+    }
+    let mut input: Option<OwnedFd> = child.stdin.take().map(OwnedFd::from).or(input_fd);
     let mut pending: Vec<u8> = Vec::new();
     // Input ends (the pipe closes) once what came before the end is in.
     let mut input_ended = false;
+    let mut first = true;
     let mut status = None;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -525,18 +607,23 @@ fn relay(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, Stri
         }
         let wait = rustix::event::Timespec {
             tv_sec: 0,
-            tv_nsec: 200_000_000,
+            tv_nsec: if first { 0 } else { 200_000_000 },
         };
-        match poll(&mut fds, if status.is_some() { Some(&wait) } else { None }) {
+        match poll(&mut fds, (first || status.is_some()).then_some(&wait)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
         let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
         drop(fds);
-        if ready[1] {
-            let n =
-                rustix::io::read(&*ctl, &mut buf).map_err(|e| format!("read the channel: {e}"))?;
-            frames.push(&buf[..n]);
+        // The first time round, frames that came in one read with the job
+        // (stdin, its end, a signal) are taken before waiting for more.
+        if ready[1] || first {
+            if ready[1] {
+                let n = rustix::io::read(&*ctl, &mut buf)
+                    .map_err(|e| format!("read the channel: {e}"))?;
+                frames.push(&buf[..n]);
+            }
+            first = false;
             while let Some((kind, data)) = frames
                 .next()
                 .map_err(|e| format!("read the channel: {e}"))?
@@ -544,6 +631,11 @@ fn relay(job: &Job, ctl: &mut fs::File, frames: &mut Frames) -> Result<i32, Stri
                 match kind {
                     Kind::Stdin if input.is_some() => pending.extend_from_slice(&data),
                     Kind::StdinEof => input_ended = true,
+                    Kind::Resize => {
+                        if let (Some(m), Some(ws)) = (&resize_fd, winsize(&data)) {
+                            let _ = rustix::termios::tcsetwinsize(m, ws);
+                        }
+                    }
                     Kind::Signal => {
                         let sig = data
                             .get(..4)
