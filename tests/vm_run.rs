@@ -683,6 +683,155 @@ fn an_initrd_of_ones_own_adds_files_and_keeps_kilns_agent() {
     assert!(!err.contains("hijacked"), "{err}");
 }
 
+/// The host's newest kernel with a module tree: (release, vmlinuz path).
+fn host_kernel() -> (String, std::path::PathBuf) {
+    let mut found: Vec<(String, std::path::PathBuf)> = fs::read_dir("/boot")
+        .expect("/boot")
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = name.strip_prefix("vmlinuz-")?.to_string();
+            Path::new("/lib/modules")
+                .join(&rel)
+                .join("modules.dep")
+                .exists()
+                .then(|| (rel, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .expect("a kernel in /boot with /lib/modules (linux-image-amd64)")
+}
+
+/// A busybox tree in `dir` with the host's kernel as its own
+/// `/boot/vmlinuz-REL` and the modules a run needs (and `loop`) in
+/// `/lib/modules/REL`, with a modules.dep of just those.
+fn tree_with_a_kernel(k: &Kiln, dir: &Path) -> String {
+    let (rel, vmlinuz) = host_kernel();
+    fs::create_dir_all(dir).expect("mkdir");
+    let tar = busybox_tar(k.dir.path());
+    sh(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(dir));
+    fs::create_dir_all(dir.join("boot")).expect("mkdir boot");
+    fs::copy(&vmlinuz, dir.join(format!("boot/vmlinuz-{rel}"))).expect("copy kernel");
+    let host_mods = Path::new("/lib/modules").join(&rel);
+    let dep = fs::read_to_string(host_mods.join("modules.dep")).expect("modules.dep");
+    let deps: std::collections::HashMap<&str, Vec<&str>> = dep
+        .lines()
+        .filter_map(|l| {
+            let (m, d) = l.split_once(':')?;
+            Some((m, d.split_whitespace().collect()))
+        })
+        .collect();
+    let mut want: Vec<&str> = Vec::new();
+    let mut todo: Vec<&str> = deps
+        .keys()
+        .filter(|m| {
+            let base = m.rsplit('/').next().unwrap_or(m);
+            let stem = base.split(".ko").next().unwrap_or(base);
+            [
+                "virtio_pci",
+                "virtio_console",
+                "virtio_blk",
+                "crc32c_generic",
+                "ext4",
+                "loop",
+            ]
+            .contains(&stem)
+        })
+        .copied()
+        .collect();
+    while let Some(m) = todo.pop() {
+        if !want.contains(&m) {
+            want.push(m);
+            todo.extend(deps.get(m).into_iter().flatten());
+        }
+    }
+    let mods = dir.join("lib/modules").join(&rel);
+    let mut text = String::new();
+    for m in &want {
+        let to = mods.join(m);
+        fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        fs::copy(host_mods.join(m), &to).expect("copy module");
+        text.push_str(&format!("{m}: {}\n", deps[m].join(" ")));
+    }
+    fs::write(mods.join("modules.dep"), text).expect("write modules.dep");
+    rel
+}
+
+/// Without --kernel an image's own `/boot/vmlinuz-*` boots, with the
+/// image's `/lib/modules` (modprobe reads the image's tree, not a copy of
+/// the host's). The host's kernel is made unusable (`KILN_VM_KERNEL`
+/// names nothing), so a run that boots shows the image's kernel was used.
+/// Symlinks do not lead out of the image: a kernel that is a symlink to
+/// the host's file is not taken, and a module that is one is an error.
+#[test]
+fn an_images_own_kernel_boots_by_default() {
+    use std::os::unix::fs::symlink;
+    let k = with_busybox();
+    let no_host_kernel = |args: &[&str]| {
+        let out = k
+            .cmd()
+            .env("KILN_VM_KERNEL", "/nonexistent/vmlinuz-0")
+            .args(args)
+            .output()
+            .expect("kiln");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The control: an image without a kernel needs the host's.
+    let (code, _, err) = no_host_kernel(&["run", "--vm", "bb", "true"]);
+    assert_eq!(code, 125, "{err}");
+    let tree = k.dir.path().join("own");
+    let rel = tree_with_a_kernel(&k, &tree);
+    k.import(&tree, "own", &["--map-caller"]);
+    let (code, out, err) = no_host_kernel(&[
+        "run",
+        "--vm",
+        "own",
+        "sh",
+        "-c",
+        "uname -r; modprobe loop && grep -o '^loop ' /proc/modules; ls /lib/modules/$(uname -r)/kernel | sort | tr '\\n' ' '",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first().copied(), Some(rel.as_str()), "{out}");
+    assert_eq!(lines.get(1).copied(), Some("loop "), "{out}");
+    // Only the image's few module directories, not the host's tree.
+    assert!(!out.contains("sound"), "{out}");
+    // A kernel that is a symlink (here to the host's file) is not taken.
+    let (_, vmlinuz) = host_kernel();
+    let link_tree = k.dir.path().join("linked");
+    tree_with_a_kernel(&k, &link_tree);
+    let own = link_tree.join(format!("boot/vmlinuz-{rel}"));
+    fs::remove_file(&own).expect("rm");
+    symlink(&vmlinuz, &own).expect("symlink");
+    k.import(&link_tree, "linked", &["--map-caller"]);
+    let (code, _, err) = no_host_kernel(&["run", "--vm", "linked", "true"]);
+    assert_eq!(code, 125, "a symlinked kernel was followed: {err}");
+    // A module that is a symlink out of the tree: an error naming it.
+    let bad_tree = k.dir.path().join("badmod");
+    tree_with_a_kernel(&k, &bad_tree);
+    let dep =
+        fs::read_to_string(bad_tree.join(format!("lib/modules/{rel}/modules.dep"))).expect("dep");
+    let ext4 = dep
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .find(|m| m.contains("/ext4.ko"))
+        .expect("ext4 in modules.dep")
+        .to_string();
+    let module = bad_tree.join(format!("lib/modules/{rel}/{ext4}"));
+    fs::remove_file(&module).expect("rm");
+    symlink(Path::new("/lib/modules").join(&rel).join(&ext4), &module).expect("symlink");
+    k.import(&bad_tree, "badmod", &["--map-caller"]);
+    let (code, _, err) = no_host_kernel(&["run", "--vm", "badmod", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("ext4.ko"), "{err}");
+}
+
 /// Flags the VM backend has no use for are refused, naming the flag.
 #[test]
 fn flags_that_do_not_apply_to_a_vm_are_refused() {

@@ -195,13 +195,29 @@ pub(crate) fn run(
         .filter(|d| fs::create_dir_all(d).is_ok())
         .unwrap_or_else(|| p.runs.parent().unwrap_or(&p.runs).join("vm"));
     let entered = Instant::now();
+    // --kernel, else the image's own, else the host's.
     let kernel = match &o.kernel {
         Some(k) => Kernel::from_file(k),
-        None => Kernel::find(),
+        None => Kernel::of_image(&p.rootfs.path).and_then(|own| own.map_or_else(Kernel::find, Ok)),
     }
     .map_err(RunError::Vm)?;
+    tracing::debug!(
+        "vm run: kernel {} (modules {}{})",
+        kernel.image.display(),
+        kernel.modules.display(),
+        if kernel.is_the_images() {
+            ", the image's own"
+        } else {
+            ""
+        }
+    );
     let root_image = root_image(p, helper)?;
-    let modules_image = modules_image(&kernel, &cache);
+    // An image's own kernel has its module tree in the root already.
+    let modules_image = if kernel.is_the_images() {
+        None
+    } else {
+        modules_image(&kernel, &cache)
+    };
     let commit = spec.commit.is_some();
     let network = spec.network == crate::spec::Network::Host;
     let mut modules = RUN_MODULES.to_vec();

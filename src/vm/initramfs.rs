@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::cache::{key_name, made_once, stamp};
 use super::cpio;
-use super::kernel::{read_module, Kernel};
+use super::kernel::Kernel;
 use super::{io_err, VmError};
 
 /// Why `elf` cannot be the guest's /init: `None` for a statically linked
@@ -66,8 +66,7 @@ pub(crate) fn write(kernel: &Kernel, modules: &[&str], out: &Path) -> Result<(),
     w(c.file("init", 0o755, &agent))?;
     let mut order = String::new();
     for (i, m) in mods.iter().enumerate() {
-        let src = kernel.modules.join(m);
-        let data = super::kernel::without_signature(read_module(&src)?);
+        let data = super::kernel::without_signature(kernel.read_module(m)?);
         let name = format!("modules/{i:03}.ko");
         w(c.file(&name, 0o644, &data))?;
         order.push_str(&format!("/{name} {m}\n"));

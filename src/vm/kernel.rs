@@ -18,6 +18,9 @@ pub struct Kernel {
     /// `/lib/modules/RELEASE` (it may not exist: a kernel with its drivers
     /// built in needs none).
     pub modules: PathBuf,
+    /// The kernel is an image's: its module files are opened without
+    /// following a symlink (a hostile image must not name host files).
+    in_tree: bool,
 }
 
 impl Kernel {
@@ -40,6 +43,7 @@ impl Kernel {
             return Ok(Kernel {
                 image,
                 modules: Path::new("/lib/modules").join(release),
+                in_tree: false,
             });
         }
         Kernel::newest_in(Path::new("/"))?
@@ -82,7 +86,112 @@ impl Kernel {
                 }
             )));
         }
-        Ok(Some(Kernel { image, modules }))
+        Ok(Some(Kernel {
+            image,
+            modules,
+            in_tree: false,
+        }))
+    }
+
+    /// The newest kernel of an image's tree at `root`: a regular file
+    /// `/boot/vmlinuz-RELEASE` with a module tree `/lib/modules/RELEASE`
+    /// holding a regular `modules.dep`, the directories resolved inside
+    /// the tree (its symlinks, absolute ones included, stay in it), so
+    /// nothing of the host is named. `None` when the image has none.
+    pub fn of_image(root: &Path) -> Result<Option<Kernel>, VmError> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let tree = match rustix::fs::open(
+            root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) => return Err(io_err("open", root)(e.into())),
+        };
+        // A directory of the tree, resolved in it, as a host path.
+        let dir_in = |path: &str| -> Option<PathBuf> {
+            let fd = rustix::fs::openat2(
+                &tree,
+                path,
+                OFlags::DIRECTORY | OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            )
+            .ok()?;
+            use std::os::fd::AsRawFd;
+            fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
+        };
+        let regular = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
+        let Some(boot) = dir_in("boot") else {
+            return Ok(None);
+        };
+        let Ok(list) = fs::read_dir(&boot) else {
+            return Ok(None);
+        };
+        let mut found: Vec<(PathBuf, PathBuf)> = list
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let release = name.strip_prefix("vmlinuz-")?;
+                if release.contains('/') || !regular(&e.path()) {
+                    return None;
+                }
+                let modules = dir_in(&format!("lib/modules/{release}"))?;
+                regular(&modules.join("modules.dep")).then(|| (e.path(), modules))
+            })
+            .collect();
+        found.sort_by_key(|(image, _)| release_key(image));
+        let Some((image, modules)) = found.pop() else {
+            return Ok(None);
+        };
+        if let Err(e) = fs::File::open(&image) {
+            return Err(VmError::NoKernel(format!(
+                "the image's kernel {}: {e} (pass a kernel with --kernel)",
+                image.display()
+            )));
+        }
+        Ok(Some(Kernel {
+            image,
+            modules,
+            in_tree: true,
+        }))
+    }
+
+    /// Whether this is an image's own kernel ([`Kernel::of_image`]).
+    pub fn is_the_images(&self) -> bool {
+        self.in_tree
+    }
+
+    /// A file of the module tree (`rel` as `modules.dep` names it); an
+    /// image's is opened beneath the tree without following symlinks.
+    fn open_in_modules(&self, rel: &str) -> io::Result<fs::File> {
+        if !self.in_tree {
+            return fs::File::open(self.modules.join(rel));
+        }
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let dir = rustix::fs::open(
+            &self.modules,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let fd = rustix::fs::openat2(
+            &dir,
+            rel,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )?;
+        Ok(fs::File::from(fd))
+    }
+
+    /// A module's ELF bytes (`rel` as `modules.dep` names it), unpacked.
+    pub(crate) fn read_module(&self, rel: &str) -> Result<Vec<u8>, VmError> {
+        let path = self.modules.join(rel);
+        let mut raw = Vec::new();
+        self.open_in_modules(rel)
+            .and_then(|mut f| f.read_to_end(&mut raw))
+            .map_err(io_err("read module", &path))?;
+        unpack_module(&path, raw)
     }
 
     /// A kernel file the caller names; its modules are looked for under
@@ -98,6 +207,7 @@ impl Kernel {
         Ok(Kernel {
             image: image.to_path_buf(),
             modules,
+            in_tree: false,
         })
     }
 
@@ -138,7 +248,10 @@ impl Kernel {
     /// after its dependencies; none when the kernel has no module tree.
     pub(crate) fn modules_for(&self, names: &[&str]) -> Result<Vec<String>, VmError> {
         let dep_path = self.modules.join("modules.dep");
-        let text = match fs::read_to_string(&dep_path) {
+        let text = match self.open_in_modules("modules.dep").and_then(|mut f| {
+            let mut s = String::new();
+            f.read_to_string(&mut s).map(|_| s)
+        }) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !self.modules.exists() => {
                 return Ok(Vec::new())
@@ -302,8 +415,7 @@ fn has_pvh_note(elf: &[u8]) -> bool {
 
 /// A module file's ELF bytes: distributions ship them plain or
 /// compressed (`.ko.xz`, `.ko.zst`, `.ko.gz`); the guest gets them plain.
-pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>, VmError> {
-    let raw = fs::read(path).map_err(io_err("read module", path))?;
+fn unpack_module(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, VmError> {
     let name = path.to_string_lossy();
     let plain = if name.ends_with(".ko.xz") {
         let mut out = Vec::new();
@@ -390,6 +502,7 @@ mod tests {
         let k = Kernel {
             image: PathBuf::from("/nonexistent"),
             modules: dir.path().to_path_buf(),
+            in_tree: false,
         };
         let order = k
             .modules_for(&["virtio_blk", "btrfs", "no_such"])
@@ -408,6 +521,7 @@ mod tests {
         let none = Kernel {
             image: PathBuf::from("/nonexistent"),
             modules: dir.path().join("absent"),
+            in_tree: false,
         };
         assert!(none.modules_for(&["virtio_blk"]).expect("none").is_empty());
     }
