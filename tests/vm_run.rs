@@ -867,32 +867,61 @@ fn flags_that_do_not_apply_to_a_vm_are_refused() {
 
 /// The accelerator: with /dev/kvm usable, kiln probes it by running a
 /// guest; on a host where KVM guests hang it falls back to TCG within the
-/// probe's 5 s, says why once, and keeps the verdict for the next run.
+/// probe's 5 s, says why once, and keeps the verdict for the next run. A
+/// user who may not open /dev/kvm runs under TCG, is told once to join
+/// group kvm, and `--accel kvm` is an error saying so.
 #[test]
 fn kvm_is_probed_by_running_and_tcg_serves_when_it_hangs() {
-    let kvm_opens = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !kvm_opens {
-        println!("skipped: /dev/kvm cannot be opened read-write by this user, so there is no KVM to probe");
-        return;
-    }
     let k = with_busybox();
     let cache = k.dir.path().join("cache");
-    let run = || {
+    let run_with = |extra: &[&str]| {
         let start = Instant::now();
+        let mut args = vec!["run", "--vm"];
+        args.extend_from_slice(extra);
+        args.extend(["bb", "true"]);
         let out = k
             .cmd()
             .env("XDG_CACHE_HOME", &cache)
             .env_remove("KILN_VM_ACCEL")
-            .args(["run", "--vm", "bb", "true"])
+            .args(&args)
             .stdin(Stdio::null())
             .output()
             .expect("run kiln");
         (out, start.elapsed())
     };
+    let run = || run_with(&[]);
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let (first, _) = run();
+            let err = String::from_utf8_lossy(&first.stderr).into_owned();
+            assert!(first.status.success(), "{err}");
+            assert!(
+                err.contains("using tcg") && err.contains("add the user to group kvm"),
+                "{err}"
+            );
+            let (second, _) = run();
+            let err2 = String::from_utf8_lossy(&second.stderr);
+            assert!(second.status.success(), "{err2}");
+            assert!(!err2.contains("group kvm"), "said twice: {err2}");
+            let (forced, _) = run_with(&["--accel", "kvm"]);
+            let err3 = String::from_utf8_lossy(&forced.stderr);
+            assert_eq!(forced.status.code(), Some(125), "{err3}");
+            assert!(
+                err3.contains("--accel kvm") && err3.contains("group kvm"),
+                "{err3}"
+            );
+            return;
+        }
+        Err(e) => {
+            println!("skipped: /dev/kvm cannot be opened ({e}), so there is no KVM to probe");
+            return;
+        }
+    }
     let (first, took) = run();
     let err = String::from_utf8_lossy(&first.stderr).into_owned();
     assert!(first.status.success(), "{err}");

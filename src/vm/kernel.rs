@@ -546,5 +546,35 @@ mod tests {
         assert!(vmlinux_of(&raw[..0x300]).is_none());
         assert!(vmlinux_of(b"not a kernel").is_none());
         assert!(!has_pvh_note(b"\x7fELF\x02garbage"));
+        // The same kernel with a gzip or a zstd payload (as kernels built
+        // with those compressors are: the stream, then its size) gives the
+        // same vmlinux; an lz4 one is booted as it is.
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut e, &elf).expect("gzip");
+            e.finish().expect("gzip")
+        };
+        let zst = zstd::encode_all(&elf[..], 3).expect("zstd");
+        for payload in [gz, zst] {
+            let repacked = with_payload(&raw, &payload, elf.len());
+            assert_eq!(vmlinux_of(&repacked).as_deref(), Some(&elf[..]));
+        }
+        let lz4 = with_payload(&raw, b"\x02\x21\x4c\x18not really lz4", elf.len());
+        assert!(vmlinux_of(&lz4).is_none());
+    }
+
+    /// `img` with its payload replaced by `payload` and the size word.
+    fn with_payload(img: &[u8], payload: &[u8], size: usize) -> Vec<u8> {
+        let setup = match img[0x1f1] {
+            0 => 4,
+            n => usize::from(n),
+        };
+        let start = (setup + 1) * 512 + u32_at(img, 0x248).expect("offset") as usize;
+        let mut out = img[..start].to_vec();
+        out.extend_from_slice(payload);
+        out.extend_from_slice(&(size as u32).to_le_bytes());
+        let len = (payload.len() + 4) as u32;
+        out[0x24c..0x250].copy_from_slice(&len.to_le_bytes());
+        out
     }
 }
