@@ -58,8 +58,12 @@ fn task_main() -> ! {
 /// Does `task`; returns what it prints for the parent.
 fn run_task(task: Task) -> Result<String, String> {
     match task {
-        Task::Exec { argv, cwd } => {
+        Task::Exec { argv, cwd, walls } => {
             use std::os::unix::process::CommandExt;
+            if let Some(w) = &walls {
+                crate::sys::walls::enter_walls(&w.paths, w.network, &w.scratch)
+                    .map_err(|e| format!("confine {}: {e}", argv[0]))?;
+            }
             let mut cmd = Command::new(&argv[0]);
             cmd.args(&argv[1..]).env_remove(crate::userns::TASK_ENV);
             if let Some(d) = cwd {

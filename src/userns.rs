@@ -366,7 +366,27 @@ pub(crate) enum Task {
         argv: Vec<String>,
         #[serde(default)]
         cwd: Option<PathBuf>,
+        /// A root of its own to run in (QEMU's): see [`Walls`].
+        #[serde(default)]
+        walls: Option<Walls>,
     },
+}
+
+/// What a confined host command (QEMU) may see: a mount namespace whose
+/// root is an empty read-only tmpfs with the host's system directories
+/// (`/usr`, `/lib*`, `/bin`, `/sbin`, `/etc`, `/sys` read-only; `/dev` and
+/// `/proc` as they are) and exactly the paths it is given, at the same
+/// places; no home, no `/tmp`, no `/var`, no store but its own files. New
+/// IPC and UTS namespaces, and a network namespace with nothing in it
+/// unless `network`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Walls {
+    /// Paths (files or directories) to show, and whether writable.
+    pub paths: Vec<(PathBuf, bool)>,
+    /// The host's network (QEMU's user network needs it).
+    pub network: bool,
+    /// An empty directory to build the root in (the run directory's).
+    pub scratch: PathBuf,
 }
 
 /// The helper binary: see [`crate::sys::helper_exe`].
@@ -409,6 +429,7 @@ pub fn unshare(argv: &[String]) -> io::Result<i32> {
         &Task::Exec {
             argv: argv.to_vec(),
             cwd: None,
+            walls: None,
         },
         false,
     )?;
@@ -429,6 +450,24 @@ pub(crate) fn spawn_mapped(
     let task = Task::Exec {
         argv,
         cwd: Some(cwd.to_path_buf()),
+        walls: None,
+    };
+    start_task(helper, map, &task, true)
+}
+
+/// [`spawn_mapped`] behind `walls`: the command sees only what they let
+/// it (a guest that takes QEMU over meets them).
+pub(crate) fn spawn_confined(
+    helper: Option<&Path>,
+    map: &IdMap,
+    argv: Vec<String>,
+    cwd: &Path,
+    walls: Walls,
+) -> io::Result<std::process::Child> {
+    let task = Task::Exec {
+        argv,
+        cwd: Some(cwd.to_path_buf()),
+        walls: Some(walls),
     };
     start_task(helper, map, &task, true)
 }

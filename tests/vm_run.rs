@@ -322,9 +322,6 @@ fn sigkill_of_kiln_leaves_no_qemu_and_no_files() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// Loop devices, partitions, a file system and a mount inside the guest,
-/// with a module loaded by modprobe from the kernel's module tree: the
-/// host's loop devices and mounts are the same before and after.
 /// The host's loop devices (`/sys/block/loop*`, `losetup -a`) and mounts.
 fn host_state() -> (Vec<String>, String, String) {
     let mut loops: Vec<String> = fs::read_dir("/sys/block")
@@ -398,6 +395,86 @@ fn a_disk_image_built_in_the_guest_boots_and_the_host_sees_no_loop_device() {
     assert_eq!(before.2, after.2, "the host's mounts");
 }
 
+/// QEMU runs behind walls: a root of its own with the host's system
+/// directories read-only and only the files of its run (the run
+/// directory, kernel, initramfs, images, binds), so a guest that took
+/// QEMU over finds no home, no other temp file, no other part of the
+/// store; and a network namespace of its own unless `--network host`.
+#[test]
+fn qemu_sees_only_what_its_run_needs() {
+    let k = with_busybox();
+    let secret = k.dir.path().join("not-for-qemu");
+    fs::write(&secret, "secret").expect("write");
+    let bind = k.dir.path().join("shared");
+    fs::create_dir(&bind).expect("mkdir");
+    let store = k.store().display().to_string();
+    for network in [false, true] {
+        let v = format!("{}:/shared", bind.display());
+        let mut args = vec!["run", "--vm", "-v", &v];
+        if network {
+            args.extend(["--network", "host"]);
+        }
+        args.extend(["bb", "sh", "-c", "echo ready; sleep 30"]);
+        let mut child = k
+            .cmd()
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn kiln");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+        let pids = qemus_naming(&store);
+        assert_eq!(pids.len(), 1, "one qemu");
+        let root = Path::new("/proc").join(pids[0].to_string()).join("root");
+        let seen = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p)).exists();
+        assert!(seen(Path::new("/usr/bin")), "no /usr in qemu's root");
+        assert!(seen(&bind), "the bind is not in qemu's root");
+        assert!(seen(&k.store().join(".kiln/runs")), "no run directory");
+        assert!(!seen(&secret), "qemu sees {}", secret.display());
+        assert!(
+            !seen(&k.store().join("index.json")),
+            "qemu sees the store's index"
+        );
+        // Of the caller's home only the path to kiln's cache (the
+        // kernel's vmlinux, module image and initramfs) is there.
+        if let Ok(home) = std::env::var("HOME") {
+            if !k.dir.path().starts_with(&home) {
+                let there: Vec<String> = fs::read_dir(root.join(home.trim_start_matches('/')))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                assert!(
+                    there.iter().all(|n| n == ".cache"),
+                    "qemu sees {home}: {there:?}"
+                );
+            }
+        }
+        // Nothing can be written outside its run directory and the bind.
+        let usr = root.join("usr/kiln-probe");
+        assert!(
+            fs::write(&usr, "x").is_err(),
+            "{} is writable",
+            usr.display()
+        );
+        let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns/net");
+        let (theirs, ours) = (ns(&pids[0].to_string()), ns("self"));
+        assert_eq!(
+            theirs == ours,
+            network,
+            "network {network}: {theirs:?} vs {ours:?}"
+        );
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+}
+
+/// Loop devices, partitions, a file system and a mount inside the guest,
+/// with a module loaded by modprobe from the kernel's module tree: the
+/// host's loop devices and mounts are the same before and after.
 #[test]
 fn loop_devices_and_mounts_in_the_guest_change_nothing_on_the_host() {
     let k = with_busybox();

@@ -525,6 +525,30 @@ impl From<RunError> for Attempt {
     }
 }
 
+/// What QEMU sees of the host: the system directories, its run directory
+/// (socket, copy-on-write and scratch disks), the kernel, initramfs and
+/// disk images it opens, and the shared directories; the host's network
+/// only for `--network host`.
+fn walls(vm: &Vm<'_>) -> crate::userns::Walls {
+    let mut paths = vec![
+        (vm.rundir.to_path_buf(), true),
+        (vm.machine.kernel.to_path_buf(), false),
+        (vm.machine.initrd.to_path_buf(), false),
+        (vm.qemu.to_path_buf(), false),
+    ];
+    paths.extend(vm.root_image.map(|p| (p.to_path_buf(), false)));
+    paths.extend(vm.modules_image.map(|p| (p.to_path_buf(), false)));
+    if vm.root_image.is_none() {
+        paths.push((vm.rootfs.to_path_buf(), false));
+    }
+    paths.extend(vm.shares.iter().map(|(_, dir, ro)| (dir.clone(), !ro)));
+    crate::userns::Walls {
+        paths,
+        network: vm.network,
+        scratch: vm.rundir.join("walls"),
+    }
+}
+
 /// QEMU's command line for a run.
 fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
     let cmd = vm.machine.command(vm.qemu);
@@ -663,13 +687,14 @@ fn attempt(
         .map_err(|e| RunError::host("listen", e))?;
     let argv = qemu_argv(vm)?;
     tracing::debug!("vm run: {argv:?}");
-    let mut child = crate::userns::spawn_mapped(helper, &p.map, argv, vm.rundir).map_err(|e| {
-        RunError::Vm(VmError::Io {
-            step: "start",
-            path: vm.qemu.display().to_string(),
-            source: e,
-        })
-    })?;
+    let mut child = crate::userns::spawn_confined(helper, &p.map, argv, vm.rundir, walls(vm))
+        .map_err(|e| {
+            RunError::Vm(VmError::Io {
+                step: "start",
+                path: vm.qemu.display().to_string(),
+                source: e,
+            })
+        })?;
     let console_fd: Option<OwnedFd> = child.stdout.take().map(OwnedFd::from);
     let qemu_err_fd: Option<OwnedFd> = child.stderr.take().map(OwnedFd::from);
     let qemu = Qemu(child);

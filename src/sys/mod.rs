@@ -4,6 +4,7 @@
 //! [`std::io::Result`]; callers attach the path and the step to errors.
 
 pub(crate) mod tree;
+pub(crate) mod walls;
 
 use std::ffi::CString;
 use std::io;
