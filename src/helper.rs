@@ -61,7 +61,7 @@ fn run_task(task: Task) -> Result<String, String> {
         Task::Exec { argv, cwd, walls } => {
             use std::os::unix::process::CommandExt;
             if let Some(w) = &walls {
-                crate::sys::walls::enter_walls(&w.paths, w.network, &w.scratch)
+                crate::sys::walls::enter_walls(&w.paths, &w.tmpfs, w.network, &w.scratch)
                     .map_err(|e| format!("confine {}: {e}", argv[0]))?;
             }
             let mut cmd = Command::new(&argv[0]);

@@ -387,6 +387,9 @@ pub(crate) struct Walls {
     pub network: bool,
     /// An empty directory to build the root in (the run directory's).
     pub scratch: PathBuf,
+    /// Directories that get an empty tmpfs of their own (virtiofsd's /run).
+    #[serde(default)]
+    pub tmpfs: Vec<PathBuf>,
 }
 
 /// The helper binary: see [`crate::sys::helper_exe`].

@@ -15,6 +15,11 @@ use common::*;
 
 /// QEMU processes whose command line names `needle`.
 fn qemus_naming(needle: &str) -> Vec<u32> {
+    processes_naming("qemu-system", needle)
+}
+
+/// Processes whose command line names both `program` and `needle`.
+fn processes_naming(program: &str, needle: &str) -> Vec<u32> {
     let mut found = Vec::new();
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -22,7 +27,7 @@ fn qemus_naming(needle: &str) -> Vec<u32> {
         };
         let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
         let text = String::from_utf8_lossy(&cmdline);
-        if text.contains("qemu-system") && text.contains(needle) {
+        if text.contains(program) && text.contains(needle) {
             found.push(pid);
         }
     }
@@ -284,9 +289,21 @@ fn sigterm_to_kiln_reaches_a_trap_in_the_guest() {
 #[test]
 fn sigkill_of_kiln_leaves_no_qemu_and_no_files() {
     let k = with_busybox();
+    let shared = k.dir.path().join("shared");
+    fs::create_dir(&shared).expect("mkdir");
+    let v = format!("{}:/shared", shared.display());
     let mut child = k
         .cmd()
-        .args(["run", "--vm", "bb", "sh", "-c", "echo ready; sleep 100"])
+        .args([
+            "run",
+            "--vm",
+            "-v",
+            &v,
+            "bb",
+            "sh",
+            "-c",
+            "echo ready; sleep 100",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -296,14 +313,18 @@ fn sigkill_of_kiln_leaves_no_qemu_and_no_files() {
     assert_eq!(lines.next().expect("a line").expect("read"), "ready");
     let store = k.store().display().to_string();
     assert_eq!(qemus_naming(&store).len(), 1, "one qemu runs the guest");
+    let bind = shared.display().to_string();
+    let daemons = processes_naming("virtiofsd", &bind).len();
+    assert!(daemons >= 1, "the bind goes through a virtiofsd");
     child.kill().expect("SIGKILL kiln");
     child.wait().expect("wait");
     let until = Instant::now() + Duration::from_secs(5);
-    while !qemus_naming(&store).is_empty() {
+    while !qemus_naming(&store).is_empty() || !processes_naming("virtiofsd", &bind).is_empty() {
         assert!(
             Instant::now() < until,
-            "qemu outlived kiln by 5 s: {:?}",
-            qemus_naming(&store)
+            "qemu or virtiofsd outlived kiln by 5 s: {:?} {:?} (virtiofsd before: {daemons})",
+            qemus_naming(&store),
+            processes_naming("virtiofsd", &bind)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -408,7 +429,7 @@ fn qemu_sees_only_what_its_run_needs() {
     let bind = k.dir.path().join("shared");
     fs::create_dir(&bind).expect("mkdir");
     let store = k.store().display().to_string();
-    for network in [false, true] {
+    for (network, transport) in [(false, "virtiofs"), (true, "9p")] {
         let v = format!("{}:/shared", bind.display());
         let mut args = vec!["run", "--vm", "-v", &v];
         if network {
@@ -417,6 +438,7 @@ fn qemu_sees_only_what_its_run_needs() {
         args.extend(["bb", "sh", "-c", "echo ready; sleep 30"]);
         let mut child = k
             .cmd()
+            .env("KILN_VM_BINDS", transport)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -430,7 +452,12 @@ fn qemu_sees_only_what_its_run_needs() {
         let root = Path::new("/proc").join(pids[0].to_string()).join("root");
         let seen = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p)).exists();
         assert!(seen(Path::new("/usr/bin")), "no /usr in qemu's root");
-        assert!(seen(&bind), "the bind is not in qemu's root");
+        // Over 9p QEMU serves the bind; over virtiofs virtiofsd does.
+        assert_eq!(
+            seen(&bind),
+            transport == "9p",
+            "{transport}: the bind in qemu's root"
+        );
         assert!(seen(&k.store().join(".kiln/runs")), "no run directory");
         assert!(!seen(&secret), "qemu sees {}", secret.display());
         assert!(
@@ -536,30 +563,59 @@ fn binds_are_read_and_written_back_with_the_right_owners() {
     fs::create_dir(&ro).expect("mkdir");
     let v = format!("{}:/work", dir.display());
     let vro = format!("{}:/ro:ro", ro.display());
-    let (code, out, err) = run_sh(
-        &k,
-        &["--vm", "-v", &v, "-v", &vro],
-        "cat /work/in; echo from the guest > /work/out; mkdir /work/d; chown 5:6 /work/d; touch /ro/x 2>/dev/null || echo ro-refused",
-    );
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(out, "from the host\nro-refused\n");
-    assert_eq!(
-        fs::read_to_string(dir.join("out")).expect("out"),
-        "from the guest\n"
-    );
-    let (uid, gid) = my_ids();
-    let meta = fs::metadata(dir.join("out")).expect("stat out");
-    assert_eq!((u64::from(meta.uid()), u64::from(meta.gid())), (uid, gid));
-    let d = fs::metadata(dir.join("d")).expect("stat d");
-    match id_mapping() {
-        "identity" => assert_eq!((d.uid(), d.gid()), (5, 6)),
-        "subids" => {
-            assert_ne!(u64::from(d.uid()), uid, "chown 5 maps to a subordinate id");
+    // virtiofs (the default where virtiofsd is installed) and 9p alike.
+    for transport in ["virtiofs", "9p"] {
+        let script = format!(
+            "cat /work/in; echo from the guest > /work/out-{transport}; mkdir /work/d-{transport}; \
+             chown 5:6 /work/d-{transport}; touch /ro/x 2>/dev/null || echo ro-refused; \
+             grep ' /work ' /proc/mounts | cut -d' ' -f3"
+        );
+        let out = k
+            .cmd()
+            .env("KILN_VM_BINDS", transport)
+            .args([
+                "run", "--vm", "-v", &v, "-v", &vro, "bb", "sh", "-c", &script,
+            ])
+            .output()
+            .expect("kiln");
+        let (code, stdout, err) = (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(code, Some(0), "{transport}: {err}");
+        assert_eq!(
+            stdout,
+            format!("from the host\nro-refused\n{transport}\n"),
+            "{transport}: {err}"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join(format!("out-{transport}"))).expect("out"),
+            "from the guest\n"
+        );
+        let (uid, gid) = my_ids();
+        let meta = fs::metadata(dir.join(format!("out-{transport}"))).expect("stat out");
+        assert_eq!(
+            (u64::from(meta.uid()), u64::from(meta.gid())),
+            (uid, gid),
+            "{transport}"
+        );
+        let d = fs::metadata(dir.join(format!("d-{transport}"))).expect("stat d");
+        match id_mapping() {
+            "identity" => assert_eq!((d.uid(), d.gid()), (5, 6), "{transport}"),
+            "subids" => {
+                assert_ne!(
+                    u64::from(d.uid()),
+                    uid,
+                    "{transport}: chown 5 maps to a subordinate id"
+                );
+            }
+            // Only the caller is mapped: the owner stays the caller's.
+            _ => assert_eq!(u64::from(d.uid()), uid, "{transport}"),
         }
-        // Only the caller is mapped: the owner stays the caller's.
-        _ => assert_eq!(u64::from(d.uid()), uid),
     }
-    // A file cannot be bound (9p shares directories): a clear error.
+    assert!(!ro.join("x").exists());
+    // A file cannot be bound (shares are directories): a clear error.
     let file = format!("{}:/in", dir.join("in").display());
     let (code, _, err) = run_sh(&k, &["--vm", "-v", &file], "true");
     assert_eq!(code, 125);

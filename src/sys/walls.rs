@@ -20,9 +20,15 @@ const SYSTEM: &[&str] = &[
 
 /// Enters the walls: must run in a process that is root of its own user
 /// namespace, before it executes the command. `paths` are shown at the
-/// same places (writable or not); `scratch` is an empty directory the new
+/// same places (writable or not), `tmpfs` directories get an empty tmpfs
+/// each; `scratch` is an empty directory the new
 /// root is built on (it ends up unreachable).
-pub fn enter_walls(paths: &[(PathBuf, bool)], network: bool, scratch: &Path) -> io::Result<()> {
+pub fn enter_walls(
+    paths: &[(PathBuf, bool)],
+    tmpfs: &[PathBuf],
+    network: bool,
+    scratch: &Path,
+) -> io::Result<()> {
     let mut flags = UnshareFlags::NEWNS | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS;
     if !network {
         flags |= UnshareFlags::NEWNET;
@@ -81,6 +87,18 @@ pub fn enter_walls(paths: &[(PathBuf, bool)], network: bool, scratch: &Path) -> 
             fs::File::create(&at)?;
         }
         show(host, &at, *writable, false)?;
+    }
+    for dir in tmpfs {
+        let at = inside(dir);
+        fs::create_dir_all(&at)?;
+        m::mount(
+            "tmpfs",
+            &at,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            c"mode=0755,size=1m",
+        )
+        .map_err(step(format!("mount a tmpfs on {}", dir.display())))?;
     }
     // Nothing more is made in the new root itself.
     m::mount_remount(

@@ -139,6 +139,9 @@ pub(crate) struct Share {
     /// Created in the root when missing; else a missing target skips the
     /// share (the kernel's module tree on a read-only root).
     pub required: bool,
+    /// Shared over virtiofs (a virtiofsd of the run); else 9p.
+    #[serde(default)]
+    pub virtiofs: bool,
 }
 
 /// Writes one frame.

@@ -323,14 +323,18 @@ fn build_root(job: &Job) -> Result<Made, String> {
         if !s.suid {
             flags |= MountFlags::NOSUID;
         }
-        // No cache: what the command writes is on the host when it ends.
-        mnt(
-            &s.tag,
-            &p,
-            "9p",
-            flags,
-            Some("trans=virtio,version=9p2000.L,msize=524288,cache=none,access=client"),
-        )?;
+        if s.virtiofs {
+            mnt(&s.tag, &p, "virtiofs", flags, None)?;
+        } else {
+            // No cache: what the command writes is on the host when it ends.
+            mnt(
+                &s.tag,
+                &p,
+                "9p",
+                flags,
+                Some("trans=virtio,version=9p2000.L,msize=524288,cache=none,access=client"),
+            )?;
+        }
     }
     Ok(made)
 }
