@@ -453,10 +453,13 @@ pub enum Backend {
     /// pid, ipc, uts, cgroup and network namespaces, an overlay root,
     /// capabilities dropped, no_new_privs, seccomp.
     Namespace(NsOptions),
-    /// A throwaway QEMU VM (`sandbox/vm`): a kernel of its own, the image's
-    /// tree as its root under an overlay in guest memory, kiln's guest
-    /// agent as PID 1. For what the host kernel must not do for a build:
-    /// loop devices, partitions, mounts, kernel modules.
+    /// A throwaway QEMU VM (`sandbox/vm`): a kernel of its own (the
+    /// image's, else the host's), the image's tree as an ext4 disk behind a
+    /// copy-on-write disk of the run (or, with [`RunSpec::commit`], under an
+    /// overlay whose upper layer is a disk the commit reads), kiln's guest
+    /// agent as PID 1, QEMU behind walls of its own. For what the host
+    /// kernel must not do for a build: loop devices, partitions, mounts,
+    /// device-mapper, kernel modules.
     Vm(VmRunOptions),
 }
 
@@ -502,8 +505,9 @@ impl Backend {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmRunOptions {
-    /// The kernel to boot. Default: the host's newest `/boot/vmlinuz-*`
-    /// with its `/lib/modules` (`KILN_VM_KERNEL` overrides).
+    /// The kernel to boot. Default: the image's own newest
+    /// `/boot/vmlinuz-*` with its `/lib/modules`, else the host's
+    /// (`KILN_VM_KERNEL` overrides the host's).
     pub kernel: Option<PathBuf>,
     /// Words added to the kernel command line. Default none.
     pub kernel_cmdline: Vec<String>,

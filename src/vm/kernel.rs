@@ -341,8 +341,8 @@ fn bzimage_release(img: &[u8]) -> Option<String> {
 
 /// The uncompressed ELF kernel inside a bzImage (boot protocol 2.08+:
 /// `payload_offset`/`payload_length` after the setup sectors), for the
-/// gzip, xz and zstd payloads; `None` for others (lz4, bzip2, lzma: the
-/// bzImage boots as it is) or anything malformed.
+/// gzip, xz, zstd and lz4 payloads; `None` for others (bzip2, lzma, lzo:
+/// the bzImage boots as it is) or anything malformed.
 fn vmlinux_of(img: &[u8]) -> Option<Vec<u8>> {
     if img.get(0x202..0x206)? != b"HdrS" || u16_at(img, 0x206)? < 0x208 {
         return None;
@@ -367,6 +367,9 @@ fn vmlinux_of(img: &[u8]) -> Option<Vec<u8>> {
             .read_to_end(&mut out)
     } else if payload.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         zstd::stream::read::Decoder::new(payload).and_then(|d| d.take(limit).read_to_end(&mut out))
+    } else if payload.starts_with(&LZ4_LEGACY.to_le_bytes()) {
+        out = unlz4_legacy(payload, limit as usize)?;
+        Ok(out.len())
     } else {
         return None;
     };
@@ -376,6 +379,41 @@ fn vmlinux_of(img: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     out.starts_with(b"\x7fELF").then_some(out)
+}
+
+/// The magic of the lz4 "legacy" framing the kernel's `unlz4` reads.
+const LZ4_LEGACY: u32 = 0x184C_2102;
+
+/// The kernel's lz4 framing: the magic, then blocks, each a little-endian
+/// compressed length and an lz4 block of at most 8 MiB uncompressed (a
+/// repeated magic between concatenated streams is skipped), then the
+/// uncompressed size the build appends, which must match (lz4 blocks carry
+/// no checksum: a cut or a changed length shows there). At most `limit`
+/// bytes come out; anything else is `None`.
+fn unlz4_legacy(data: &[u8], limit: usize) -> Option<Vec<u8>> {
+    const CHUNK: usize = 8 << 20;
+    let mut at = 4;
+    let mut out = Vec::new();
+    let mut block = vec![0u8; CHUNK];
+    while let Some(len) = data.get(at..at + 4) {
+        let len = u32::from_le_bytes(len.try_into().ok()?);
+        at += 4;
+        if len == LZ4_LEGACY {
+            continue;
+        }
+        if at == data.len() {
+            // The last word: the size of what came out.
+            return (len as usize == out.len()).then_some(out);
+        }
+        let input = data.get(at..at.checked_add(len as usize)?)?;
+        at += len as usize;
+        let n = lz4_flex::block::decompress_into(input, &mut block).ok()?;
+        if out.len() + n > limit {
+            return None;
+        }
+        out.extend_from_slice(&block[..n]);
+    }
+    (at == data.len()).then_some(out)
 }
 
 /// Whether an ELF kernel has the Xen PVH entry note (`Xen`, type 18,
@@ -546,9 +584,9 @@ mod tests {
         assert!(vmlinux_of(&raw[..0x300]).is_none());
         assert!(vmlinux_of(b"not a kernel").is_none());
         assert!(!has_pvh_note(b"\x7fELF\x02garbage"));
-        // The same kernel with a gzip or a zstd payload (as kernels built
-        // with those compressors are: the stream, then its size) gives the
-        // same vmlinux; an lz4 one is booted as it is.
+        // The same kernel with a gzip, zstd or lz4 payload (as kernels
+        // built with those compressors are: the stream, then its size)
+        // gives the same vmlinux.
         let gz = {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             std::io::Write::write_all(&mut e, &elf).expect("gzip");
@@ -559,8 +597,21 @@ mod tests {
             let repacked = with_payload(&raw, &payload, elf.len());
             assert_eq!(vmlinux_of(&repacked).as_deref(), Some(&elf[..]));
         }
-        let lz4 = with_payload(&raw, b"\x02\x21\x4c\x18not really lz4", elf.len());
-        assert!(vmlinux_of(&lz4).is_none());
+        // lz4 as the kernel frames it: blocks of 8 MiB at most.
+        let mut lz4 = LZ4_LEGACY.to_le_bytes().to_vec();
+        for chunk in elf.chunks(8 << 20) {
+            let block = lz4_flex::block::compress(chunk);
+            lz4.extend((block.len() as u32).to_le_bytes());
+            lz4.extend(block);
+        }
+        let repacked = with_payload(&raw, &lz4, elf.len());
+        assert_eq!(vmlinux_of(&repacked).as_deref(), Some(&elf[..]));
+        // lz4 cut short, or with a wrong size word, and an unknown payload
+        // (bzip2): booted as they are.
+        let n = lz4.len();
+        assert!(vmlinux_of(&with_payload(&raw, &lz4[..n / 2], elf.len())).is_none());
+        assert!(vmlinux_of(&with_payload(&raw, &lz4, elf.len() - 1)).is_none());
+        assert!(vmlinux_of(&with_payload(&raw, b"BZh91AY&SY", elf.len())).is_none());
     }
 
     /// `img` with its payload replaced by `payload` and the size word.
