@@ -7,7 +7,8 @@
 #   buildd image with the root kiln uses (an ext4 image of the tree behind
 #   a qcow2 copy-on-write disk) against the tree over 9p
 #   (KILN_VM_ROOTFS=9p: read-only, cache=loose, under an overlay in guest
-#   memory), and the same tar in the namespace backend for scale.
+#   memory) and over virtiofs (KILN_VM_ROOTFS=virtiofs, the same way), and
+#   the same tar in the namespace backend for scale.
 # Peers: vmtest 0.18 (`cargo install vmtest --version 0.18.0 --root
 # /opt/vmtest`), which needs 9p and virtio built into its kernel: Debian
 # ships them as modules, so scripts/bench/vmtest-initrd.sh gives it a
@@ -73,8 +74,9 @@ steps=$(jq -s -r '
 hyperfine --style none -N --runs "$(( runs / 2 > 3 ? runs / 2 : 3 ))" --warmup 1 --export-json "$w/tar.json" \
   "$kiln --store $w/s run --vm buildd tar -cf /dev/null /usr" \
   "env KILN_VM_ROOTFS=9p $kiln --store $w/s run --vm buildd tar -cf /dev/null /usr" \
-  "$kiln --store $w/s run buildd tar -cf /dev/null /usr" >/dev/null
-tv=$(median tar 0); t9=$(median tar 1); tn=$(median tar 2)
+  "$kiln --store $w/s run buildd tar -cf /dev/null /usr" \
+  "env KILN_VM_ROOTFS=virtiofs $kiln --store $w/s run --vm buildd tar -cf /dev/null /usr" >/dev/null
+tv=$(median tar 0); t9=$(median tar 1); tn=$(median tar 2); tf=$(median tar 3)
 
 # What TCG is for: a real build, correct and isolated, not fast. The C
 # project of scripts/bench/run.sh (300 files), bound in (virtiofs).
@@ -96,6 +98,7 @@ fv=$(median binds 0); f9=$(median binds 1)
 printf '| what (TCG, %s, median of %s) | kiln | peer | ratio |\n|---|---|---|---|\n' "$release" "$runs"
 awk -v k="$k" -v v="$v" 'BEGIN { printf "| `kiln run --vm busybox true` vs vmtest `true` | %.2f s | %.2f s | %.2fx |\n", k, v, k / v }'
 awk -v a="$tv" -v b="$t9" 'BEGIN { printf "| `run --vm buildd tar -cf /dev/null /usr`: ext4 image root vs the tree over 9p | %.2f s | %.2f s | %.2fx |\n", a, b, a / b }'
+awk -v a="$tv" -v b="$tf" 'BEGIN { printf "| the same tar: ext4 image root vs the tree over virtiofs | %.2f s | %.2f s | %.2fx |\n", a, b, a / b }'
 awk -v a="$tv" -v b="$tn" 'BEGIN { printf "| the same tar: --vm (ext4 image) vs the namespace backend | %.2f s | %.2f s | %.2fx |\n", a, b, a / b }'
 awk -v a="$bv" -v b="$bn" 'BEGIN { printf "| C build, 300 files, `make -j2`: --vm --cpus 2 vs the namespace backend (3 runs) | %.1f s | %.1f s | %.1fx |\n", a, b, a / b }'
 awk -v a="$fv" -v b="$f9" 'BEGIN { printf "| a bind of the C project, `ls -lR` + `cat` of every file, whole run: virtiofs vs 9p | %.2f s | %.2f s | %.2fx |\n", a, b, a / b }'

@@ -48,6 +48,16 @@ const NINEP_MODULES: &[&str] = &["9pnet_virtio", "9p"];
 /// What a guest with virtiofs binds loads.
 const VIRTIOFS_MODULES: &[&str] = &["virtiofs"];
 
+/// How the tree reaches the guest when not as an ext4 image:
+/// `KILN_VM_ROOTFS=9p` or `virtiofs` (`Some(true)`).
+fn root_share() -> Option<bool> {
+    match std::env::var("KILN_VM_ROOTFS").as_deref() {
+        Ok("9p") => Some(false),
+        Ok("virtiofs") => Some(true),
+        _ => None,
+    }
+}
+
 /// QEMU's virtiofsd, where Debian and Fedora put it, else on `PATH`.
 fn find_virtiofsd() -> Option<PathBuf> {
     ["/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd"]
@@ -101,9 +111,11 @@ const ROOM_KIB: u64 = 8 << 20;
 /// under TCG far faster to walk than 9p), made once per cached tree beside
 /// it (`root.vm1.ext4`, gone with the tree) by a helper inside the
 /// caller's id mapping, so every file is readable and keeps the image's
-/// owners; `None` when `KILN_VM_ROOTFS=9p` asks for the tree over 9p.
+/// owners; `None` when `KILN_VM_ROOTFS=9p` or `virtiofs` asks for the
+/// tree over that (read-only, under an overlay in guest memory), the
+/// other root file systems measured.
 fn root_image(p: &Prepared, helper: Option<&Path>) -> Result<Option<PathBuf>, RunError> {
-    if std::env::var("KILN_VM_ROOTFS").is_ok_and(|v| v == "9p") {
+    if root_share().is_some() {
         return Ok(None);
     }
     let tree = &p.rootfs.path;
@@ -252,12 +264,25 @@ pub(crate) fn run(
     };
     let commit = spec.commit.is_some();
     let network = spec.network == crate::spec::Network::Host;
-    let virtiofsd = virtiofs_binds(!spec.volumes.is_empty())?;
+    let binds_virtiofs = virtiofs_binds(!spec.volumes.is_empty())?;
+    let binds_over_virtiofs = binds_virtiofs.is_some();
+    let root_virtiofs = root_share() == Some(true);
+    let root_9p = root_share() == Some(false);
+    let virtiofsd = match (root_virtiofs, binds_virtiofs) {
+        (_, Some(d)) => Some(d),
+        (true, None) => Some(find_virtiofsd().ok_or_else(|| {
+            RunError::Unsupported(
+                "KILN_VM_ROOTFS=virtiofs: virtiofsd not found (install qemu-system-common, or virtiofsd)"
+                    .into(),
+            )
+        })?),
+        (false, None) => None,
+    };
     let mut modules = RUN_MODULES.to_vec();
-    if root_image.is_none() || (!spec.volumes.is_empty() && virtiofsd.is_none()) {
+    if root_9p || (!spec.volumes.is_empty() && !binds_over_virtiofs) {
         modules.extend(NINEP_MODULES);
     }
-    if virtiofsd.is_some() {
+    if root_virtiofs || (!spec.volumes.is_empty() && binds_over_virtiofs) {
         modules.extend(VIRTIOFS_MODULES);
     }
     if root_image.is_none() || commit {
@@ -342,6 +367,7 @@ pub(crate) fn run(
         hostname: spec.hostname.clone(),
         read_only: spec.read_only,
         root_disk: root_image.is_some(),
+        root_virtiofs,
         upper_disk: commit,
         scratch_disk: scratch.is_some(),
         network,
@@ -372,8 +398,24 @@ pub(crate) fn run(
             dev: vol.dev,
             suid: vol.suid,
             required: true,
-            virtiofs: virtiofsd.is_some(),
+            virtiofs: binds_over_virtiofs,
         });
+    }
+    // The shares each transport carries: the tree first when it is the
+    // root, then the binds.
+    let (mut over_virtiofs, mut over_9p) = (Vec::new(), Vec::new());
+    if root_image.is_none() {
+        let root = ("kiln.root".to_string(), p.rootfs.path.clone(), true);
+        if root_virtiofs {
+            over_virtiofs.push(root);
+        } else {
+            over_9p.push(root);
+        }
+    }
+    if binds_over_virtiofs {
+        over_virtiofs.extend(shares);
+    } else {
+        over_9p.extend(shares);
     }
     // The kernel's module tree, for modprobe in the guest.
     if let Some(release) = modules_image
@@ -412,7 +454,6 @@ pub(crate) fn run(
                 memory_mib: o.memory_mib,
                 cpus: o.cpus,
             },
-            rootfs: &p.rootfs.path,
             root_image: root_image.as_deref(),
             root_overlay: root_overlay.as_deref(),
             upper_disk: upper_disk.as_deref(),
@@ -420,7 +461,8 @@ pub(crate) fn run(
             network,
             virtiofsd: virtiofsd.as_deref(),
             modules_image: modules_image.as_deref(),
-            shares: &shares,
+            virtiofs: &over_virtiofs,
+            ninep: &over_9p,
             rundir: &rundir,
         };
         match attempt(
@@ -513,7 +555,6 @@ fn timings(
 struct Vm<'a> {
     qemu: &'a Path,
     machine: Machine<'a>,
-    rootfs: &'a Path,
     /// The tree as an ext4 image (else the tree goes over 9p).
     root_image: Option<&'a Path>,
     /// The run's copy-on-write disk over it (none: read-only, or the
@@ -525,12 +566,15 @@ struct Vm<'a> {
     scratch: Option<&'a Path>,
     /// QEMU's user network for the guest.
     network: bool,
-    /// The binds go over virtiofs, each served by this virtiofsd.
+    /// The virtiofsd that serves [`Vm::virtiofs`].
     virtiofsd: Option<&'a Path>,
     /// The kernel's module tree as an ext4 image.
     modules_image: Option<&'a Path>,
-    /// 9p shares: tag, host directory, read-only.
-    shares: &'a [(String, PathBuf, bool)],
+    /// Shares over virtiofs, one virtiofsd each: tag, host directory,
+    /// read-only (the tree first when it is the root this way).
+    virtiofs: &'a [(String, PathBuf, bool)],
+    /// Shares over 9p, the same way.
+    ninep: &'a [(String, PathBuf, bool)],
     rundir: &'a Path,
 }
 
@@ -581,7 +625,7 @@ fn start_virtiofsd(
     map: &crate::userns::IdMap,
 ) -> Result<Helpers, RunError> {
     let mut started = Helpers(Vec::new());
-    for (i, (_, dir, ro)) in vm.shares.iter().enumerate() {
+    for (i, (_, dir, ro)) in vm.virtiofs.iter().enumerate() {
         let sock = vm.rundir.join(virtiofs_socket(i));
         let _ = fs::remove_file(&sock);
         let argv = vec![
@@ -660,12 +704,8 @@ fn walls(vm: &Vm<'_>) -> crate::userns::Walls {
     ];
     paths.extend(vm.root_image.map(|p| (p.to_path_buf(), false)));
     paths.extend(vm.modules_image.map(|p| (p.to_path_buf(), false)));
-    if vm.root_image.is_none() {
-        paths.push((vm.rootfs.to_path_buf(), false));
-    }
-    if vm.virtiofsd.is_none() {
-        paths.extend(vm.shares.iter().map(|(_, dir, ro)| (dir.clone(), !ro)));
-    }
+    // What QEMU serves itself (virtiofsd serves the rest).
+    paths.extend(vm.ninep.iter().map(|(_, dir, ro)| (dir.clone(), !ro)));
     crate::userns::Walls {
         paths,
         network: vm.network,
@@ -734,16 +774,7 @@ fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
         argv.push("-device".into());
         argv.push("virtio-blk-pci,drive=modules,serial=kiln-modules".into());
     }
-    let root = vm
-        .root_image
-        .is_none()
-        .then(|| ("kiln.root".to_string(), vm.rootfs.to_path_buf(), true));
-    let ninep_shares = if vm.virtiofsd.is_some() {
-        &[][..]
-    } else {
-        vm.shares
-    };
-    if vm.virtiofsd.is_some() {
+    if !vm.virtiofs.is_empty() {
         // vhost-user needs the guest's memory shared with virtiofsd.
         argv.extend([
             "-object".into(),
@@ -754,7 +785,7 @@ fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
             "-numa".into(),
             "node,memdev=mem".into(),
         ]);
-        for (i, (tag, _, _)) in vm.shares.iter().enumerate() {
+        for (i, (tag, _, _)) in vm.virtiofs.iter().enumerate() {
             argv.extend([
                 "-chardev".into(),
                 format!("socket,id=vfs{i},path={}", virtiofs_socket(i)),
@@ -763,19 +794,15 @@ fn qemu_argv(vm: &Vm<'_>) -> Result<Vec<String>, RunError> {
             ]);
         }
     }
-    for (i, (tag, dir, ro)) in root
-        .into_iter()
-        .chain(ninep_shares.iter().cloned())
-        .enumerate()
-    {
+    for (i, (tag, dir, ro)) in vm.ninep.iter().enumerate() {
         // security_model=none: QEMU reads and writes as itself, the
         // sandbox's root in the caller's mapping, so the guest sees the
         // image's owners and files it creates get the caller's ids.
         argv.push("-fsdev".into());
         argv.push(format!(
             "local,id=fs{i},path={},security_model=none{}",
-            qemu_path(Path::new(&utf8(&dir)?)),
-            if ro { ",readonly=on" } else { "" }
+            qemu_path(Path::new(&utf8(dir)?)),
+            if *ro { ",readonly=on" } else { "" }
         ));
         argv.push("-device".into());
         argv.push(format!("virtio-9p-pci,fsdev=fs{i},mount_tag={tag}"));

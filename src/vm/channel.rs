@@ -88,6 +88,10 @@ pub(crate) struct Job {
     /// the run); else the 9p share `kiln.root`, read-only, under an
     /// overlay in guest memory.
     pub root_disk: bool,
+    /// Without `root_disk`: the tree is the virtiofs share `kiln.root`
+    /// (else the 9p one).
+    #[serde(default)]
+    pub root_virtiofs: bool,
     /// The overlay's upper layer is the virtio disk `kiln-upper` (an empty
     /// ext4 file system; its `upper/` directory becomes the layer of a
     /// commit), with the image's tree read-only below it; the guest

@@ -168,6 +168,8 @@ fn build_root(job: &Job) -> Result<Made, String> {
                 MountFlags::RDONLY | MountFlags::NOATIME,
                 None,
             )?;
+        } else if job.root_virtiofs {
+            mnt("kiln.root", "/lower", "virtiofs", MountFlags::RDONLY, None)?;
         } else {
             mnt(
                 "kiln.root",
