@@ -343,6 +343,14 @@ fn sigkill_of_kiln_leaves_no_qemu_and_no_files() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// Asserts the host's loop devices and mounts are as `before`.
+fn assert_host_unchanged(before: &(Vec<String>, String, String)) {
+    let after = host_state();
+    assert_eq!(before.0, after.0, "/sys/block/loop*");
+    assert_eq!(before.1, after.1, "losetup -a");
+    assert_eq!(before.2, after.2, "the host's mounts");
+}
+
 /// The host's loop devices (`/sys/block/loop*`, `losetup -a`) and mounts.
 fn host_state() -> (Vec<String>, String, String) {
     let mut loops: Vec<String> = fs::read_dir("/sys/block")
@@ -410,10 +418,7 @@ fn a_disk_image_built_in_the_guest_boots_and_the_host_sees_no_loop_device() {
             && console.contains("root /dev/vda1"),
         "{console}"
     );
-    let after = host_state();
-    assert_eq!(before.0, after.0, "/sys/block/loop*");
-    assert_eq!(before.1, after.1, "losetup -a");
-    assert_eq!(before.2, after.2, "the host's mounts");
+    assert_host_unchanged(&before);
 }
 
 /// QEMU runs behind walls: a root of its own with the host's system
@@ -531,10 +536,7 @@ fn loop_devices_and_mounts_in_the_guest_change_nothing_on_the_host() {
     );
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out, "loop-loaded\npartitioned\nhello\ndetached\n", "{err}");
-    let after = host_state();
-    assert_eq!(before.0, after.0, "/sys/block/loop*");
-    assert_eq!(before.1, after.1, "losetup -a");
-    assert_eq!(before.2, after.2, "the host's mounts");
+    assert_host_unchanged(&before);
 }
 
 /// Device-mapper in the guest (a linear target over a loop device, made
@@ -603,10 +605,9 @@ fn device_mapper_in_the_guest_changes_nothing_on_the_host() {
     );
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out, "kiln-test\nremoved\n1\n", "{err}");
-    let after = (blocks(), mapper(), host_state());
-    assert_eq!(before.0, after.0, "/sys/block");
-    assert_eq!(before.1, after.1, "/dev/mapper");
-    assert_eq!(before.2, after.2, "loop devices and mounts");
+    assert_eq!(before.0, blocks(), "/sys/block");
+    assert_eq!(before.1, mapper(), "/dev/mapper");
+    assert_host_unchanged(&before.2);
 }
 
 /// A guest kernel panic: its own exit code (123, not the command's and

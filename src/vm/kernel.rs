@@ -54,25 +54,10 @@ impl Kernel {
     /// (`None` when there is none), checked to be readable: Ubuntu ships
     /// `/boot/vmlinuz-*` mode 0600, which is worth saying clearly.
     pub fn newest_in(root: &Path) -> Result<Option<Kernel>, VmError> {
-        let boot = root.join("boot");
-        let Ok(list) = fs::read_dir(&boot) else {
-            return Ok(None);
-        };
-        let mut found: Vec<(PathBuf, PathBuf)> = list
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.to_string();
-                let release = name.strip_prefix("vmlinuz-")?;
-                let modules = root.join("lib/modules").join(release);
-                modules
-                    .join("modules.dep")
-                    .exists()
-                    .then(|| (e.path(), modules))
-            })
-            .collect();
-        // By release, numerically: 6.1.0-56 is newer than 6.1.0-9.
-        found.sort_by_key(|(image, _)| release_key(image));
-        let Some((image, modules)) = found.pop() else {
+        let Some((image, modules)) = newest(&root.join("boot"), |e, release| {
+            let modules = root.join("lib/modules").join(release);
+            (e.path().exists() && modules.join("modules.dep").exists()).then_some(modules)
+        }) else {
             return Ok(None);
         };
         if let Err(e) = fs::File::open(&image) {
@@ -125,23 +110,13 @@ impl Kernel {
         let Some(boot) = dir_in("boot") else {
             return Ok(None);
         };
-        let Ok(list) = fs::read_dir(&boot) else {
-            return Ok(None);
-        };
-        let mut found: Vec<(PathBuf, PathBuf)> = list
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.to_string();
-                let release = name.strip_prefix("vmlinuz-")?;
-                if release.contains('/') || !regular(&e.path()) {
-                    return None;
-                }
-                let modules = dir_in(&format!("lib/modules/{release}"))?;
-                regular(&modules.join("modules.dep")).then(|| (e.path(), modules))
-            })
-            .collect();
-        found.sort_by_key(|(image, _)| release_key(image));
-        let Some((image, modules)) = found.pop() else {
+        let Some((image, modules)) = newest(&boot, |e, release| {
+            if !regular(&e.path()) {
+                return None;
+            }
+            let modules = dir_in(&format!("lib/modules/{release}"))?;
+            regular(&modules.join("modules.dep")).then_some(modules)
+        }) else {
             return Ok(None);
         };
         if let Err(e) = fs::File::open(&image) {
@@ -295,6 +270,29 @@ impl Kernel {
         }
         Ok(out)
     }
+}
+
+/// The newest `vmlinuz-RELEASE` in `boot` (by release, numerically:
+/// 6.1.0-56 is newer than 6.1.0-9) that `modules_of` gives a module tree
+/// for, and that tree.
+fn newest(
+    boot: &Path,
+    modules_of: impl Fn(&fs::DirEntry, &str) -> Option<PathBuf>,
+) -> Option<(PathBuf, PathBuf)> {
+    let mut found: Vec<(PathBuf, PathBuf)> = fs::read_dir(boot)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let release = name.strip_prefix("vmlinuz-")?;
+            if release.is_empty() || release.contains('/') {
+                return None;
+            }
+            modules_of(&e, release).map(|m| (e.path(), m))
+        })
+        .collect();
+    found.sort_by_key(|(image, _)| release_key(image));
+    found.pop()
 }
 
 fn read_head(path: &Path, n: u64) -> io::Result<Vec<u8>> {
