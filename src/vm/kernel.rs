@@ -83,6 +83,15 @@ impl Kernel {
     /// holding a regular `modules.dep`, the directories resolved inside
     /// the tree (its symlinks, absolute ones included, stay in it), so
     /// nothing of the host is named. `None` when the image has none.
+    ///
+    /// ```no_run
+    /// let tree = std::path::Path::new("/var/tmp/rootfs"); // an unpacked image
+    /// match kiln::vm::Kernel::of_image(tree)? {
+    ///     Some(k) => println!("boots {} with {}", k.image.display(), k.modules.display()),
+    ///     None => println!("no kernel of its own: the host's boots"),
+    /// }
+    /// # Ok::<(), kiln::vm::VmError>(())
+    /// ```
     pub fn of_image(root: &Path) -> Result<Option<Kernel>, VmError> {
         use rustix::fs::{Mode, OFlags, ResolveFlags};
         let tree = match rustix::fs::open(
