@@ -30,6 +30,7 @@ use rustix::process::Pid;
 use super::prepare::Prepared;
 use super::{RunError, RunEvent, RunResult, Stream};
 use crate::spec::{ValidSpec, VmRunOptions};
+use crate::userns::MapKind;
 use crate::vm::cache::{ext4_of_tree, key_name, made_once, stamp, Reader};
 use crate::vm::channel::{write_frame, Frames, Job, Kind, Share, PORT};
 use crate::vm::qemu::{printable, qemu_path, Console, Machine};
@@ -68,23 +69,35 @@ fn find_virtiofsd() -> Option<PathBuf> {
 }
 
 /// The virtiofsd binds go through, when they go over virtiofs: by
-/// default when virtiofsd is installed (under TCG `ls -lR` of a bind is
-/// about 7x faster than over 9p, reading its files 2.5-5x), else 9p;
-/// `KILN_VM_BINDS=9p` or `virtiofs` (an error without virtiofsd) chooses.
-fn virtiofs_binds(any: bool) -> Result<Option<PathBuf>, RunError> {
+/// default when virtiofsd is installed and can run in the caller's
+/// mapping (under TCG `ls -lR` of a bind is about 7x faster than over 9p,
+/// reading its files 2.5-5x), else 9p; `KILN_VM_BINDS=9p` or `virtiofs`
+/// (an error when virtiofsd cannot serve) chooses.
+fn virtiofs_binds(any: bool, map: MapKind) -> Result<Option<PathBuf>, RunError> {
     if !any {
         return Ok(None);
     }
     match std::env::var("KILN_VM_BINDS").as_deref() {
         Ok("9p") => Ok(None),
-        Ok("virtiofs") => find_virtiofsd().map(Some).ok_or_else(|| {
-            RunError::Unsupported(
-                "KILN_VM_BINDS=virtiofs: virtiofsd not found (install qemu-system-common, or virtiofsd)"
-                    .into(),
-            )
-        }),
-        _ => Ok(find_virtiofsd()),
+        Ok("virtiofs") => virtiofsd_for(map, "KILN_VM_BINDS=virtiofs").map(Some),
+        _ => Ok(virtiofsd_for(map, "").ok()),
     }
+}
+
+/// virtiofsd, if it can serve in a `map` mapping: it calls setgroups(2),
+/// which a mapping of the caller's one id denies (no newgidmap), so there
+/// the shares go over 9p. `why` names the setting that asked for it.
+fn virtiofsd_for(map: MapKind, why: &str) -> Result<PathBuf, RunError> {
+    if map == MapKind::Caller {
+        return Err(RunError::Unsupported(format!(
+            "{why}: virtiofsd needs setgroups, which a user namespace mapping only the caller's own ids denies (add /etc/subuid and /etc/subgid ranges, or use 9p)"
+        )));
+    }
+    find_virtiofsd().ok_or_else(|| {
+        RunError::Unsupported(format!(
+            "{why}: virtiofsd not found (install qemu-system-common, or virtiofsd)"
+        ))
+    })
 }
 
 /// What a guest whose root is an overlay (the tree over 9p, or a commit's
@@ -264,18 +277,13 @@ pub(crate) fn run(
     };
     let commit = spec.commit.is_some();
     let network = spec.network == crate::spec::Network::Host;
-    let binds_virtiofs = virtiofs_binds(!spec.volumes.is_empty())?;
+    let binds_virtiofs = virtiofs_binds(!spec.volumes.is_empty(), p.map.kind)?;
     let binds_over_virtiofs = binds_virtiofs.is_some();
     let root_virtiofs = root_share() == Some(true);
     let root_9p = root_share() == Some(false);
     let virtiofsd = match (root_virtiofs, binds_virtiofs) {
         (_, Some(d)) => Some(d),
-        (true, None) => Some(find_virtiofsd().ok_or_else(|| {
-            RunError::Unsupported(
-                "KILN_VM_ROOTFS=virtiofs: virtiofsd not found (install qemu-system-common, or virtiofsd)"
-                    .into(),
-            )
-        })?),
+        (true, None) => Some(virtiofsd_for(p.map.kind, "KILN_VM_ROOTFS=virtiofs")?),
         (false, None) => None,
     };
     let mut modules = RUN_MODULES.to_vec();
