@@ -345,6 +345,17 @@ fn sigkill_of_kiln_leaves_no_qemu_and_no_files() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// Asserts the store holds no run directory (the run went with its files).
+fn assert_no_run_dir_left(k: &Kiln) {
+    let runs = k.store().join(".kiln/runs");
+    let left: Vec<_> = fs::read_dir(&runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Asserts the host's loop devices and mounts are as `before`.
 fn assert_host_unchanged(before: &(Vec<String>, String, String)) {
     let after = host_state();
@@ -809,13 +820,7 @@ fn commit_from_a_vm_run_equals_the_namespace_backends() {
         "{:?}",
         k.names()
     );
-    let runs = k.store().join(".kiln/runs");
-    let left: Vec<_> = fs::read_dir(&runs)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_no_run_dir_left(&k);
 }
 
 /// `--network host`: the guest is on QEMU's user network and reaches the
@@ -876,13 +881,7 @@ fn a_scratch_disk_of_the_given_size_is_in_the_guest() {
         out, "/dev/disk/by-id/virtio-kiln-disk\n131072\nkept\n",
         "{err}"
     );
-    let runs = k.store().join(".kiln/runs");
-    let left: Vec<_> = fs::read_dir(&runs)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_no_run_dir_left(&k);
 }
 
 /// `--initrd FILE`: its files are unpacked before kiln's, so a `/init` in
